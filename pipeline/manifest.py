@@ -1,0 +1,108 @@
+"""The shard folder's contract: manifest.json as tools/shard_imagenet.py writes it, read and checked here."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# Members of every sample in a shard: the JPEG, the WebDataset ASCII label, and the same label as a
+# little-endian int32 that DALI's webdataset reader takes with dtypes=INT32 and no parsing.
+IMAGE_EXT, CLS_EXT, LABEL_EXT = "jpg", "cls", "lbl"
+FIX_HINT = "run tools/shard_imagenet.py --verify {dir} (or re-shard with tools/shard_imagenet.py --src ... --out {dir})"
+
+
+class ShardError(Exception):
+    """A shard folder that cannot be used; the message is one line naming the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    tar: Path
+    index: Path
+    count: int
+    tar_bytes: int
+    tar_sha256: str
+    index_sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    classes: list[dict]
+    splits: dict[str, list[Shard]]
+    rgb_mean: np.ndarray  # (3,), 0-255 pixel units (paper §2: subtract the mean activity)
+    rgb_std: np.ndarray  # (3,), 0-255 pixel units
+    eigval: np.ndarray  # (3,), covariance eigenvalues of RGB scaled to [0, 1] (paper §4.1)
+    eigvec: np.ndarray  # (3, 3), column i is eigenvector p_i
+    raw: dict
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def count(self, split: str) -> int:
+        return sum(s.count for s in self.shards(split))
+
+    def shards(self, split: str) -> list[Shard]:
+        if split not in self.splits or not self.splits[split]:
+            raise ShardError(f"{self.root / MANIFEST}: no '{split}' shards; re-shard with --splits including {split}")
+        return self.splits[split]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_manifest(shards_dir: str | Path, checksums: bool = False) -> Manifest:
+    """Read DIR/manifest.json and check that every shard and index it names is there (and intact, with checksums)."""
+    root = Path(shards_dir)
+    hint = FIX_HINT.format(dir=root)
+    if not root.is_dir():
+        raise ShardError(f"{root}: no such shard folder; run tools/shard_imagenet.py --src IMAGENET --out {root} first")
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{path}: missing; run tools/shard_imagenet.py --src IMAGENET --out {root} first")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{path}: unreadable ({e}); {hint}") from None
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: format version {raw.get('format_version')!r}, this code reads {FORMAT_VERSION}; "
+                         f"re-shard with tools/shard_imagenet.py")
+    splits = {}
+    for split, entry in raw["splits"].items():
+        shards = []
+        for s in entry["shards"]:
+            shard = Shard(root / s["tar"], root / s["index"], int(s["count"]), int(s["tar_bytes"]),
+                          s["tar_sha256"], s["index_sha256"])
+            _check_shard(shard, checksums, hint)
+            shards.append(shard)
+        if sum(s.count for s in shards) != entry["count"]:
+            raise ShardError(f"{path}: '{split}' shard counts do not add up to {entry['count']}; {hint}")
+        splits[split] = shards
+    stats = raw["stats"]
+    return Manifest(root=root, classes=raw["classes"], splits=splits,
+                    rgb_mean=np.asarray(stats["rgb_mean"], np.float64), rgb_std=np.asarray(stats["rgb_std"], np.float64),
+                    eigval=np.asarray(stats["eigval"], np.float64), eigvec=np.asarray(stats["eigvec"], np.float64),
+                    raw=raw)
+
+
+def _check_shard(shard: Shard, checksums: bool, hint: str) -> None:
+    for f in (shard.tar, shard.index):
+        if not f.is_file():
+            raise ShardError(f"{f}: missing; {hint}")
+    if shard.tar.stat().st_size != shard.tar_bytes:
+        raise ShardError(f"{shard.tar}: {shard.tar.stat().st_size} bytes, manifest says {shard.tar_bytes}; {hint}")
+    if checksums:
+        for f, want in ((shard.tar, shard.tar_sha256), (shard.index, shard.index_sha256)):
+            if sha256_file(f) != want:
+                raise ShardError(f"{f}: checksum does not match the manifest; {hint}")
