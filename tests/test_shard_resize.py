@@ -1,0 +1,109 @@
+"""Resize policies: paper (§2: shorter side 256, centre 256x256), short:N (aspect kept), none (original bytes)."""
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tools.image_prep import Resize, draft_request, geometry, parse_resize, prepare
+from tools.make_demo_data import make_dataset
+from tools.shard_imagenet import main
+from tools.shard_writer import read_shard
+
+
+def save(path, rgb: np.ndarray, **kw):
+    Image.fromarray(rgb).save(path, "JPEG", quality=95, **kw)
+    return path
+
+
+def ramp(h: int, w: int) -> np.ndarray:
+    """Left-right and top-bottom ramps in different channels, so a misplaced crop or flip shows up."""
+    x = np.linspace(0, 255, w)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h)[:, None].repeat(w, 1)
+    return np.stack([x, y, 255 - x], -1).astype(np.uint8)
+
+
+def decode(jpeg: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).astype(np.float64)
+
+
+def test_parse_resize():
+    assert parse_resize("paper") == Resize("paper", 256)
+    assert parse_resize("short:160") == Resize("short", 160)
+    assert parse_resize("none") == Resize("none", None)
+    for bad in ("short:", "short:0", "256", "short:-3"):
+        with pytest.raises(ValueError):
+            parse_resize(bad)
+
+
+def test_geometry():
+    assert geometry(500, 375, Resize("paper", 256)) == ((256, 256), (62.5, 0.0, 437.5, 375.0))
+    assert geometry(375, 500, Resize("paper", 256)) == ((256, 256), (0.0, 62.5, 375.0, 437.5))
+    assert geometry(500, 375, Resize("short", 80)) == ((107, 80), (0.0, 0.0, 500.0, 375.0))
+    assert geometry(120, 90, Resize("short", 256)) == ((341, 256), (0.0, 0.0, 120.0, 90.0))
+    w, h = draft_request(1200, 900, 256)
+    assert (w, h) == (342, 256) and min(1200 // w, 900 // h) == 3  # libjpeg then picks scale 1/2, shorter side 450
+
+
+@pytest.mark.parametrize("w,h", [(1200, 900), (700, 1000), (300, 200)])
+def test_paper_matches_full_decode_resize_then_centre_crop(tmp_path, w, h):
+    """Draft (DCT-domain) decoding + one box resize equals the paper's two steps on the full decode, up to JPEG noise."""
+    src = save(tmp_path / "a.JPEG", ramp(h, w))
+    out = prepare(src, "a", Resize("paper", 256), 95, None)
+    full = Image.open(src).convert("RGB")
+    s = 256 / min(w, h)
+    scaled = np.asarray(full.resize((round(w * s), round(h * s)), Image.Resampling.BICUBIC)).astype(np.float64)
+    y0, x0 = (scaled.shape[0] - 256) // 2, (scaled.shape[1] - 256) // 2
+    reference = scaled[y0:y0 + 256, x0:x0 + 256]
+    got = decode(out.jpeg)
+    assert got.shape == (256, 256, 3) and out.repaired is None and out.rejected is None
+    assert np.abs(got - reference).mean() < 2.0
+    assert np.abs(got - np.asarray(full.resize((256, 256)))).mean() > 5 or w == h  # a plain squash would differ
+
+
+def test_short_side_keeps_aspect(tmp_path):
+    src = save(tmp_path / "a.JPEG", ramp(600, 900))
+    got = decode(prepare(src, "a", Resize("short", 160), 95, None).jpeg)
+    assert got.shape == (160, 240, 3)
+    reference = np.asarray(Image.open(src).convert("RGB").resize((240, 160), Image.Resampling.BICUBIC))
+    assert np.abs(got - reference).mean() < 2.0
+
+
+def test_none_keeps_rgb_baseline_bytes_and_re_encodes_the_rest(tmp_path):
+    rgb = ramp(90, 120)
+    plain = save(tmp_path / "plain.JPEG", rgb)
+    progressive = save(tmp_path / "prog.JPEG", rgb, progressive=True)
+    out = prepare(plain, "plain", Resize("none", None), 95, None)
+    assert out.jpeg == plain.read_bytes() and out.repaired is None
+    out = prepare(progressive, "prog", Resize("none", None), 95, None)
+    assert out.repaired == "progressive JPEG re-encoded as baseline"
+    im = Image.open(io.BytesIO(out.jpeg))
+    assert not im.info.get("progressive") and im.size == (120, 90)
+
+
+@pytest.fixture(scope="module")
+def mid_src(tmp_path_factory):
+    """ImageNet-like sizes so draft decoding actually engages."""
+    return make_dataset(tmp_path_factory.mktemp("mid"), classes=2, per_class=3, val_per_class=1,
+                        size_range=(300, 640), seed=3)
+
+
+@pytest.mark.parametrize("resize", ["paper", "short:100", "none"])
+def test_every_policy_end_to_end(mid_src, tmp_path, resize):
+    assert main(["--src", str(mid_src), "--out", str(tmp_path), "--resize", resize, "--workers", "1"]) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["preprocessing"]["resize"] == resize
+    for split, n in (("train", 6), ("val", 2)):
+        samples = [s for sh in manifest["splits"][split]["shards"] for s in read_shard(tmp_path / sh["tar"])]
+        assert len(samples) == n
+        for s in samples:
+            size = Image.open(io.BytesIO(s.jpeg)).size
+            folder = f"train/{s.key.split('_')[0]}" if split == "train" else "val"
+            source = mid_src / folder / f"{s.key}.JPEG"
+            if resize == "paper":
+                assert size == (256, 256)
+            elif resize == "short:100":
+                assert min(size) == 100 and abs(size[0] / size[1] - np.divide(*Image.open(source).size)) < 0.02
+            else:
+                assert s.jpeg == source.read_bytes()

@@ -1,0 +1,100 @@
+"""Deterministic WebDataset tars with DALI index files, written atomically."""
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+BLOCK = 512
+RECORD = 20 * BLOCK  # tar pads the archive to whole records, as GNU tar and tarfile do
+INDEX_VERSION = "v1.2"  # the header DALI's wds2idx writes and fn.readers.webdataset expects
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    jpeg: bytes
+    label: int
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    tar: str
+    index: str
+    count: int
+    tar_bytes: int
+    tar_sha256: str
+    index_sha256: str
+
+
+def members(sample: Sample) -> list[tuple[str, bytes]]:
+    """A sample's tar members in contract order: image, ASCII label, int32 little-endian label."""
+    return [(f"{sample.key}.jpg", sample.jpeg), (f"{sample.key}.cls", str(sample.label).encode()),
+            (f"{sample.key}.lbl", struct.pack("<i", sample.label))]
+
+
+def header(name: str, size: int) -> bytes:
+    """A USTAR header with nothing that varies between runs (mtime 0, root owner, no names, 0644)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+def build_shard(samples: list[Sample]) -> tuple[bytes, bytes]:
+    """The tar bytes and the DALI index bytes (one line per sample: ext offset size name, per member)."""
+    parts, lines, offset = [], [], 0
+    for sample in samples:
+        fields = []
+        for name, data in members(sample):
+            parts += [header(name, len(data)), data, b"\0" * (-len(data) % BLOCK)]
+            fields.append(f"{name.split('.', 1)[1]} {offset + BLOCK} {len(data)} {name}")
+            offset += BLOCK + len(data) + (-len(data) % BLOCK)
+        lines.append(" ".join(fields))
+    end = offset + 2 * BLOCK
+    parts.append(b"\0" * (2 * BLOCK + (-end % RECORD)))
+    index = f"{INDEX_VERSION} {len(samples)}\n" + "".join(line + "\n" for line in lines)
+    return b"".join(parts), index.encode()
+
+
+def read_shard(tar_path: Path) -> list[Sample]:
+    """The samples of a shard, in order; raises ValueError when members are missing, misordered or disagree."""
+    with tarfile.open(tar_path) as tf:
+        files = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+    if len(files) % 3:
+        raise ValueError(f"{len(files)} members, not a multiple of 3")
+    samples = []
+    for i in range(0, len(files), 3):
+        key = files[i][0].rsplit(".", 1)[0]
+        label = struct.unpack("<i", files[i + 2][1])[0]
+        sample = Sample(key, files[i][1], label)
+        if files[i:i + 3] != members(sample):
+            raise ValueError(f"sample {key}: members {[n for n, _ in files[i:i + 3]]} do not match the contract")
+        samples.append(sample)
+    return samples
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename: readers see all or nothing."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_shard(out: Path, stem: str, samples: list[Sample]) -> ShardRecord:
+    """Write <stem>.tar and <stem>.idx into `out`, index after tar so a present index implies a complete tar."""
+    tar, index = build_shard(samples)
+    atomic_write(out / f"{stem}.tar", tar)
+    atomic_write(out / f"{stem}.idx", index)
+    return ShardRecord(f"{stem}.tar", f"{stem}.idx", len(samples), len(tar),
+                       hashlib.sha256(tar).hexdigest(), hashlib.sha256(index).hexdigest())
