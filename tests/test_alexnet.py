@@ -1,0 +1,196 @@
+"""AlexNet (§3, Figure 2): layer shapes, parameter count, §5 initialisation, towers, speed habits."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model.alexnet
+from model import AlexNet
+from model.alexnet import TowerConv
+
+PAPER_SHAPES = {  # Figure 2, per image, towers together
+    "conv1": (96, 55, 55), "lrn1": (96, 55, 55), "pool1": (96, 27, 27),
+    "conv2": (256, 27, 27), "lrn2": (256, 27, 27), "pool2": (256, 13, 13),
+    "conv3": (384, 13, 13), "conv4": (384, 13, 13), "conv5": (256, 13, 13), "pool5": (256, 6, 6),
+    "fc6": (4096,), "fc7": (4096,), "fc8": (1000,),
+}
+
+
+@pytest.fixture(scope="module")
+def paper():
+    torch.manual_seed(0)
+    return AlexNet().eval()
+
+
+def layer_outputs(net, x):
+    """Per-image output shape of every layer in PAPER_SHAPES for input x."""
+    shapes = {}
+    hooks = [getattr(net, name).register_forward_hook(
+        lambda _m, _i, out, name=name: shapes.update({name: tuple(out.shape[1:])})) for name in PAPER_SHAPES]
+    with torch.no_grad():
+        net(x)
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+def layer_output(net, x, name):
+    """The output of one named layer for input x."""
+    out = []
+    hook = getattr(net, name).register_forward_hook(lambda _m, _i, o: out.append(o.clone()))
+    with torch.no_grad():
+        net(x)
+    hook.remove()
+    return out[0]
+
+
+@pytest.mark.parametrize("towers", [2, 1])
+def test_layer_shapes_at_224(paper, towers):
+    net = paper if towers == 2 else AlexNet(towers=1).eval()
+    assert layer_outputs(net, torch.randn(1, 3, 224, 224)) == PAPER_SHAPES
+
+
+def test_parameter_counts(paper):
+    assert sum(p.numel() for p in paper.parameters()) == 60_965_224
+    # One tower: conv2, conv4 and conv5 see all of the previous layer's maps.
+    extra = 256 * 48 * 5 * 5 + 384 * 192 * 3 * 3 + 256 * 192 * 3 * 3
+    assert sum(p.numel() for p in AlexNet(towers=1).parameters()) == 60_965_224 + extra
+    assert sum(p.numel() for p in AlexNet(num_classes=10).parameters()) == 60_965_224 - 990 * 4097
+
+
+def test_initialisation_follows_section_5(paper):
+    for name, p in paper.named_parameters():
+        layer = name.split(".")[0]
+        if name.endswith("bias"):
+            want = 1.0 if layer in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0
+            assert torch.equal(p, torch.full_like(p, want)), name
+        else:
+            n = p.numel()  # sample mean and std of N(0, 0.01^2): a 6-sigma band for n draws
+            assert abs(p.mean().item()) < 6 * 0.01 / n ** 0.5, name
+            assert abs(p.std().item() - 0.01) < 6 * 0.01 / (2 * n) ** 0.5, name
+
+
+def test_tower_convs_are_grouped_and_cross_convs_are_dense():
+    torch.manual_seed(1)
+    x = torch.randn(2, 8, 5, 5)
+    grouped, cross = TowerConv(8, 6, 3, padding=1), TowerConv(8, 6, 3, padding=1, cross=True)
+    w = torch.cat([grouped[0].weight, grouped[1].weight])
+    b = torch.cat([grouped[0].bias, grouped[1].bias])
+    torch.testing.assert_close(grouped(x), F.conv2d(x, w, b, padding=1, groups=2), rtol=0, atol=1e-6)
+    w = torch.cat([cross[0].weight, cross[1].weight])
+    b = torch.cat([cross[0].bias, cross[1].bias])
+    torch.testing.assert_close(cross(x), F.conv2d(x, w, b, padding=1), rtol=0, atol=1e-6)
+
+
+def test_towers_do_not_talk_before_conv3(paper):
+    """Changing tower B's conv1 filters leaves tower A's maps up to pool2 untouched (§3.2)."""
+    x = torch.randn(1, 3, 64, 64)
+    before = layer_output(paper, x, "pool2")
+    with torch.no_grad():
+        saved = paper.conv1[1].weight.clone()
+        paper.conv1[1].weight.mul_(3.0)
+        after = layer_output(paper, x, "pool2")
+        paper.conv1[1].weight.copy_(saved)
+    assert torch.equal(before[:, :128], after[:, :128])
+    assert not torch.allclose(before[:, 128:], after[:, 128:])
+
+
+def test_small_crops_pool_to_6x6_and_224_does_not(paper, monkeypatch):
+    calls = []
+    real = F.adaptive_avg_pool2d
+    monkeypatch.setattr(model.alexnet.F, "adaptive_avg_pool2d", lambda x, s: calls.append(x.shape) or real(x, s))
+    with torch.no_grad():
+        assert paper(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+        assert calls == [(2, 256, 1, 1)]
+        paper(torch.randn(1, 3, 224, 224))
+    assert len(calls) == 1
+
+
+def test_dropout_only_in_training(paper):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        evaluated = paper(x)
+        paper.train()
+        try:
+            torch.manual_seed(2)
+            a = paper(x)
+            torch.manual_seed(2)
+            b = paper(x)
+            c = paper(x)
+        finally:
+            paper.eval()
+        assert torch.equal(evaluated, paper(x))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.allclose(a, evaluated)
+
+
+def test_dropout_drops_the_outputs_of_fc6_and_fc7(paper):
+    """§4.2: hidden neurons of fc6 and fc7 are zeroed with p = 0.5 (kept ones scaled by 2); fc6's input is not."""
+    seen = {}
+    hooks = [getattr(paper, n).register_forward_hook(
+        lambda _m, args, out, n=n: seen.update({n: (args[0].clone(), out.clone())})) for n in ("fc6", "fc7", "fc8")]
+    x = torch.randn(2, 3, 64, 64)
+    try:
+        with torch.no_grad():
+            paper(x)
+            fc6_input_eval = seen["fc6"][0]
+            paper.train()
+            paper(x)
+    finally:
+        paper.eval()
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(seen["fc6"][0], fc6_input_eval)
+    for layer, following in (("fc6", "fc7"), ("fc7", "fc8")):
+        hidden, dropped = F.relu(seen[layer][1]), seen[following][0]
+        kept, alive = dropped != 0, hidden > 0
+        assert alive.sum() > 2000 and 0.45 < kept.sum() / alive.sum() < 0.55, layer
+        torch.testing.assert_close(dropped[kept], 2 * hidden[kept])
+
+
+def test_channels_last_bf16_keeps_layout_through_every_layer(paper):
+    """Every conv, LRN and pool sees channels-last input under bf16 autocast: no hidden conversions."""
+    seen = []
+    layers = [n for n in PAPER_SHAPES if not n.startswith("fc")]
+    hooks = [getattr(paper, n).register_forward_pre_hook(
+        lambda _m, args, n=n: seen.append((n, args[0].is_contiguous(memory_format=torch.channels_last))))
+        for n in layers]
+    net_input = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    paper.to(memory_format=torch.channels_last)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = paper(net_input)
+    finally:
+        paper.to(memory_format=torch.contiguous_format)
+        for hook in hooks:
+            hook.remove()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert seen == [(n, True) for n in layers]
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile unavailable here")
+def test_compiles_without_graph_breaks(paper):
+    explain = torch._dynamo.explain(paper)(torch.randn(1, 3, 64, 64))
+    assert explain.graph_break_count == 0, explain.break_reasons
+    assert explain.graph_count == 1
+
+
+def test_bad_tower_count_is_rejected():
+    with pytest.raises(ValueError, match="towers"):
+        AlexNet(towers=3)
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_bf16_channels_last_matches_eager():
+    """The configuration issue 7 times: compiled, bf16 autocast, channels-last; same scores and gradients as eager."""
+    torch.manual_seed(0)
+    net = AlexNet().cuda().to(memory_format=torch.channels_last).eval()
+    x = torch.randn(8, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last) * 50
+    results = []
+    for run in (net, torch.compile(net)):
+        net.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = run(x)
+        out.float().square().sum().backward()
+        results.append((out.float(), net.conv1[0].weight.grad.clone()))
+    (eager, g_eager), (compiled, g_compiled) = results
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0.05 * eager.abs().max().item())
+    torch.testing.assert_close(g_compiled, g_eager, rtol=0, atol=0.05 * g_eager.abs().max().item())
