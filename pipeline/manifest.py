@@ -78,6 +78,13 @@ def load_manifest(shards_dir: str | Path, checksums: bool = False) -> Manifest:
     if raw.get("format_version") != FORMAT_VERSION:
         raise ShardError(f"{path}: format version {raw.get('format_version')!r}, this code reads {FORMAT_VERSION}; "
                          f"re-shard with tools/shard_imagenet.py")
+    try:
+        return _parse(root, raw, checksums, hint)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ShardError(f"{path}: malformed ({type(e).__name__}: {e}); {hint}") from None
+
+
+def _parse(root: Path, raw: dict, checksums: bool, hint: str) -> Manifest:
     splits = {}
     for split, entry in raw["splits"].items():
         shards = []
@@ -87,7 +94,7 @@ def load_manifest(shards_dir: str | Path, checksums: bool = False) -> Manifest:
             _check_shard(shard, checksums, hint)
             shards.append(shard)
         if sum(s.count for s in shards) != entry["count"]:
-            raise ShardError(f"{path}: '{split}' shard counts do not add up to {entry['count']}; {hint}")
+            raise ShardError(f"{root / MANIFEST}: '{split}' shard counts do not add up to {entry['count']}; {hint}")
         splits[split] = shards
     stats = raw["stats"]
     return Manifest(root=root, classes=raw["classes"], splits=splits,

@@ -1,0 +1,12 @@
+"""The shard reader and the DALI input pipeline: `DaliLoader(shards_dir, split, batch_size, ...)`."""
+from pipeline.manifest import ShardError, load_manifest
+
+__all__ = ["DaliLoader", "ShardError", "load_manifest"]
+
+
+def __getattr__(name):
+    # DaliLoader pulls in DALI and torch (seconds); tools that only read manifests, like the sharder, skip that.
+    if name == "DaliLoader":
+        from pipeline.loader import DaliLoader
+        return DaliLoader
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -1,0 +1,96 @@
+"""The DALI graphs: shard bytes in, augmented and normalised NHWC batches out.
+
+One definition serves the GPU and the CPU: only the decoder's device changes ("mixed" puts the decoded pixels, and
+every operator after the decoder, on the GPU; "cpu" keeps them on the host). Each pipeline returns
+(images, labels, source_info, *draws), the draws being the per-sample random numbers of the augmentation (DRAWS).
+"""
+from __future__ import annotations
+
+import numpy as np
+from nvidia.dali import fn, pipeline_def, types
+
+from pipeline.augment import INCEPTION_AREA, INCEPTION_ASPECT, LIGHTING_STD, TENCROP_VIEWS
+from pipeline.manifest import IMAGE_EXT, LABEL_EXT
+
+READER = "shards"
+# Shuffle buffer per rank, in samples (compressed JPEGs: ~110 MB of host memory at the paper's 256x256, ~450 MB at
+# full size). The sharder shuffled samples across files, and the loader permutes the files every epoch, so a
+# buffer of a few shards' worth mixes classes about as well as a full permutation would.
+INITIAL_FILL = 4096
+DRAWS = {"paper": ("crop_pos_x", "crop_pos_y", "mirror", "alpha"), "inception": ("mirror",),
+         "center": (), "tencrop": ()}
+
+
+def read_shards(files, index_files, *, shard_id, num_shards, shuffle, seed):
+    """(jpegs, labels) of this rank's contiguous share of the files; the last batch padded by repeating samples."""
+    return fn.readers.webdataset(
+        paths=files, index_paths=index_files, ext=[IMAGE_EXT, LABEL_EXT], dtypes=[types.UINT8, types.INT32],
+        missing_component_behavior="error", random_shuffle=shuffle, initial_fill=INITIAL_FILL, seed=seed,
+        shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, name=READER)
+
+
+def paper(jpegs, *, crop, decode, normalise, mean, lighting):
+    """§4.1: a random crop x crop patch, mirrored with p = 0.5, and PCA lighting folded into the mean."""
+    pos_x = fn.random.uniform(range=(0.0, 1.0))
+    pos_y = fn.random.uniform(range=(0.0, 1.0))
+    mirror = fn.random.coin_flip(probability=0.5)
+    alpha = fn.random.normal(stddev=LIGHTING_STD, shape=3)
+    # Region-of-interest decode: only the patch's part of the JPEG is decoded.
+    images = fn.decoders.image_crop(jpegs, crop=(crop, crop), crop_pos_x=pos_x, crop_pos_y=pos_y, **decode)
+    # (pixel - (mean - offset)) / std adds the lighting offset for free. The per-sample mean, mean - M @ alpha, is
+    # one affine map of alpha (coord_transform computes M @ x + T), done on the CPU like the draws themselves.
+    lit_mean = fn.coord_transform(fn.reshape(alpha, shape=(1, 3)), M=(-lighting).ravel().tolist(), T=mean.tolist())
+    images = fn.crop_mirror_normalize(images, mirror=mirror, mean=fn.reshape(lit_mean, shape=(3,)), **normalise)
+    return images, (pos_x, pos_y, mirror, alpha)
+
+
+def inception(jpegs, *, crop, decode, normalise, mean):
+    """Random-resized crop (8-100 % of the area, aspect 3/4-4/3) to crop x crop, mirrored with p = 0.5."""
+    images = fn.decoders.image_random_crop(jpegs, random_area=INCEPTION_AREA, random_aspect_ratio=INCEPTION_ASPECT,
+                                           num_attempts=10, **decode)
+    images = fn.resize(images, size=(crop, crop))
+    mirror = fn.random.coin_flip(probability=0.5)
+    return fn.crop_mirror_normalize(images, mirror=mirror, mean=mean.tolist(), **normalise), (mirror,)
+
+
+def center(jpegs, *, crop, decode, normalise, mean):
+    """The central crop x crop patch, decoded alone."""
+    images = fn.decoders.image_crop(jpegs, crop=(crop, crop), crop_pos_x=0.5, crop_pos_y=0.5, **decode)
+    return fn.crop_mirror_normalize(images, mean=mean.tolist(), **normalise), ()
+
+
+def tencrop(jpegs, *, crop, decode, normalise, mean):
+    """§4.1 test time: the four corner and the centre patches and their mirror images, stacked as (10, H, W, C)."""
+    images = fn.decoders.image(jpegs, **decode)
+    views = [fn.crop_mirror_normalize(images, crop=(crop, crop), crop_pos_x=x, crop_pos_y=y, mirror=mirror,
+                                      mean=mean.tolist(), **normalise) for x, y, mirror in TENCROP_VIEWS]
+    return fn.stack(*views), ()
+
+
+@pipeline_def
+def augment_pipeline(files, index_files, *, augment: str, crop: int, decoder: str, hw_decoder_load: float,
+                     mean: np.ndarray, std: np.ndarray, lighting: np.ndarray, dtype, shard_id: int, num_shards: int,
+                     shuffle: bool, reader_seed: int):
+    jpegs, labels = read_shards(files, index_files, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
+                                seed=reader_seed)
+    source = fn.get_property(jpegs, key="source_info")
+    # The share of JPEGs that the hardware decoder takes (the rest go to CUDA cores); "mixed" only.
+    decode = {"device": decoder, **({"hw_decoder_load": hw_decoder_load} if decoder == "mixed" else {})}
+    normalise = {"std": std.tolist(), "dtype": dtype, "output_layout": "HWC"}
+    if augment == "paper":
+        images, draws = paper(jpegs, crop=crop, decode=decode, normalise=normalise, mean=mean, lighting=lighting)
+    else:
+        graph = {"inception": inception, "center": center, "tencrop": tencrop}[augment]
+        images, draws = graph(jpegs, crop=crop, decode=decode, normalise=normalise, mean=mean)
+    labels = fn.cast(labels, dtype=types.INT64)
+    if decoder == "mixed":
+        labels = labels.gpu()
+    return (images, labels, source, *draws)
+
+
+@pipeline_def
+def read_pipeline(files, index_files, *, shard_id: int, num_shards: int, shuffle: bool, reader_seed: int):
+    """The reader of augment_pipeline alone: the same samples in the same order, without decoding them."""
+    jpegs, _ = read_shards(files, index_files, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
+                           seed=reader_seed)
+    return jpegs, fn.get_property(jpegs, key="source_info")
