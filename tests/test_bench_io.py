@@ -1,0 +1,167 @@
+"""tools/bench_io.py: the derived ratios, the window timer, the sweep search, the baseline's augmentation against
+NumPy, and a --quick run on the demo shards with every mode in its JSON and a PNG."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.augment import crop_anchor
+from tools import bench_io
+from tools.baseline_loader import augment, baseline_loader, device_batches
+from tools.bench_report import MODES, derive, overlap, speedup
+from tools.bench_sweep import coordinate_search, sweep_grid
+from tools.bench_timing import summarise, time_windows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_overlap_and_speedups():
+    assert overlap(e2e=900.0, loader=1000.0, model=1200.0) == pytest.approx(0.9)
+    assert overlap(e2e=900.0, loader=3000.0, model=1000.0) == pytest.approx(0.9)  # the lower ceiling counts
+    assert speedup(2600.0 * 8, 2600.0) == pytest.approx(8.0)
+    results = {"loader": {"img_per_s": 30000.0}, "model": {"img_per_s": 25000.0},
+               "e2e": {"img_per_s": 22500.0}, "baseline": {"img_per_s": 2500.0}}
+    assert derive(results) == pytest.approx({"overlap": 0.9, "speedup_vs_baseline": 9.0, "loader_vs_baseline": 12.0})
+
+
+def test_summarise_is_median_of_windows_with_spread():
+    r = summarise([1.0, 2.0, 0.5, 4.0, 1.0], images_per_window=100)
+    assert r["img_per_s"] == 100.0  # rates 100, 50, 200, 25, 100: median 100, not the mean
+    assert (r["img_per_s_min"], r["img_per_s_max"]) == (25.0, 200.0)
+    assert r["spread_pct"] == pytest.approx(175.0)
+    assert (r["windows"], r["seconds"]) == (5, 8.5)
+
+
+def test_time_windows_syncs_before_every_clock_read():
+    log = []
+    seconds = time_windows(lambda: log.append("step"), windows=3, steps=4, sync=lambda: log.append("sync"),
+                           on_window=lambda: log.append("window"))
+    assert len(seconds) == 3 and all(s >= 0 for s in seconds)
+    window = ["step"] * 4 + ["sync", "window"]
+    assert log == ["sync"] + window * 3  # drained before the first clock read and before each window's end
+
+
+def test_coordinate_search_tunes_one_knob_at_a_time_without_remeasuring():
+    peak = {"batch_size": 256, "threads": 8, "hw_decoder_load": 0.8, "prefetch": 3}
+    calls = []
+
+    def measure(s):
+        calls.append(dict(s))
+        return {"img_per_s": 1000.0 - sum(abs(s[k] - peak[k]) for k in peak)}
+
+    start = {"batch_size": 128, "threads": 4, "hw_decoder_load": 0.65, "prefetch": 2}
+    grid = sweep_grid(start, cores=16, cuda=True)
+    best, trials = coordinate_search(grid, start, measure)
+    assert best == peak
+    assert len(calls) == len({tuple(sorted(c.items())) for c in calls}) == len(trials)
+    assert len(calls) == 1 + sum(len(v) for v in grid.values()) - len(grid)  # the start point is measured once
+
+
+def test_sweep_grid():
+    start = {"batch_size": 64, "threads": 3, "hw_decoder_load": 0.65, "prefetch": 2}
+    cpu = sweep_grid(start, cores=2, cuda=False)
+    assert cpu == {"batch_size": [32, 64, 128], "threads": [1, 2, 3], "hw_decoder_load": [0.65],
+                   "prefetch": [1, 2, 3, 4]}
+    gpu = sweep_grid(start, cores=16, cuda=True)
+    assert gpu["threads"] == [1, 2, 3, 4, 8, 16] and gpu["hw_decoder_load"] == [0.0, 0.5, 0.65, 0.8, 1.0]
+
+
+def test_baseline_augment_matches_numpy():
+    h, w, size = 37, 50, 24
+    pixels = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    mean, std = np.array([120.0, 110.0, 100.0]), np.array([60.0, 55.0, 50.0])
+    eigval, eigvec = np.array([0.2, 0.02, 0.005]), np.linalg.qr(np.random.default_rng(2).normal(size=(3, 3)))[0]
+    for seed in range(6):  # both flip outcomes among them
+        out = augment(Image.fromarray(pixels), np.random.default_rng(seed), size, mean, std, eigval, eigvec)
+        rng = np.random.default_rng(seed)
+        x, y, flip, alpha = rng.random(), rng.random(), rng.random() < 0.5, rng.normal(0, 0.1, 3)
+        left, top = crop_anchor(x, w, size), crop_anchor(y, h, size)
+        want = pixels[top:top + size, left:left + size].astype(np.float64)
+        want = want[:, ::-1] if flip else want
+        offset = 255 * sum(alpha[i] * eigval[i] * eigvec[:, i] for i in range(3))  # §4.1, column i = p_i
+        want = ((want + offset - mean) / std).transpose(2, 0, 1)
+        assert out.dtype == np.float32 and out.shape == (3, size, size)
+        np.testing.assert_allclose(out, want, rtol=0, atol=1e-4)
+
+
+def test_baseline_batches_look_like_the_dali_loaders(demo_shards):
+    manifest = json.loads((demo_shards / "manifest.json").read_text())
+    loader = baseline_loader(demo_shards, 8, crop_size=48, workers=1, seed=0)
+    batches = device_batches(loader, "cpu", torch.float16)
+    try:
+        images, labels = next(batches)
+    finally:
+        batches.close()
+    assert images.shape == (8, 3, 48, 48) and images.dtype == torch.float16
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < len(manifest["classes"])
+    assert images.float().abs().mean() < 3  # mean-subtracted and divided by std: a few units, not 0-255 pixels
+
+
+@pytest.mark.gpu
+def test_baseline_batches_land_on_the_gpu(demo_shards):
+    loader = baseline_loader(demo_shards, 8, crop_size=48, workers=1, seed=0, pin_memory=True)
+    batches = device_batches(loader, "cuda", torch.bfloat16)
+    try:
+        images, labels = next(batches)
+    finally:
+        batches.close()
+    assert images.is_cuda and labels.is_cuda and images.dtype == torch.bfloat16
+    assert images.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_mode_and_a_plot(demo_shards, tmp_path):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_io.py"), "--shards", str(demo_shards), "--quick",
+                          "--batch-size", "32", "--crop-size", "64",  # the CPU preset, on a GPU as well
+                          "--json", str(out_json), "--plot", str(out_png)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(out_json.read_text())
+    for mode in MODES:
+        r = report[mode]
+        assert 0 < r["img_per_s_min"] <= r["img_per_s"] <= r["img_per_s_max"], mode
+        assert r["windows"] == 3 and r["images_per_window"] == 32 * 2 and r["cpu"]["cores_used"] > 0, mode
+        assert r["img_per_s_per_core"] == pytest.approx(r["img_per_s"] / r["cpu"]["cores_used"]), mode
+    assert 0 <= report["e2e"]["data_wait_frac"] <= 1
+    assert ("gpu_busy_frac" in report["e2e"]) == torch.cuda.is_available()
+    if torch.cuda.is_available():
+        assert 0 < report["e2e"]["gpu_busy_frac"] <= 1 and report["machine"]["gpu"]
+    assert {k: report[k] for k in derive(report)} == pytest.approx(derive(report))
+    assert report["machine"]["cores_logical"] >= 1 and report["machine"]["torch"] == torch.__version__
+    assert report["data"]["train_images"] == sum(s["count"] for s in json.loads(
+        (demo_shards / "manifest.json").read_text())["splits"]["train"]["shards"])
+    assert "overlap" in run.stdout and "baseline" in run.stdout
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_shards_is_one_line_and_exit_2(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert bench_io.main(["--shards", str(missing), "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(missing) in err and "shard_imagenet.py" in err
+
+
+def test_usage_errors_are_one_line_and_exit_2(demo_shards, tmp_path, capsys):
+    for argv in (["--batch-size", "0"], ["--hw-decoder-load", "1.5"], ["--json", str(tmp_path / "no" / "x.json")],
+                 ["--threads", "many"]):
+        with pytest.raises(SystemExit) as e:
+            bench_io.parse_args(["--shards", str(demo_shards), *argv])
+        assert e.value.code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1, argv
+
+
+def test_quick_preset_and_explicit_flags(demo_shards):
+    quick = bench_io.parse_args(["--shards", str(demo_shards), "--quick", "--device", "cpu"])
+    assert (quick.batch_size, quick.crop_size, quick.steps, quick.windows, quick.warmup) == (32, 64, 2, 3, 1)
+    assert quick.amp == "off"  # run.py's rule: bf16 autocast on a GPU only
+    given = bench_io.parse_args(["--shards", str(demo_shards), "--quick", "--device", "cpu", "--batch-size", "8",
+                                 "--steps", "5", "--warmup", "0"])
+    assert (given.batch_size, given.crop_size, given.steps, given.warmup) == (8, 64, 5, 0)
+    full = bench_io.parse_args(["--shards", str(demo_shards), "--device", "cpu"])
+    assert (full.batch_size, full.crop_size, full.steps, full.windows) == (128, 224, 20, 5)

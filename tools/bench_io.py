@@ -1,0 +1,268 @@
+"""Will the GPU wait on data? The DALI loader, the training step, both together, and plain PyTorch, in one run.
+
+    python tools/bench_io.py --shards DIR [--batch-size B] [--crop-size S] [--threads N] [--hw-decoder-load F]
+                             [--prefetch N] [--workers N] [--steps N] [--windows N] [--warmup N] [--amp bf16|fp16|off]
+                             [--compile MODE] [--device cuda|cpu] [--sweep] [--quick] [--json FILE] [--plot FILE]
+
+Modes, all on the same shards: `loader` (DaliLoader alone), `model` (run.py's training step on synthetic
+batches already on the device: the compute ceiling), `e2e` (that step fed by that loader) and `baseline`
+(torch DataLoader + webdataset + Pillow workers doing the same augmentation, tools/baseline_loader.py).
+Each figure is the median images/s of --windows timed windows of --steps steps, after --warmup steps.
+The JSON holds `machine`, `config`, `data`, `setting` (the DALI setting timed, after --sweep the best one), one
+object per mode and the derived `overlap`, `speedup_vs_baseline`, `loader_vs_baseline` (and `sweep`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psutil
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import AlexNet  # noqa: E402
+from model.recipe import AMP_DTYPES, make_train_step, param_groups  # noqa: E402
+from pipeline import DaliLoader  # noqa: E402
+from pipeline.manifest import Manifest, ShardError, load_manifest  # noqa: E402
+from tools.baseline_loader import baseline_loader, device_batches  # noqa: E402
+from tools.bench_report import derive, table, write_json, write_plot  # noqa: E402
+from tools.bench_sweep import HEADER, SWEPT, best_line, coordinate_search, sweep_grid, trial_row  # noqa: E402
+from tools.bench_timing import CpuMeter, describe_machine, device_sync, summarise, time_windows, warm_up  # noqa: E402
+
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+# --quick: about a minute on a 2-core CPU, where one training step of the 60M-parameter model takes seconds
+QUICK = {"steps": 2, "windows": 3, "warmup": 1}
+QUICK_CPU = {"batch_size": 32, "crop_size": 64}
+
+
+@dataclass
+class BenchConfig:
+    shards: str
+    batch_size: int = 128  # §5: the paper's batch
+    crop_size: int = 224  # §4.1: 224x224 patches of the 256x256 images
+    threads: int = 4  # DALI CPU threads
+    hw_decoder_load: float = 0.65  # share of JPEGs for the GPU's hardware decoder (the rest on the SMs)
+    prefetch: int = 2  # batches DALI keeps in flight
+    workers: int = field(default_factory=psutil.cpu_count)  # baseline DataLoader processes: one per core
+    steps: int = 20  # steps per timed window
+    windows: int = 5  # timed windows per figure; the median is reported
+    warmup: int = 10  # untimed steps first (cudnn autotuning, compilation, worker start-up, DALI prefetch)
+    amp: str = "bf16" if torch.cuda.is_available() else "off"  # as run.py: bf16 autocast on a GPU, off on the CPU
+    compile: str = "off"  # torch.compile mode, as run.py --compile: off | default | reduce-overhead | max-autotune
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    sweep: bool = False
+    quick: bool = False
+    seed: int = 0
+    json: str | None = None
+    plot: str | None = None
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"bench_io.py: {message} (see python tools/bench_io.py --help)\n")
+
+
+def parse_args(argv: list[str] | None) -> BenchConfig:
+    """Defaults from BenchConfig, then the --quick preset, then whatever was given on the command line."""
+    d = BenchConfig(shards="")
+    p = Parser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    p.add_argument("--shards", required=True, help="shard folder written by tools/shard_imagenet.py")
+    for name, kind, what in (("batch_size", int, "images per step"), ("crop_size", int, "training crop side"),
+                             ("threads", int, "DALI CPU threads"), ("hw_decoder_load", float, "DALI hw_decoder_load"),
+                             ("prefetch", int, "DALI prefetch depth"), ("workers", int, "baseline worker processes"),
+                             ("steps", int, "steps per timed window"), ("windows", int, "timed windows per figure"),
+                             ("warmup", int, "untimed steps first"), ("seed", int, "random seed")):
+        preset = (f", {QUICK[name]} with --quick" if name in QUICK else
+                  f", {QUICK_CPU[name]} with --quick on the CPU" if name in QUICK_CPU else "")
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{what} (default {getattr(d, name)}{preset})")
+    p.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast, as run.py (default bf16 on a GPU, off on the CPU)")
+    p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile mode, as run.py (default off)")
+    p.add_argument("--device", choices=("cuda", "cpu"), help=f"default {d.device}")
+    p.add_argument("--sweep", action="store_true", help="tune batch size, threads, hw_decoder_load, prefetch first")
+    p.add_argument("--quick", action="store_true", help="short windows; on the CPU also a small batch and crop")
+    p.add_argument("--json", help="write every figure and the machine here")
+    p.add_argument("--plot", help="write a PNG bar chart here")
+    a = vars(p.parse_args(argv))
+    device = a.get("device", d.device)
+    preset = {**QUICK, **(QUICK_CPU if device == "cpu" else {})} if a.get("quick") else {}
+    cfg = BenchConfig(**{**asdict(d), "amp": "bf16" if device == "cuda" else "off", **preset, **a})
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here; leave --device out to use the CPU")
+    for name in ("batch_size", "crop_size", "threads", "prefetch", "workers", "steps", "windows"):
+        if getattr(cfg, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.warmup < 0:
+        p.error("--warmup must be 0 or more")
+    if not 0.0 <= cfg.hw_decoder_load <= 1.0:
+        p.error("--hw-decoder-load must be between 0 and 1")
+    for out in (cfg.json, cfg.plot):
+        if out and not Path(out).resolve().parent.is_dir():
+            p.error(f"{out}: its folder does not exist; create it or pick another path")
+    return cfg
+
+
+def endless(loader) -> Iterator:
+    """Batches across epoch boundaries, as a training run sees them."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+class Bench:
+    """The four modes; training steps are built once per batch size and shared by `model` and `e2e`."""
+
+    def __init__(self, cfg: BenchConfig, manifest: Manifest):
+        self.cfg, self.manifest = cfg, manifest
+        self.cuda = cfg.device == "cuda"
+        self.sync = device_sync(cfg.device)
+        self.dtype = AMP_DTYPES[cfg.amp] or torch.float32
+        self._steps = {}
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True  # as run.py
+
+    def train_step(self, batch_size: int):
+        if batch_size not in self._steps:
+            torch.manual_seed(self.cfg.seed)
+            model = AlexNet(num_classes=self.manifest.num_classes)
+            model = model.to(self.cfg.device, memory_format=torch.channels_last)
+            optimizer = torch.optim.SGD(param_groups(model, 5e-4), lr=0.01, momentum=0.9)  # §5
+            compile = False if self.cfg.compile == "off" else self.cfg.compile
+            self._steps[batch_size] = make_train_step(model, optimizer, self.cfg.amp, compile)
+        return self._steps[batch_size]
+
+    def dali(self, s: dict) -> DaliLoader:
+        c = self.cfg
+        return DaliLoader(c.shards, "train", s["batch_size"], augment="paper", crop_size=c.crop_size,
+                          device=c.device, device_id=0 if self.cuda else None, seed=c.seed, num_threads=s["threads"],
+                          hw_decoder_load=s["hw_decoder_load"], prefetch=s["prefetch"], dtype=self.dtype)
+
+    def measure(self, name: str, step: Callable[[], None], batch_size: int, reset=lambda: None) -> dict:
+        """Warm up, then time the windows with CPU use recorded; `reset` clears counters warm-up touched."""
+        warm_up(step, self.cfg.warmup, self.sync)
+        reset()
+        with tqdm(total=self.cfg.windows, desc=f"{name:<8}", unit="window", leave=False) as bar, CpuMeter() as cpu:
+            seconds = time_windows(step, self.cfg.windows, self.cfg.steps, self.sync, bar.update)
+        r = summarise(seconds, batch_size * self.cfg.steps)
+        # Per core of CPU time this process tree used: comparable across loaders on a machine others load too.
+        r["img_per_s_per_core"] = r["img_per_s"] / max(cpu.result["cores_used"], 1e-9)
+        return {**r, "batch_size": batch_size, "cpu": cpu.result}
+
+    def loader_alone(self, batches: Iterator, batch_size: int) -> dict:
+        return self.measure("loader", lambda: next(batches), batch_size)
+
+    def model_alone(self, batch_size: int) -> dict:
+        c = self.cfg
+        images = torch.randn(batch_size, 3, c.crop_size, c.crop_size, device=c.device).to(
+            self.dtype, memory_format=torch.channels_last)
+        labels = torch.randint(0, self.manifest.num_classes, (batch_size,), device=c.device)
+        step = self.train_step(batch_size)
+        return self.measure("model", lambda: step(images, labels), batch_size)
+
+    def end_to_end(self, batches: Iterator, batch_size: int) -> dict:
+        """The step fed by the loader, with the share of wall time spent waiting for data and keeping the GPU busy.
+
+        data_wait_frac: host time blocked in next(loader) over wall time. gpu_busy_frac: the span of each step on
+        the training stream (CUDA events recorded before and after it) summed, over wall time; 1 - busy is the time
+        the training stream sat idle, waiting for data or for the host. torch.cuda.utilization (NVML) is not used:
+        it samples at about 1/6 s and counts DALI's own kernels as busy, so it cannot tell training from decoding.
+        """
+        train = self.train_step(batch_size)
+        waited, spans = [0.0], []
+
+        def step():
+            start = time.perf_counter()
+            images, labels = next(batches)
+            waited[0] += time.perf_counter() - start
+            if not self.cuda:
+                train(images, labels)
+                return
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            train(images, labels)
+            end.record()
+            spans.append((begin, end))
+
+        def reset():
+            waited[0] = 0.0
+            spans.clear()
+
+        r = self.measure("e2e", step, batch_size, reset)
+        r["data_wait_frac"] = waited[0] / r["seconds"]
+        if self.cuda:
+            r["gpu_busy_frac"] = sum(b.elapsed_time(e) for b, e in spans) / 1e3 / r["seconds"]
+        return r
+
+    def dali_modes(self, s: dict) -> dict:
+        """loader, model and e2e at one setting; the loader's stream continues from `loader` into `e2e`."""
+        with self.dali(s) as loader:
+            batches = endless(loader)
+            return {"loader": self.loader_alone(batches, s["batch_size"]), "model": self.model_alone(s["batch_size"]),
+                    "e2e": self.end_to_end(batches, s["batch_size"])}
+
+    def sweep_trial(self, s: dict) -> dict:
+        """End to end at one --sweep setting, printed as a row when done."""
+        with self.dali(s) as loader:
+            r = self.end_to_end(endless(loader), s["batch_size"])
+        r = {"img_per_s": r["img_per_s"], "data_wait_frac": r["data_wait_frac"], "gpu_busy_frac": r.get("gpu_busy_frac")}
+        print(trial_row({**s, **r}), flush=True)
+        return r
+
+    def baseline(self) -> dict:
+        c = self.cfg
+        loader = baseline_loader(c.shards, c.batch_size, crop_size=c.crop_size, workers=c.workers, seed=c.seed,
+                                 pin_memory=self.cuda)
+        batches = device_batches(loader, c.device, self.dtype)
+        try:
+            return {**self.measure("baseline", lambda: next(batches), c.batch_size), "workers": c.workers}
+        finally:
+            batches.close()  # drops the DataLoader iterator, which stops its worker processes
+
+
+def run(cfg: BenchConfig, manifest: Manifest) -> dict:
+    bench = Bench(cfg, manifest)
+    report = {"machine": describe_machine(), "config": asdict(cfg),
+              "data": {"shards": str(Path(cfg.shards).resolve()), "train_images": manifest.count("train"),
+                       "preprocessing": manifest.raw.get("preprocessing")}}
+    setting = {k: getattr(cfg, k) for k in SWEPT}
+    bench.dali(setting).close()  # the loader's checks (index files, crop vs image size) before anything runs
+    # The baseline forks its workers first, before DALI's threads exist in this process.
+    report["baseline"] = bench.baseline()
+    if cfg.sweep:
+        grid = sweep_grid(setting, psutil.cpu_count(), bench.cuda)
+        print(HEADER, flush=True)
+        setting, trials = coordinate_search(grid, setting, bench.sweep_trial)
+        print(best_line(setting))
+        report["sweep"] = {"grid": grid, "trials": trials, "best": setting}
+    report["setting"] = setting
+    report.update(bench.dali_modes(setting))
+    report.update(derive(report))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    print(cfg, flush=True)
+    try:
+        manifest = load_manifest(cfg.shards)
+        manifest.shards("train")
+        report = run(cfg, manifest)
+    except ShardError as e:
+        print(f"bench_io: {e}", file=sys.stderr)
+        return 2
+    print(table(report))
+    if cfg.json:
+        write_json(Path(cfg.json), report)
+    if cfg.plot:
+        write_plot(Path(cfg.plot), report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

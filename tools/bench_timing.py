@@ -1,0 +1,123 @@
+"""How bench_io times: warm-up excluded, device synchronised, median of windows; CPU use; the machine measured."""
+from __future__ import annotations
+
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import psutil
+import torch
+
+
+def device_sync(device: str) -> Callable[[], None]:
+    """What to call before reading the clock: queued GPU work must be finished to be counted."""
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def warm_up(step: Callable[[], None], steps: int, sync: Callable[[], None]) -> None:
+    for _ in range(steps):
+        step()
+    sync()
+
+
+def time_windows(step: Callable[[], None], windows: int, steps: int, sync: Callable[[], None],
+                 on_window: Callable[[], object] = lambda: None) -> list[float]:
+    """Wall seconds of each of `windows` runs of `steps` calls, the device drained before each clock read."""
+    seconds = []
+    sync()
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        seconds.append(time.perf_counter() - start)
+        on_window()
+    return seconds
+
+
+def summarise(seconds: list[float], images_per_window: int) -> dict:
+    """Images/s as the median over windows, with min, max and spread (max - min) / median in percent."""
+    rates = [images_per_window / s for s in seconds]
+    median = statistics.median(rates)
+    return {"img_per_s": median, "img_per_s_min": min(rates), "img_per_s_max": max(rates),
+            "spread_pct": 100.0 * (max(rates) - min(rates)) / median, "windows": len(rates),
+            "images_per_window": images_per_window, "seconds": sum(seconds)}
+
+
+class CpuMeter:
+    """CPU used while the block runs: cores busy in this process and its workers, and the whole machine's load.
+
+    The process tree counts DALI's threads (in-process) and DataLoader workers (child processes) alike;
+    the machine-wide figure also shows whoever else shares the machine.
+    """
+
+    def __enter__(self) -> "CpuMeter":
+        self._proc = psutil.Process()
+        psutil.cpu_percent(None)
+        self._start_cpu, self._start = self._tree_cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self._start
+        self.result = {"cores_used": (self._tree_cpu_seconds() - self._start_cpu) / wall,
+                       "machine_cpu_pct": psutil.cpu_percent(None), "cores": psutil.cpu_count()}
+
+    def _tree_cpu_seconds(self) -> float:
+        total = 0.0
+        for p in [self._proc, *self._proc.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+            except psutil.Error:  # a worker that exited between listing and reading
+                continue
+            total += t.user + t.system
+        return total
+
+
+def describe_machine() -> dict:
+    """What the numbers were measured on: CPU, cores, memory, GPU and driver, library versions, date."""
+    try:
+        import nvidia.dali as dali
+        dali_version = dali.__version__
+    except ImportError:
+        dali_version = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), "host_os": platform.platform(),
+            "cpu": _cpu_model(), "cores_logical": psutil.cpu_count(), "cores_physical": psutil.cpu_count(logical=False),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "load_avg_1min": round(psutil.getloadavg()[0], 2),  # others' work on a shared machine skews the figures
+            "gpu": gpu, "gpu_count": torch.cuda.device_count(), "driver": _nvidia_driver() if gpu else None,
+            "cuda": torch.version.cuda, "python": sys.version.split()[0], "torch": torch.__version__,
+            "dali": dali_version}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvidia_driver() -> str | None:
+    """The kernel driver's version: /proc where the module exposes it, else nvidia-smi."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+        for word in text.split():
+            if word.count(".") >= 1 and word.replace(".", "").isdigit():
+                return word
+    except OSError:
+        pass
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.splitlines()[0].strip()
+    return None
