@@ -1,0 +1,146 @@
+"""The paper's optimisation recipe (§5) as pure functions, and the training step built from it."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REFERENCE_BATCH = 128  # §5: the paper's batch; --lr is the rate at this global batch
+PLATEAU_PATIENCE = 4  # epochs without a new best val error before the /10 (§5 gives the rule, not the number)
+PLATEAU_MIN_DELTA = 1e-3  # an improvement smaller than this is "stopped improving"
+PLATEAU_MAX_DROPS = 3  # §5: "reduced three times prior to termination"
+STEP_EPOCHS = 25  # --schedule step: /10 at epochs 25, 50, 75: three drops in the paper's 90 epochs
+SCHEDULES = ("paper", "step", "cosine")
+INITS = ("paper", "kaiming")
+
+
+@torch.no_grad()
+def initialise(model: nn.Module, scheme: str) -> None:
+    """"paper" keeps the model's own §5 init; "kaiming" redraws conv/linear weights N(0, 2/fan_in), biases 0."""
+    if scheme == "paper":
+        return
+    if scheme != "kaiming":
+        raise ValueError(f"unknown init {scheme!r}; choose from {INITS}")
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for layer in layers:
+        nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+        layer.bias.zero_()
+    layers[-1].weight.mul_(0.1)  # small initial logits: the first losses stay near log(classes)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay (§5) on weight matrices and kernels only; biases are not decayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def scaled_lr(lr: float, global_batch: int, reference_batch: int = REFERENCE_BATCH) -> float:
+    """Linear scaling rule (Goyal et al. 2017): the rate grows with the global batch."""
+    return lr * global_batch / reference_batch
+
+
+def plateau_drops(val_errors: Sequence[float], patience: int = PLATEAU_PATIENCE,
+                  min_delta: float = PLATEAU_MIN_DELTA, max_drops: int = PLATEAU_MAX_DROPS) -> int:
+    """How many /10 steps the paper's rule (§5) has taken after these per-epoch validation errors."""
+    drops, best, stale = 0, math.inf, 0
+    for err in val_errors:
+        if err < best - min_delta:
+            best, stale = err, 0
+            continue
+        stale += 1
+        if stale >= patience and drops < max_drops:
+            drops, stale = drops + 1, 0
+    return drops
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up from 1/warmup_steps to 1 over the first warmup_steps steps."""
+    return 1.0 if step >= warmup_steps else (step + 1) / warmup_steps
+
+
+def lr_at(schedule: str, base_lr: float, step: int, steps_per_epoch: int, epochs: int, *,
+          warmup_steps: int = 0, val_errors: Sequence[float] = ()) -> float:
+    """The learning rate of global step `step` (0-based) under one of SCHEDULES."""
+    epoch = step // steps_per_epoch
+    if schedule == "paper":
+        lr = base_lr * 0.1 ** plateau_drops(val_errors[:epoch])
+    elif schedule == "step":
+        lr = base_lr * 0.1 ** (epoch // STEP_EPOCHS)
+    elif schedule == "cosine":
+        total = max(1, epochs * steps_per_epoch - warmup_steps)
+        t = min(1.0, max(0, step - warmup_steps) / total)
+        lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}; choose from {SCHEDULES}")
+    return lr * warmup_factor(step, warmup_steps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def topk_errors(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """Count of samples whose label is not among the top-k predictions, per k, as a device tensor (no sync)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = top == labels[:, None]
+    return torch.stack([(~hit[:, :k].any(dim=1)).sum() for k in ks])
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+@torch.no_grad()
+def count_errors(model: nn.Module, loader, amp: str, views: int, device) -> torch.Tensor:
+    """[top-1 misses, top-5 misses, samples] over a loader; with views > 1 the views' softmax is averaged (§4.1)."""
+    dtype = AMP_DTYPES[amp]
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.long, device=device)
+    for images, labels in loader:
+        with torch.autocast(images.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            probs = model(images).float().softmax(1)
+        probs = probs.view(-1, views, probs.shape[1]).mean(1).to(device)
+        labels = labels.to(device)[::views if labels.numel() == images.shape[0] else 1]
+        counts += torch.cat([topk_errors(probs, labels), counts.new_tensor([labels.numel()])])
+    model.train()
+    return counts
+
+
+def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp: str = "off",
+                    compile: bool | str = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A step(images, labels) -> detached loss tensor: forward, backward, SGD update, with no host sync.
+
+    amp is "bf16" (sync-free), "fp16" (a GradScaler, which reads found-inf on the host) or "off".
+    compile is False, True (torch.compile's default mode) or a mode such as "reduce-overhead" (CUDA graphs).
+    The returned function carries `.scaler` (the GradScaler or None) so checkpoints can save it.
+    """
+    dtype = AMP_DTYPES[amp]
+    device_type = next(model.parameters()).device.type
+    scaler = torch.amp.GradScaler(device_type) if amp == "fp16" else None
+
+    def loss_of(images, labels):
+        with torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            logits = model(images)
+        return F.cross_entropy(logits.float(), labels.to(logits.device, non_blocking=True))
+
+    if compile:
+        loss_of = torch.compile(loss_of, mode=None if compile is True else compile)
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of(images, labels)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return loss.detach()
+
+    step.scaler = scaler
+    return step

@@ -1,0 +1,58 @@
+"""Checkpoints: round trip, keep-last-K and best, and corrupt or truncated files detected with a fallback."""
+import pytest
+import torch
+
+from model import checkpoint
+from model.checkpoint import CheckpointError
+
+
+def _state(step):
+    return {"step": step, "model": {"w": torch.full((3, 4), float(step))}, "history": [{"epoch": step, "loss": 0.5}]}
+
+
+def test_round_trip_is_exact(tmp_path):
+    state = {"model": {"w": torch.randn(5, 7)}, "rng": [{"cpu": torch.get_rng_state()}],
+             "config": {"lr": 0.01, "towers": 2}}
+    path = checkpoint.save(tmp_path, state, step=12)
+    assert path.name == "step-000000012.pt"
+    back = checkpoint.read(path)
+    assert torch.equal(back["model"]["w"], state["model"]["w"])
+    assert torch.equal(back["rng"][0]["cpu"], state["rng"][0]["cpu"])
+    assert back["config"] == state["config"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+def test_keeps_last_k_and_best(tmp_path):
+    for step in (10, 20, 30, 40):
+        checkpoint.save(tmp_path, _state(step), step, keep=2, best=step == 20)
+    assert [p.name for p in checkpoint.step_files(tmp_path)] == ["step-000000040.pt", "step-000000030.pt"]
+    assert checkpoint.read(tmp_path / checkpoint.BEST)["step"] == 20
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_corrupt_latest_falls_back_to_previous(tmp_path, damage):
+    checkpoint.save(tmp_path, _state(1), 1)
+    latest = checkpoint.save(tmp_path, _state(2), 2)
+    data = bytearray(latest.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[len(data) // 3] ^= 0xFF
+    else:
+        data = b""
+    latest.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="step-000000002.pt"):
+        checkpoint.read(latest)
+    warnings = []
+    state, path = checkpoint.load_latest(tmp_path, warn=warnings.append)
+    assert state["step"] == 1 and path.name == "step-000000001.pt"
+    assert len(warnings) == 1 and "step-000000002.pt" in warnings[0]
+    assert "falling back to step-000000001.pt" in warnings[0]
+
+
+def test_nothing_usable(tmp_path):
+    assert checkpoint.load_latest(tmp_path / "missing") is None
+    (tmp_path / "step-000000005.pt").write_bytes(b"garbage")
+    warnings = []
+    assert checkpoint.load_latest(tmp_path, warn=warnings.append) is None
+    assert "no older checkpoint" in warnings[0]

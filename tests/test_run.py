@@ -1,0 +1,189 @@
+"""run.py end to end on the CPU: it learns, stop + resume equals one run, torchrun/gloo, checkpoints, bad input."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import run
+from model import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+# 96 train images / batch 16 = 6 steps per epoch; 64x64 is the smallest crop AlexNet's three poolings take.
+MACHINE = ["--batch-size", "16", "--crop-size", "64", "--num-threads", "1", "--log-interval", "2", "--device", "cpu"]
+FAST = MACHINE + ["--lr", "0.02", "--lr-scaling", "none", "--warmup-epochs", "0.5", "--init", "kaiming"]
+
+
+def train(shards, workdir, *extra) -> int:
+    return run.main(["--shards", str(shards), "--workdir", str(workdir), *FAST, *extra])
+
+
+def metrics(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_run(demo_shards, tmp_path_factory):
+    """Three uninterrupted epochs, with a ten-crop evaluation at the end."""
+    workdir = tmp_path_factory.mktemp("run") / "whole"
+    assert train(demo_shards, workdir, "--epochs", "3", "--ten-crop") == 0
+    return workdir
+
+
+@pytest.mark.slow
+def test_training_learns_and_reports(one_run, demo_shards):
+    rows = metrics(one_run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["train_loss"] < 0.8 * rows[0]["train_loss"]
+    assert rows[-1]["val_top1_err"] < 0.75  # 4 classes: chance is 75 %
+    for r in rows:
+        assert 0 <= r["val_top1_err"] <= 1 and 0 <= r["val_top5_err"] <= r["val_top1_err"]
+        assert r["img_per_s"] > 0 and 0 <= r["data_wait_frac"] < 1
+    summary = json.loads((one_run / "summary.json").read_text())
+    assert summary["num_classes"] == 4 and summary["world_size"] == 1 and summary["epochs"] == 3
+    assert summary["steps_per_epoch"] == 6 and summary["samples_seen_per_epoch"] == 96
+    assert summary["samples_seen_per_class"] == [24, 24, 24, 24] and summary["val_samples"] == 24
+    assert summary["val_top1_err"] == rows[-1]["val_top1_err"] and 0 <= summary["val_top1_err_10crop"] <= 1
+    assert json.loads((one_run / "config.json").read_text())["epochs"] == 3
+    assert (one_run / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in checkpoint.step_files(one_run / "checkpoints")] == \
+        ["step-000000018.pt", "step-000000012.pt", "step-000000006.pt"]
+    # best.pt holds the epoch with the lowest error; --eval on it reproduces that error.
+    best = min(r["val_top1_err"] for r in rows)
+    out = subprocess.run([sys.executable, "run.py", "--eval", str(one_run / "checkpoints" / "best.pt"), *MACHINE],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1])["center"]["top1_err"] == pytest.approx(best)
+
+
+@pytest.mark.slow
+def test_plot_metrics_script(one_run, tmp_path):
+    out = subprocess.run([sys.executable, "tools/plot_metrics.py", str(one_run / "metrics.jsonl"), "--out",
+                          str(tmp_path / "m.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_stop_and_resume_equals_one_run(one_run, demo_shards, tmp_path, capsys):
+    workdir = tmp_path / "stopped"
+    # Stops inside epoch 2 (step 8 of 6-step epochs), after the end-of-epoch-1 checkpoint.
+    assert train(demo_shards, workdir, "--epochs", "3", "--ten-crop", "--max-steps", "8") == 0
+    assert [r["epoch"] for r in metrics(workdir)] == [1]
+    good = checkpoint.step_files(workdir / "checkpoints")[0]
+    assert good.name == "step-000000008.pt"
+    # A newer checkpoint that is truncated (a disk fault) is reported, and the previous one is used.
+    (workdir / "checkpoints" / "step-000000009.pt").write_bytes(good.read_bytes()[:1000])
+    capsys.readouterr()
+    assert train(demo_shards, workdir, "--epochs", "3", "--ten-crop", "--resume") == 0
+    err = capsys.readouterr()
+    assert "step-000000009.pt: truncated" in err.err and "falling back to step-000000008.pt" in err.err
+    assert "resumed at epoch 2, step 8" in err.out
+    timings = ("img_per_s", "data_wait_frac", "epoch_s", "wall_s")
+    untimed = [[{k: v for k, v in r.items() if k not in timings} for r in metrics(w)] for w in (one_run, workdir)]
+    assert untimed[0] == untimed[1]  # bit-exact: losses and errors are compared with ==
+    a, b = ({k: v for k, v in json.loads((w / "summary.json").read_text()).items() if k not in timings}
+            for w in (one_run, workdir))
+    assert a == b
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(demo_shards, tmp_path):
+    workdir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "run.py",
+           "--shards", str(demo_shards), "--workdir", str(workdir), "--epochs", "1", *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 32
+    assert summary["steps_per_epoch"] == 3 and summary["steps_per_rank"] == [3, 3]
+    assert summary["samples_seen_per_rank"] == [48, 48] and summary["samples_seen_per_epoch"] == 96
+    assert summary["samples_seen_per_class"] == [24, 24, 24, 24]  # each rank its own half: every image once
+    assert summary["val_samples"] == 24
+    assert out.stdout.count("epoch 1/1: train loss") == 1  # only rank 0 reports
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_last_good_checkpoint(demo_shards, tmp_path, capsys):
+    workdir = tmp_path / "nan"
+    assert train(demo_shards, workdir, "--epochs", "1") == 0
+    capsys.readouterr()
+    assert train(demo_shards, workdir, "--epochs", "2", "--resume", "--lr", "1e6") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("loss is nan" in err or "loss is inf" in err)
+    assert f"Last good checkpoint: {workdir / 'checkpoints' / 'step-000000006.pt'}" in err
+    assert [p.name for p in checkpoint.step_files(workdir / "checkpoints")] == ["step-000000006.pt"]
+    state = checkpoint.read(workdir / "checkpoints" / "step-000000006.pt")
+    assert all(t.isfinite().all() for t in state["model"].values())
+
+
+@pytest.mark.slow
+def test_demo_reduced(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(run.DEMO_DATA, "cpu", dict(classes=3, per_class=16, val_per_class=4, size_range=(72, 90),
+                                                   resize="short:72"))
+    assert run.main(["--demo", "--device", "cpu", "--workdir", str(tmp_path / "demo"), "--epochs", "1",
+                     "--batch-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "demo: 3 synthetic classes" in out and "AlexNet learned 3 synthetic classes from 48 images" in out
+    assert "chance 67%" in out
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["num_classes"] == 3 and summary["val_samples"] == 12
+
+
+def _one_line_exit_2(capsys, argv):
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_bad_input_no_shards(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    err = _one_line_exit_2(capsys, ["--shards", str(tmp_path / "empty"), "--workdir", str(tmp_path / "w")])
+    assert "run tools/shard_imagenet.py" in err and "manifest.json" in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_bad_input_workdir_of_another_run(demo_shards, tmp_path, capsys):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "config.json").write_text('{"lr": 0.5}')
+    err = _one_line_exit_2(capsys, ["--shards", str(demo_shards), "--workdir", str(tmp_path / "w")])
+    assert "--resume" in err and "config.json" in err
+    assert (tmp_path / "w" / "config.json").read_text() == '{"lr": 0.5}'
+
+
+def test_bad_input_resume_with_nothing(demo_shards, tmp_path, capsys):
+    err = _one_line_exit_2(capsys, ["--shards", str(demo_shards), "--workdir", str(tmp_path / "w"), "--resume"])
+    assert "no readable checkpoint" in err and "without --resume" in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_bad_input_resume_with_other_settings(demo_shards, tmp_path, capsys):
+    argv = ["--shards", str(demo_shards), "--workdir", str(tmp_path / "w"), *FAST]
+    saved = {**dataclasses.asdict(run.parse(argv)), "momentum": 0.5}
+    checkpoint.save(tmp_path / "w" / "checkpoints", {"config": saved, "world_size": 1}, step=3)
+    err = _one_line_exit_2(capsys, [*argv, "--resume"])
+    assert "--momentum 0.5" in err
+
+
+def test_bad_input_model_parallel_without_two_devices(demo_shards, tmp_path, capsys):
+    err = _one_line_exit_2(capsys, ["--shards", str(demo_shards), "--workdir", str(tmp_path / "w"), "--device", "cpu",
+                                    "--model-parallel"])
+    assert "--model-parallel needs two cpu devices" in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_bad_input_eval_of_a_missing_checkpoint(tmp_path, capsys):
+    err = _one_line_exit_2(capsys, ["--eval", str(tmp_path / "nope.pt")])
+    assert "nope.pt: unreadable" in err and "WORKDIR/checkpoints" in err
+
+
+def test_bad_input_unknown_flag_from_the_shell():
+    out = subprocess.run([sys.executable, "run.py", "--shards", "x", "--epochz", "3"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == ["run.py: unrecognized arguments: --epochz 3 (see python run.py --help)"]

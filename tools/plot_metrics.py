@@ -1,0 +1,71 @@
+"""Plot a run's metrics.jsonl: training loss, validation top-1/top-5 error and throughput per epoch, as one PNG.
+
+    python tools/plot_metrics.py WORKDIR/metrics.jsonl [--out WORKDIR/metrics.png]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from model.checkpoint import write_atomic  # noqa: E402
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot(rows: list[dict], out: Path, title: str = "") -> Path:
+    """Three panels side by side, one point per epoch; written atomically to `out`."""
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_err, ax_speed) = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-")
+    ax_loss.set(title="training loss", xlabel="epoch", ylabel="cross-entropy")
+    ax_err.plot(epochs, [100 * r["val_top1_err"] for r in rows], "o-", label="top-1")
+    ax_err.plot(epochs, [100 * r["val_top5_err"] for r in rows], "s-", label="top-5")
+    ax_err.set(title="validation error (centre crop)", xlabel="epoch", ylabel="error %", ylim=(0, 100))
+    ax_err.legend()
+    ax_speed.plot(epochs, [r["img_per_s"] for r in rows], "o-", label="img/s")
+    ax_speed.set(title="training throughput", xlabel="epoch", ylabel="images / s", ylim=(0, None))
+    wait = ax_speed.twinx()
+    wait.plot(epochs, [100 * r["data_wait_frac"] for r in rows], "x--", color="tab:red", label="data wait")
+    wait.set(ylabel="data wait % of step time", ylim=(0, 100))
+    ax_speed.legend(ax_speed.get_lines() + wait.get_lines(), ["img/s", "data wait %"], loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    write_atomic(Path(out), buf.getvalue())
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("metrics", type=Path, help="a run's metrics.jsonl")
+    ap.add_argument("--out", type=Path, help="PNG to write (default: metrics.png beside the input)")
+    args = ap.parse_args(argv)
+    try:
+        rows = read_metrics(args.metrics)
+        if not rows:
+            raise ValueError("no epochs recorded yet")
+        out = plot(rows, args.out or args.metrics.with_name("metrics.png"), title=str(args.metrics.parent))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"{args.metrics}: cannot plot ({e!r}); point at a run's WORKDIR/metrics.jsonl", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
