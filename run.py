@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from model.checkpoint import CheckpointError
 from model.recipe import (AMP_DTYPES, INITS, SCHEDULES, count_errors, initialise, lr_at, make_train_step, param_groups,
                           scaled_lr, set_lr)
 from pipeline.manifest import ShardError, load_manifest
+from tools.demo import DEMO_PRESET, make_demo_data, report_demo
 
 
 @dataclass
@@ -42,10 +43,11 @@ class Config:
     weight_decay: float = 5e-4  # §5
     init: str = "paper"  # §5: weights N(0, 0.01), some biases 1 | kaiming (He et al. 2015: learns sooner; the demo)
     # §3, §4: model and data
-    towers: int = 2  # §3.5: two towers (groups=2 convs); 1 = the single-GPU variant
+    towers: int = 2  # §3.5: two towers, one conv each, run on one device as a block-diagonal dense conv; 1 = no split
     model_parallel: bool = False  # §3.2: the two towers on two GPUs per process
     augment: str = "paper"  # §4.1: random 224 crops, flips, PCA lighting | inception
     crop_size: int = 224  # §3.5
+    divide_std: bool = False  # §2 subtracts the mean only; also divide by the per-channel std
     ten_crop: bool = False  # §4.1: at the end, average the softmax over ten views
     # engineering
     device: str = "auto"  # cuda when there is one
@@ -105,16 +107,6 @@ def parse(argv=None) -> Config:
     return cfg
 
 
-# --demo: a small synthetic ImageNet (tools/make_demo_data.py) that trains in minutes; on the CPU the images are
-# small (shorter side 72, 64x64 crops) and the recipe is the demo's own (cosine, higher lr), printed like any run.
-DEMO_DATA = {"cpu": dict(classes=10, per_class=80, val_per_class=20, size_range=(72, 110), resize="short:72"),
-             "cuda": dict(classes=10, per_class=260, val_per_class=50, size_range=(256, 400), resize="short:256")}
-DEMO_PRESET = {"cpu": dict(epochs=6, batch_size=32, lr=0.02, lr_scaling="none", schedule="cosine", warmup_epochs=0.5,
-                           init="kaiming", crop_size=64, num_threads=1, log_interval=5, keep=1),
-               "cuda": dict(epochs=12, batch_size=128, lr=0.02, lr_scaling="none", schedule="cosine", warmup_epochs=0.5,
-                            init="kaiming", crop_size=224, log_interval=10, keep=1)}
-
-
 @dataclass
 class Context:
     rank: int
@@ -163,25 +155,6 @@ def check_workdir(cfg: Config, ctx: Context) -> dict | None:
     return ckpt
 
 
-def make_demo_data(cfg: Config, ctx: Context) -> None:
-    """Generate and shard the demo set into WORKDIR (once); the other ranks wait for rank 0."""
-    from tools import make_demo_data, shard_imagenet
-
-    data = DEMO_DATA[cfg.device]
-    if ctx.rank == 0 and not (Path(cfg.shards) / "manifest.json").exists():
-        print(f"demo: {data['classes']} synthetic classes, {data['per_class']} train + {data['val_per_class']} val "
-              f"images each, resized to {data['resize']}, crops {cfg.crop_size}x{cfg.crop_size} "
-              f"(the paper: 1000 classes, 256, 224)")
-        src = Path(cfg.workdir) / "images"
-        make_demo_data.make_dataset(src, data["classes"], data["per_class"], data["val_per_class"],
-                                    size_range=data["size_range"], workers=os.cpu_count() or 1)
-        code = shard_imagenet.main(["--src", str(src), "--out", cfg.shards, "--resize", data["resize"]])
-        if code:
-            raise UsageError(f"demo: tools/shard_imagenet.py failed (exit {code}) on {src}")
-    while not (Path(cfg.shards) / "manifest.json").exists():
-        time.sleep(1)
-
-
 def build(cfg: Config, ctx: Context, num_classes: int):
     """The model (channels-last, DDP-wrapped under torchrun) and the bare module whose weights are saved."""
     from model import AlexNet, ModelParallelAlexNet
@@ -205,7 +178,7 @@ def make_loader(cfg: Config, ctx: Context, shards: str, split: str, augment: str
     return DaliLoader(shards, split, cfg.batch_size, augment=augment, crop_size=crop_size, device=dev.type,
                       device_id=dev.index if dev.type == "cuda" else None, rank=ctx.rank, world_size=ctx.world,
                       seed=cfg.seed, num_threads=cfg.num_threads,
-                      dtype=AMP_DTYPES[cfg.amp] or torch.float32)
+                      dtype=AMP_DTYPES[cfg.amp] or torch.float32, divide_std=cfg.divide_std)
 
 
 def all_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -214,182 +187,212 @@ def all_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:
     return t
 
 
+def all_gather(t: torch.Tensor, ctx: Context) -> list[torch.Tensor]:
+    if ctx.world == 1:
+        return [t]
+    every = [torch.zeros_like(t) for _ in range(ctx.world)]
+    dist.all_gather(every, t)
+    return every
+
+
 def evaluate(model, loader, amp: str, ctx: Context, views: int = 1) -> dict:
     """Top-1/top-5 error on val, every rank's share counted once; views=10 averages ten crops' softmax (§4.1)."""
     top1, top5, n = all_sum(count_errors(model, loader, amp, views, ctx.devices[0]), ctx).tolist()
     return {"top1_err": top1 / max(n, 1), "top5_err": top5 / max(n, 1), "samples": n}
 
 
-def rng_states(ctx: Context) -> list:
-    """Every rank's torch RNG states (dropout masks), gathered so that rank 0's checkpoint holds them all."""
-    every = [checkpoint.rng_state()] * ctx.world
-    if ctx.world > 1:
-        dist.all_gather_object(every, every[0])
-    return every
+def timed(batches):
+    """(seconds spent waiting for the batch, batch) for each batch: the data-wait figures."""
+    batches = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            return
+        yield time.perf_counter() - t0, batch
 
 
-def train(cfg: Config, ctx: Context, manifest, ckpt: dict | None, log) -> int:
-    torch.manual_seed(cfg.seed + ctx.rank)
-    model, raw = build(cfg, ctx, manifest.num_classes)
-    optimizer = torch.optim.SGD(param_groups(raw, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
-    step_fn = make_train_step(model, optimizer, cfg.amp, compile=False if cfg.compile == "off" else cfg.compile)
-    train_loader = make_loader(cfg, ctx, cfg.shards, "train", cfg.augment, cfg.crop_size)
-    val_loader = make_loader(cfg, ctx, cfg.shards, "val", "center", cfg.crop_size)
-    spe, global_batch, dev = len(train_loader), cfg.batch_size * ctx.world, ctx.devices[0]
-    base_lr = scaled_lr(cfg.lr, global_batch) if cfg.lr_scaling == "linear" else cfg.lr
-    warmup = round(cfg.warmup_epochs * spe)
-    log(f"{manifest.count('train')} train images, {manifest.num_classes} classes; {ctx.world} process(es) x batch "
-        f"{cfg.batch_size} = {global_batch}, {spe} steps per epoch; lr {base_lr:g}"
-        + (f" ({cfg.lr} at batch 128, scaled linearly)" if cfg.lr_scaling == "linear" else ""))
-    workdir, history, step, partial = Path(cfg.workdir), [], 0, None
-    if ckpt is not None:
-        raw.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if step_fn.scaler is not None:
-            step_fn.scaler.load_state_dict(ckpt["scaler"])
-        history, step, partial = ckpt["history"], ckpt["step"], ckpt["partial"]
-        checkpoint.set_rng_state(ckpt["rng"][ctx.rank])
-        if partial is not None:
-            train_loader.load_state_dict(ckpt["loader"])
-        log(f"resumed at epoch {step // spe + 1}, step {step}")
-    if ctx.rank == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_atomic(workdir / "config.json", json.dumps(asdict(cfg), indent=1).encode())
-        write_metrics(workdir, history)
+class Stop(Exception):
+    """Stop(exit status, message): training ends early, 0 at --max-steps, 1 when loss or weights are not finite."""
 
-    def save(acc=None, best=False):
-        if not torch.stack([p.detach().float().sum().to(dev) for p in raw.parameters()]).sum().isfinite():
-            return False
-        state = {"config": asdict(cfg), "world_size": ctx.world, "step": step, "history": history,
-                 "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_states(ctx),
-                 "scaler": step_fn.scaler.state_dict() if step_fn.scaler else None,
-                 "loader": train_loader.state_dict(),
-                 "partial": acc and {k: torch.as_tensor(v).cpu() for k, v in acc.items()}}
-        if ctx.rank == 0:
-            log(f"checkpoint {checkpoint.save(workdir / 'checkpoints', state, step, cfg.keep, best)}")
-        return True
 
-    def diverged(what):
-        last = checkpoint.step_files(workdir / "checkpoints")
-        fix = f"Last good checkpoint: {last[0]}; continue from it with --resume --lr LOWER" if last else \
-            "No checkpoint was written yet; start again (in a new --workdir) with a lower --lr"
-        log(f"run.py: {what} at epoch {step // spe + 1}, step {step} (lr {lr:.3g}); stopping. {fix}", file=sys.stderr)
-        return 1
+class Trainer:
+    """One run: model, optimiser, train step and loaders, and where it stands (global step, per-epoch history)."""
 
-    if step >= cfg.epochs * spe or 0 < cfg.max_steps <= step:
-        log(f"{workdir}: at step {step} already; pass a larger --epochs (or --max-steps) to train on")
-        return 0
-    for epoch in range(step // spe, cfg.epochs):
-        if partial is None:
-            train_loader.set_epoch(epoch)
+    def __init__(self, cfg: Config, ctx: Context, manifest, log):
+        torch.manual_seed(cfg.seed + ctx.rank)
+        self.cfg, self.ctx, self.manifest, self.log, self.dev = cfg, ctx, manifest, log, ctx.devices[0]
+        self.model, self.raw = build(cfg, ctx, manifest.num_classes)
+        self.optimizer = torch.optim.SGD(param_groups(self.raw, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
+        self.train_step = make_train_step(self.model, self.optimizer, cfg.amp, cfg.compile != "off" and cfg.compile)
+        self.train_loader = make_loader(cfg, ctx, cfg.shards, "train", cfg.augment, cfg.crop_size)
+        self.val_loader = make_loader(cfg, ctx, cfg.shards, "val", "center", cfg.crop_size)
+        self.spe, self.global_batch = len(self.train_loader), cfg.batch_size * ctx.world
+        self.base_lr = scaled_lr(cfg.lr, self.global_batch) if cfg.lr_scaling == "linear" else cfg.lr
+        self.workdir, self.history, self.step, self.partial, self.lr = Path(cfg.workdir), [], 0, None, self.base_lr
+        log(f"{manifest.count('train')} train images, {manifest.num_classes} classes; {ctx.world} process(es) x batch "
+            f"{cfg.batch_size} = {self.global_batch}, {self.spe} steps per epoch; lr {self.base_lr:g}"
+            + (f" ({cfg.lr} at batch 128, scaled linearly)" if cfg.lr_scaling == "linear" else ""))
+
+    def resume(self, ckpt: dict) -> None:
+        """Weights, optimiser, RNG states, history and, when it stopped within an epoch, the loader's position."""
+        checkpoint.restore_training(ckpt, self.raw, self.optimizer, self.train_step.scaler)
+        checkpoint.set_rng_state(ckpt["rng"][self.ctx.rank])
+        self.history, self.step, self.partial = ckpt["history"], ckpt["step"], ckpt["partial"]
+        if self.partial is not None:
+            self.train_loader.load_state_dict(ckpt["loader"])
+        self.log(f"resumed at epoch {self.step // self.spe + 1}, step {self.step}")
+
+    def train_epoch(self, epoch: int) -> dict:
+        """The epoch's steps (the rest of them after a resume); its sums stay on the device until the epoch ends."""
+        cfg, dev, spe = self.cfg, self.dev, self.spe
+        if self.partial is None:
+            self.train_loader.set_epoch(epoch)
             acc = {"loss": torch.zeros((), device=dev), "wait_s": 0.0, "train_s": 0.0,
-                   "classes": torch.zeros(manifest.num_classes, dtype=torch.long, device=dev)}
+                   "classes": torch.zeros(self.manifest.num_classes, dtype=torch.long, device=dev)}
         else:  # this epoch's sums so far, from a checkpoint written within it
-            acc = {k: v.to(dev) if k in ("loss", "classes") else float(v) for k, v in partial.items()}
-            partial = None
-        val_errors = [r["val_top1_err"] for r in history]
+            acc = {k: v.to(dev) if k in ("loss", "classes") else float(v) for k, v in self.partial.items()}
+            self.partial = None
+        val_errors = [r["val_top1_err"] for r in self.history]
         t_epoch = t_log = time.perf_counter()
         t_save, n_log, wait_log, loss_log = time.monotonic(), 0, 0.0, torch.zeros((), device=dev)
-        loader = iter(train_loader)
-        while True:
-            t0 = time.perf_counter()
-            batch = next(loader, None)
-            wait = time.perf_counter() - t0
-            if batch is None:
-                break
-            images, labels = batch
-            lr = lr_at(cfg.schedule, base_lr, step, spe, cfg.epochs, warmup_steps=warmup, val_errors=val_errors)
-            set_lr(optimizer, lr)
-            loss = step_fn(images, labels)
+        for wait, (images, labels) in timed(self.train_loader):
+            self.lr = lr_at(cfg.schedule, self.base_lr, self.step, spe, cfg.epochs,
+                            warmup_steps=round(cfg.warmup_epochs * spe), val_errors=val_errors)
+            set_lr(self.optimizer, self.lr)
+            loss = self.train_step(images, labels)
             acc["loss"] += loss
             loss_log += loss
             acc["classes"].index_add_(0, labels.to(dev), torch.ones_like(labels, device=dev))
             acc["wait_s"] += wait
-            step, n_log, wait_log = step + 1, n_log + 1, wait_log + wait
-            if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                due = time.monotonic() - t_save > 60 * cfg.checkpoint_minutes
-                stats = all_sum(torch.stack([loss_log, torch.tensor(float(due), device=dev)]), ctx).tolist()
-                interval_loss, dt = stats[0] / (n_log * ctx.world), time.perf_counter() - t_log
-                if not math.isfinite(interval_loss):
-                    return diverged(f"loss is {interval_loss}")
-                left = (cfg.epochs * spe - step) * dt / n_log
-                log(f"epoch {epoch + 1}/{cfg.epochs} step {step - epoch * spe}/{spe} loss {interval_loss:.4f} "
-                    f"lr {lr:.3g} {n_log * global_batch / dt:,.0f} img/s data-wait {wait_log / dt:.0%} "
-                    f"eta {left / 60:.1f} min")
-                t_log, n_log, wait_log, loss_log = time.perf_counter(), 0, 0.0, torch.zeros((), device=dev)
-                stop = step == cfg.max_steps and step % spe
-                if (stats[1] > 0 or stop) and step % spe:
-                    acc["train_s"] += time.perf_counter() - t_epoch
-                    t_epoch, t_save = time.perf_counter(), time.monotonic()
-                    if not save(acc):
-                        return diverged("the weights are not finite")
-                if stop:
-                    log(f"stopped at step {step} (--max-steps {cfg.max_steps}); continue with --resume")
-                    return 0
+            self.step, n_log, wait_log = self.step + 1, n_log + 1, wait_log + wait
+            if self.step % cfg.log_interval and self.step != cfg.max_steps:
+                continue
+            # The loop's only host syncs: the interval's loss, and whether any rank is due a timed checkpoint.
+            due = time.monotonic() - t_save > 60 * cfg.checkpoint_minutes
+            stats = all_sum(torch.stack([loss_log, torch.tensor(float(due), device=dev)]), self.ctx).tolist()
+            interval_loss, dt = stats[0] / (n_log * self.ctx.world), time.perf_counter() - t_log
+            if not math.isfinite(interval_loss):
+                raise self.diverged(f"loss is {interval_loss}")
+            left = (cfg.epochs * spe - self.step) * dt / n_log
+            self.log(f"epoch {epoch + 1}/{cfg.epochs} step {self.step - epoch * spe}/{spe} loss {interval_loss:.4f} "
+                     f"lr {self.lr:.3g} {n_log * self.global_batch / dt:,.0f} img/s data-wait {wait_log / dt:.0%} "
+                     f"eta {left / 60:.1f} min")
+            t_log, n_log, wait_log, loss_log = time.perf_counter(), 0, 0.0, torch.zeros((), device=dev)
+            stop = self.step == cfg.max_steps and self.step % spe
+            if (stats[1] > 0 or stop) and self.step % spe:
+                acc["train_s"] += time.perf_counter() - t_epoch
+                t_epoch, t_save = time.perf_counter(), time.monotonic()
+                self.save(acc)
+            if stop:
+                raise self.stopped()
         acc["train_s"] += time.perf_counter() - t_epoch
-        t_eval = time.perf_counter()
+        return acc
+
+    def end_epoch(self, epoch: int, acc: dict) -> dict:
+        """Validation, the epoch's row of metrics.jsonl, its checkpoint (best.pt if best); returns the row."""
+        ctx, spe, t_eval = self.ctx, self.spe, time.perf_counter()
         totals = all_sum(torch.cat([acc["loss"].double().view(1), acc["classes"].double()]), ctx)
-        per_rank = torch.tensor([step - epoch * spe, int(acc["classes"].sum())], dtype=torch.float64, device=dev)
-        ranks = [torch.zeros_like(per_rank) for _ in range(ctx.world)]
-        if ctx.world > 1:
-            dist.all_gather(ranks, per_rank)
-        else:
-            ranks = [per_rank]
-        val = evaluate(raw, val_loader, cfg.amp, ctx)
+        ranks = all_gather(torch.tensor([self.step - epoch * spe, int(acc["classes"].sum())], dtype=torch.float64,
+                                        device=self.dev), ctx)
+        val = evaluate(self.raw, self.val_loader, self.cfg.amp, ctx)
         train_s = acc["train_s"]
-        row = {"epoch": epoch + 1, "step": step, "train_loss": float(totals[0]) / (spe * ctx.world),
-               "val_top1_err": val["top1_err"], "val_top5_err": val["top5_err"], "lr": lr,
-               "img_per_s": spe * global_batch / train_s, "data_wait_frac": acc["wait_s"] / train_s,
+        row = {"epoch": epoch + 1, "step": self.step, "train_loss": float(totals[0]) / (spe * ctx.world),
+               "val_top1_err": val["top1_err"], "val_top5_err": val["top5_err"], "lr": self.lr,
+               "img_per_s": spe * self.global_batch / train_s, "data_wait_frac": acc["wait_s"] / train_s,
                "samples_seen": int(totals[1:].sum()), "epoch_s": train_s + time.perf_counter() - t_eval,
                "steps_per_rank": [int(r[0]) for r in ranks], "samples_seen_per_rank": [int(r[1]) for r in ranks]}
         if not math.isfinite(row["train_loss"]):
-            return diverged(f"loss is {row['train_loss']}")
-        history.append(row)
-        log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, "
-            f"val top-1 error {val['top1_err']:.1%}, top-5 error {val['top5_err']:.1%}, "
-            f"{row['img_per_s']:,.0f} img/s, data-wait {row['data_wait_frac']:.0%}")
-        if not save(best=val["top1_err"] <= min(r["val_top1_err"] for r in history)):
-            return diverged("the weights are not finite")
-        if ctx.rank == 0:
-            write_metrics(workdir, history)
-        if cfg.max_steps and step >= cfg.max_steps and epoch + 1 < cfg.epochs:
-            log(f"stopped at step {step} (--max-steps {cfg.max_steps}); continue with --resume")
-            return 0
-    summary = {"num_classes": manifest.num_classes, "val_top1_err": history[-1]["val_top1_err"],
-               "val_top5_err": history[-1]["val_top5_err"], "train_loss": history[-1]["train_loss"],
-               "chance_top1_err": 1 - 1 / manifest.num_classes, "world_size": ctx.world, "global_batch": global_batch,
-               "steps_per_epoch": spe, "samples_seen_per_epoch": history[-1]["samples_seen"],
-               "samples_seen_per_rank": history[-1]["samples_seen_per_rank"],
-               "steps_per_rank": history[-1]["steps_per_rank"],
-               "samples_seen_per_class": [int(c) for c in totals[1:]], "train_samples": manifest.count("train"),
-               "val_samples": val["samples"], "epochs": len(history), "device": cfg.device, "amp": cfg.amp,
-               "wall_s": sum(r["epoch_s"] for r in history)}
-    if cfg.ten_crop:
-        t0 = time.perf_counter()
-        with make_loader(cfg, ctx, cfg.shards, "val", "tencrop", cfg.crop_size) as tencrop:
-            ten = evaluate(raw, tencrop, cfg.amp, ctx, views=10)
-        summary.update(val_top1_err_10crop=ten["top1_err"], val_top5_err_10crop=ten["top5_err"])
-        summary["wall_s"] += time.perf_counter() - t0
-        log(f"ten-crop: val top-1 error {ten['top1_err']:.1%}, top-5 error {ten['top5_err']:.1%}")
+            raise self.diverged(f"loss is {row['train_loss']}")
+        self.history.append(row)
+        self.log(f"epoch {epoch + 1}/{self.cfg.epochs}: train loss {row['train_loss']:.4f}, "
+                 f"val top-1 error {val['top1_err']:.1%}, top-5 error {val['top5_err']:.1%}, "
+                 f"{row['img_per_s']:,.0f} img/s, data-wait {row['data_wait_frac']:.0%}")
+        self.save(best=val["top1_err"] <= min(r["val_top1_err"] for r in self.history))
+        self.write_metrics()
+        return {**row, "samples_seen_per_class": [int(c) for c in totals[1:]], "val_samples": val["samples"]}
+
+    def summary(self, last: dict) -> dict:
+        """summary.json: the last epoch's errors, the run's shape and cost, and with --ten-crop its errors too."""
+        cfg, m = self.cfg, self.manifest
+        s = {"num_classes": m.num_classes, "val_top1_err": last["val_top1_err"], "val_top5_err": last["val_top5_err"],
+             "train_loss": last["train_loss"], "chance_top1_err": 1 - 1 / m.num_classes, "world_size": self.ctx.world,
+             "global_batch": self.global_batch, "steps_per_epoch": self.spe,
+             "samples_seen_per_epoch": last["samples_seen"], "samples_seen_per_rank": last["samples_seen_per_rank"],
+             "steps_per_rank": last["steps_per_rank"], "samples_seen_per_class": last["samples_seen_per_class"],
+             "train_samples": m.count("train"), "val_samples": last["val_samples"], "epochs": len(self.history),
+             "device": cfg.device, "amp": cfg.amp, "wall_s": sum(r["epoch_s"] for r in self.history)}
+        if cfg.ten_crop:
+            t0 = time.perf_counter()
+            with make_loader(cfg, self.ctx, cfg.shards, "val", "tencrop", cfg.crop_size) as tencrop:
+                ten = evaluate(self.raw, tencrop, cfg.amp, self.ctx, views=10)
+            s.update(val_top1_err_10crop=ten["top1_err"], val_top5_err_10crop=ten["top5_err"])
+            s["wall_s"] += time.perf_counter() - t0
+            self.log(f"ten-crop: val top-1 error {ten['top1_err']:.1%}, top-5 error {ten['top5_err']:.1%}")
+        return s
+
+    def save(self, acc: dict | None = None, best: bool = False) -> None:
+        """A checkpoint of all a resume needs; `acc`: the sums of the epoch it stops within (None at its end)."""
+        if not checkpoint.is_finite(self.raw, self.dev):
+            raise self.diverged("the weights are not finite")
+        state = {"config": asdict(self.cfg), "world_size": self.ctx.world, "step": self.step, "history": self.history,
+                 **checkpoint.training_state(self.raw, self.optimizer, self.train_step.scaler),
+                 "rng": checkpoint.all_rng_states(self.ctx.world), "loader": self.train_loader.state_dict(),
+                 "partial": acc and {k: torch.as_tensor(v).cpu() for k, v in acc.items()}}
+        if self.ctx.rank == 0:
+            path = checkpoint.save(self.workdir / "checkpoints", state, self.step, self.cfg.keep, best)
+            self.log(f"checkpoint {path}")
+
+    def write_metrics(self) -> None:
+        from tools.plot_metrics import write_metrics  # imports matplotlib: not for --help or bad input
+
+        if self.ctx.rank == 0:
+            write_metrics(self.workdir, self.history)
+
+    def diverged(self, what: str) -> Stop:
+        last = checkpoint.step_files(self.workdir / "checkpoints")
+        fix = f"Last good checkpoint: {last[0]}; continue from it with --resume --lr LOWER" if last else \
+            "No checkpoint was written yet; start again (in a new --workdir) with a lower --lr"
+        return Stop(1, f"run.py: {what} at epoch {self.step // self.spe + 1}, step {self.step} (lr {self.lr:.3g}); "
+                       f"stopping. {fix}")
+
+    def stopped(self) -> Stop:
+        return Stop(0, f"stopped at step {self.step} (--max-steps {self.cfg.max_steps}); continue with --resume")
+
+
+def train(cfg: Config, ctx: Context, manifest, ckpt: dict | None, log) -> int:
+    """The recipe epoch by epoch, from the start or from `ckpt`; WORKDIR gets the metrics and summary.json."""
+    t = Trainer(cfg, ctx, manifest, log)
+    if ckpt is not None:
+        t.resume(ckpt)
     if ctx.rank == 0:
-        checkpoint.write_atomic(workdir / "summary.json", json.dumps(summary, indent=1).encode())
-    train_loader.close()
-    val_loader.close()
+        t.workdir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_atomic(t.workdir / "config.json", json.dumps(asdict(cfg), indent=1).encode())
+    t.write_metrics()
+    if t.step >= cfg.epochs * t.spe or 0 < cfg.max_steps <= t.step:
+        log(f"{t.workdir}: at step {t.step} already; pass a larger --epochs (or --max-steps) to train on")
+        return 0
+    try:
+        for epoch in range(t.step // t.spe, cfg.epochs):
+            last = t.end_epoch(epoch, t.train_epoch(epoch))
+            if cfg.max_steps and t.step >= cfg.max_steps and epoch + 1 < cfg.epochs:
+                raise t.stopped()
+    except Stop as stop:
+        code, message = stop.args
+        log(message, file=sys.stderr if code else sys.stdout)
+        return code
+    summary = t.summary(last)
+    if ctx.rank == 0:
+        checkpoint.write_atomic(t.workdir / "summary.json", json.dumps(summary, indent=1).encode())
+    t.train_loader.close()
+    t.val_loader.close()
     return 0
-
-
-def write_metrics(workdir: Path, history: list[dict]) -> None:
-    """WORKDIR/metrics.jsonl (one line per epoch) and metrics.png, rewritten whole so a resume drops stale epochs."""
-    from tools.plot_metrics import plot
-
-    checkpoint.write_atomic(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
-    if history:
-        plot(history, workdir / "metrics.png", title=str(workdir))
 
 
 def evaluate_only(cfg: Config, ctx: Context, manifest, ckpt: dict, log) -> int:
     """--eval CHECKPOINT: centre-crop (and with --ten-crop, ten-crop) error of saved weights on the val split."""
     saved = Config(**ckpt["config"])
+    cfg = replace(cfg, divide_std=saved.divide_std)  # the inputs as the weights were trained on
     _, raw = build(Config(**{**asdict(saved), "model_parallel": cfg.model_parallel}), ctx, manifest.num_classes)
     raw.load_state_dict(ckpt["model"])
     result = {"checkpoint": cfg.eval, "step": ckpt["step"], "num_classes": manifest.num_classes}
@@ -401,16 +404,6 @@ def evaluate_only(cfg: Config, ctx: Context, manifest, ckpt: dict, log) -> int:
             f"on {errs['samples']} images")
     log(json.dumps(result))
     return 0
-
-
-def report_demo(cfg: Config, wall_s: float) -> None:
-    s, data = json.loads((Path(cfg.workdir) / "summary.json").read_text()), DEMO_DATA[cfg.device]
-    print(f"\ndemo: in {wall_s:.0f} s ({cfg.device}), AlexNet learned {s['num_classes']} synthetic classes from "
-          f"{s['train_samples']} images ({cfg.crop_size}x{cfg.crop_size} crops): on {s['val_samples']} held-out images "
-          f"top-1 error {s['val_top1_err']:.1%} (chance {s['chance_top1_err']:.0%}), "
-          f"top-5 error {s['val_top5_err']:.1%}.")
-    print(f"demo: curves in {cfg.workdir}/metrics.png, per-epoch numbers in metrics.jsonl, "
-          f"weights in checkpoints/best.pt")
 
 
 def main(argv=None) -> int:
@@ -430,18 +423,14 @@ def main(argv=None) -> int:
                                  "(or try --demo)")
             ckpt = check_workdir(cfg, ctx)
             if cfg.demo:
-                make_demo_data(cfg, ctx)
+                make_demo_data(cfg, ctx.rank)
             manifest = load_manifest(cfg.shards)
-    except (UsageError, ShardError, CheckpointError) as e:
-        print(f"run.py: {e}", file=sys.stderr)
-        return 2
-    log("config:\n" + "\n".join(f"  {k:<19}{v}" for k, v in asdict(cfg).items()))
-    if cfg.device == "cuda":
-        torch.cuda.set_device(ctx.devices[0])
-        torch.backends.cudnn.benchmark = True
-    if ctx.world > 1:
-        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
-    try:
+        log("config:\n" + "\n".join(f"  {k:<19}{v}" for k, v in asdict(cfg).items()))
+        if cfg.device == "cuda":
+            torch.cuda.set_device(ctx.devices[0])
+            torch.backends.cudnn.benchmark = True
+        if ctx.world > 1:
+            dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
         code = (evaluate_only if cfg.eval else train)(cfg, ctx, manifest, ckpt, log)
         if cfg.demo and ctx.rank == 0 and (Path(cfg.workdir) / "summary.json").exists():
             report_demo(cfg, time.perf_counter() - t0)
@@ -450,7 +439,7 @@ def main(argv=None) -> int:
         print(f"run.py: {e}", file=sys.stderr)
         return 2
     finally:
-        if ctx.world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes with a checksum footer, keep the last K and the best, load the latest good one."""
+"""Checkpoints: atomic writes with a checksum footer, keep the last K and the best, load the latest good one;
+the training state and every rank's RNG states that a resume restores."""
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +9,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch.distributed
 
 MAGIC = b"ALEXNET-CKPT-v1\n"  # footer: MAGIC + sha256 of the payload + payload length (8 bytes, little endian)
 FOOTER = len(MAGIC) + 32 + 8
@@ -69,6 +71,11 @@ def step_files(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if NAME.match(p.name)), key=lambda p: p.name, reverse=True)
 
 
+def is_finite(model: torch.nn.Module, device) -> bool:
+    """Whether every weight is finite (one host sync): weights that are not are never saved."""
+    return bool(torch.stack([p.detach().float().sum().to(device) for p in model.parameters()]).sum().isfinite())
+
+
 def save(folder: Path, state: dict, step: int, keep: int = 3, best: bool = False) -> Path:
     """Write step-NNNNNNNNN.pt atomically, refresh best.pt if `best`, delete step files beyond the newest `keep`."""
     folder = Path(folder)
@@ -99,12 +106,33 @@ def load_latest(folder: Path, map_location="cpu", warn=print) -> tuple[dict, Pat
     return None
 
 
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler) -> dict:
+    """The weights and the optimiser's (and fp16 loss scaler's) state, as restore_training() takes them back."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None}
+
+
+def restore_training(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler) -> None:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None:
+        scaler.load_state_dict(state["scaler"])
+
+
 def rng_state() -> dict:
     """This process's torch RNG states (CPU and every CUDA device): dropout draws continue exactly on resume."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def all_rng_states(world_size: int) -> list[dict]:
+    """Every rank's rng_state(), gathered (a collective under torchrun) so that rank 0's checkpoint holds them all."""
+    every = [rng_state()] * world_size
+    if world_size > 1:
+        torch.distributed.all_gather_object(every, every[0])
+    return every
 
 
 def set_rng_state(state: dict) -> None:

@@ -41,7 +41,8 @@ def lighting_offset(alpha: np.ndarray, eigval: np.ndarray, eigvec: np.ndarray) -
     return lighting_matrix(eigval, eigvec) @ np.asarray(alpha, np.float64)
 
 
-def normalisation(rgb_mean: np.ndarray, rgb_std: np.ndarray, mean_std: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, std) the pipeline applies as (pixel - mean) / std: §2's mean subtraction, and the std if asked."""
-    std = np.asarray(rgb_std, np.float64) if mean_std else np.ones(3)
+def normalisation(rgb_mean: np.ndarray, rgb_std: np.ndarray,
+                  divide_std: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) the pipeline applies as (pixel - mean) / std: §2's mean subtraction only, unless divide_std."""
+    std = np.asarray(rgb_std, np.float64) if divide_std else np.ones(3)
     return np.asarray(rgb_mean, np.float64), std

@@ -38,7 +38,7 @@ class DaliLoader:
     def __init__(self, shards_dir, split: str, batch_size: int, *, augment: str = "paper", crop_size: int = 224,
                  device: str = "cuda", device_id: int | None = 0, rank: int = 0, world_size: int = 1, seed: int = 0,
                  num_threads: int = 4, hw_decoder_load: float = 0.65, prefetch: int = 2,
-                 dtype: torch.dtype = torch.float16, mean_std: bool = True):
+                 dtype: torch.dtype = torch.float16, divide_std: bool = False):
         _check_args(augment, device, dtype, batch_size, rank, world_size, crop_size, num_threads, prefetch,
                     hw_decoder_load)
         manifest = load_manifest(shards_dir)
@@ -49,7 +49,7 @@ class DaliLoader:
         _check_shards(self.shards, manifest, crop_size, self.hint)
         self.rank, self.world_size, self.seed, self.dtype = rank, world_size, seed, dtype
         self.device = torch.device("cuda", device_id or 0) if device == "cuda" else torch.device("cpu")
-        mean, std = normalisation(manifest.rgb_mean, manifest.rgb_std, mean_std)
+        mean, std = normalisation(manifest.rgb_mean, manifest.rgb_std, divide_std)
         self._graph = dict(augment=augment, crop=crop_size, decoder="mixed" if device == "cuda" else "cpu",
                            hw_decoder_load=hw_decoder_load, mean=mean, std=std, dtype=DALI_DTYPES[dtype],
                            lighting=lighting_matrix(manifest.eigval, manifest.eigvec))

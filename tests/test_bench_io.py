@@ -91,7 +91,7 @@ def test_baseline_augment_matches_numpy():
 
 def test_baseline_batches_look_like_the_dali_loaders(demo_shards):
     manifest = json.loads((demo_shards / "manifest.json").read_text())
-    loader = baseline_loader(demo_shards, 8, crop_size=48, workers=1, seed=0)
+    loader = baseline_loader(demo_shards, 8, crop_size=48, workers=1, seed=0, divide_std=True)
     batches = device_batches(loader, "cpu", torch.float16)
     try:
         images, labels = next(batches)
@@ -101,6 +101,16 @@ def test_baseline_batches_look_like_the_dali_loaders(demo_shards):
     assert images.is_contiguous(memory_format=torch.channels_last)
     assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < len(manifest["classes"])
     assert images.float().abs().mean() < 3  # mean-subtracted and divided by std: a few units, not 0-255 pixels
+
+
+def test_baseline_default_subtracts_the_mean_only(demo_shards):
+    batches = device_batches(baseline_loader(demo_shards, 8, crop_size=48, workers=1, seed=0), "cpu", torch.float32)
+    try:
+        images, _ = next(batches)
+    finally:
+        batches.close()
+    # §2: centred 0-255 pixels, a spread of tens of units; divided by the std it would be about one.
+    assert abs(images.mean()) < 30 and images.std() > 10
 
 
 @pytest.mark.gpu
@@ -165,3 +175,8 @@ def test_quick_preset_and_explicit_flags(demo_shards):
     assert (given.batch_size, given.crop_size, given.steps, given.warmup) == (8, 64, 5, 0)
     full = bench_io.parse_args(["--shards", str(demo_shards), "--device", "cpu"])
     assert (full.batch_size, full.crop_size, full.steps, full.windows) == (128, 224, 20, 5)
+
+
+def test_divide_std_is_off_by_default_as_in_run_py(demo_shards):
+    assert not bench_io.parse_args(["--shards", str(demo_shards)]).divide_std
+    assert bench_io.parse_args(["--shards", str(demo_shards), "--divide-std"]).divide_std

@@ -56,3 +56,34 @@ def test_nothing_usable(tmp_path):
     warnings = []
     assert checkpoint.load_latest(tmp_path, warn=warnings.append) is None
     assert "no older checkpoint" in warnings[0]
+
+
+def test_training_state_restores_the_next_step_exactly(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def step(model, optimizer):
+        optimizer.zero_grad()
+        model(torch.ones(2, 4)).square().sum().backward()
+        optimizer.step()
+
+    model, optimizer = make()
+    step(model, optimizer)
+    checkpoint.save(tmp_path, checkpoint.training_state(model, optimizer, None), step=1)
+    step(model, optimizer)
+    again, again_opt = make()
+    checkpoint.restore_training(checkpoint.read(tmp_path / "step-000000001.pt"), again, again_opt, None)
+    step(again, again_opt)  # the momentum buffers came back too: the same second step
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_is_finite_and_rng_states():
+    model = torch.nn.Linear(4, 3)
+    assert checkpoint.is_finite(model, "cpu")
+    with torch.no_grad():
+        model.bias[1] = float("nan")
+    assert not checkpoint.is_finite(model, "cpu")
+    every = checkpoint.all_rng_states(1)
+    assert len(every) == 1 and torch.equal(every[0]["cpu"], torch.get_rng_state())

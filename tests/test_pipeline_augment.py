@@ -61,7 +61,7 @@ def check_paper_batches(shards_dir, whole, device):
     """Per sample: max and mean |loader - NumPy reference|, the same without lighting, and one column off."""
     manifest = load_manifest(shards_dir)
     loader = DaliLoader(shards_dir, "train", 16, augment="paper", crop_size=CROP, device=device, num_threads=2,
-                        dtype=torch.float32)
+                        dtype=torch.float32, divide_std=True)
     with loader:
         batches = [(images, labels, loader.info) for images, labels in islice(loader, 3)]
     errors, means, unlit, shifted = [], [], [], []
@@ -92,24 +92,25 @@ def test_paper_crop_flip_and_lighting_match_numpy(demo_shards, whole):
     assert draws["alpha"].shape == (48, 3) and 0.07 < draws["alpha"].std() < 0.13 and abs(draws["alpha"].mean()) < 0.03
 
 
-@pytest.mark.parametrize("mean_std", [True, False])
-def test_center_crop_normalisation_formula(demo_shards, whole, mean_std):
+@pytest.mark.parametrize("divide_std", [True, False])
+def test_center_crop_normalisation_formula(demo_shards, whole, divide_std):
     manifest = load_manifest(demo_shards)
-    std = manifest.rgb_std if mean_std else 1.0
+    std = manifest.rgb_std if divide_std else 1.0
+    asked = {"divide_std": True} if divide_std else {}  # the default is §2's: the mean subtracted, no std
     with DaliLoader(demo_shards, "val", 8, augment="center", crop_size=CROP, device="cpu", num_threads=2,
-                    dtype=torch.float32, mean_std=mean_std) as loader:
+                    dtype=torch.float32, **asked) as loader:
         for images, _ in loader:
             for i, key in enumerate(loader.info["key"]):
                 image = whole[key]
                 rows, cols = crop_window(0.5, 0.5, *image.shape[:2], CROP)
                 want = (image[rows, cols] - manifest.rgb_mean) / std
-                np.testing.assert_allclose(nhwc(images)[i], want, atol=1e-4 * (1 if mean_std else 255))
+                np.testing.assert_allclose(nhwc(images)[i], want, atol=1e-4 * (1 if divide_std else 255))
 
 
 def test_tencrop_yields_the_ten_views_sample_major(demo_shards, whole):
     manifest = load_manifest(demo_shards)
     with DaliLoader(demo_shards, "val", 5, augment="tencrop", crop_size=CROP, device="cpu", num_threads=2,
-                    dtype=torch.float32, mean_std=False) as loader:
+                    dtype=torch.float32, divide_std=False) as loader:
         images, labels = next(iter(loader))
         keys = loader.info["key"]
     assert images.shape == (50, 3, CROP, CROP) and labels.shape == (5,)
@@ -138,7 +139,7 @@ def test_output_layout_and_dtypes(demo_shards):
     out = {}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         with DaliLoader(demo_shards, "train", 8, augment="paper", crop_size=CROP, device="cpu", num_threads=2,
-                        dtype=dtype) as loader:
+                        dtype=dtype, divide_std=True) as loader:
             images, labels = next(iter(loader))
         assert images.dtype == dtype and images.shape == (8, 3, CROP, CROP)
         assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
@@ -147,6 +148,20 @@ def test_output_layout_and_dtypes(demo_shards):
     # DALI rounds its float32 result to float16 once; bfloat16 is that float16 cast by torch (DALI has no bfloat16).
     assert torch.equal(out[torch.float16], out[torch.float32].half())
     assert torch.equal(out[torch.bfloat16], out[torch.float16].bfloat16())
+
+
+def test_float16_is_the_nearest_to_the_float32_result_by_default(demo_shards):
+    # §2's default leaves 0-255 units, where values often fall halfway between two float16s: DALI rounds those away
+    # from zero, torch's .half() to even, so here each value is held to half a unit in the last place instead.
+    out = {}
+    for dtype in (torch.float32, torch.float16):
+        with DaliLoader(demo_shards, "train", 8, augment="paper", crop_size=CROP, device="cpu", num_threads=2,
+                        dtype=dtype) as loader:
+            out[dtype] = next(iter(loader))[0]
+    exact, got = out[torch.float32], out[torch.float16].float()
+    assert exact.abs().max() > 50  # mean-subtracted pixels, not divided by the std
+    ulp = torch.ldexp(torch.ones_like(exact), (torch.frexp(exact).exponent - 11).clamp(min=-24))
+    assert ((got - exact).abs() <= ulp / 2).all()
 
 
 @pytest.mark.gpu

@@ -40,9 +40,9 @@ def test_lighting_offset_is_the_papers_sum():
 
 
 def test_normalisation_divides_by_std_only_when_asked():
-    mean, std = normalisation([120.0, 110.0, 100.0], [60.0, 55.0, 50.0], mean_std=True)
+    mean, std = normalisation([120.0, 110.0, 100.0], [60.0, 55.0, 50.0], divide_std=True)
     np.testing.assert_array_equal(std, [60.0, 55.0, 50.0])
-    mean, std = normalisation([120.0, 110.0, 100.0], [60.0, 55.0, 50.0], mean_std=False)
+    mean, std = normalisation([120.0, 110.0, 100.0], [60.0, 55.0, 50.0], divide_std=False)
     np.testing.assert_array_equal(mean, [120.0, 110.0, 100.0])
     np.testing.assert_array_equal(std, [1.0, 1.0, 1.0])
 

@@ -7,14 +7,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import run
 from model import checkpoint
+from tools import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 # 96 train images / batch 16 = 6 steps per epoch; 64x64 is the smallest crop AlexNet's three poolings take.
 MACHINE = ["--batch-size", "16", "--crop-size", "64", "--num-threads", "1", "--log-interval", "2", "--device", "cpu"]
-FAST = MACHINE + ["--lr", "0.02", "--lr-scaling", "none", "--warmup-epochs", "0.5", "--init", "kaiming"]
+# He init at this lr diverges on undivided 0-255 pixels (the §2 default), as the demo would: hence --divide-std.
+FAST = MACHINE + ["--lr", "0.02", "--lr-scaling", "none", "--warmup-epochs", "0.5", "--init", "kaiming", "--divide-std"]
 
 
 def train(shards, workdir, *extra) -> int:
@@ -123,8 +126,8 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(demo_shards, tmp_path, 
 
 @pytest.mark.slow
 def test_demo_reduced(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(run.DEMO_DATA, "cpu", dict(classes=3, per_class=16, val_per_class=4, size_range=(72, 90),
-                                                   resize="short:72"))
+    monkeypatch.setitem(demo.DEMO_DATA, "cpu", dict(classes=3, per_class=16, val_per_class=4, size_range=(72, 90),
+                                                    resize="short:72"))
     assert run.main(["--demo", "--device", "cpu", "--workdir", str(tmp_path / "demo"), "--epochs", "1",
                      "--batch-size", "16"]) == 0
     out = capsys.readouterr().out
@@ -132,6 +135,19 @@ def test_demo_reduced(tmp_path, monkeypatch, capsys):
     assert "chance 67%" in out
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["num_classes"] == 3 and summary["val_samples"] == 12
+
+
+def test_inputs_are_mean_subtracted_only_unless_divide_std(demo_shards):
+    """§2 by default, through run.py's own loader; --divide-std (and the demo preset) also divide by the std."""
+    ctx = run.Context(rank=0, world=1, devices=(torch.device("cpu"),))
+    spread = {}
+    for extra in ([], ["--divide-std"]):
+        cfg = run.parse(["--shards", str(demo_shards), *MACHINE, *extra])
+        assert cfg.divide_std == bool(extra)
+        with run.make_loader(cfg, ctx, cfg.shards, "val", "center", cfg.crop_size) as loader:
+            spread[cfg.divide_std] = float(next(iter(loader))[0].float().std())
+    assert spread[False] > 10 and spread[True] < 3  # 0-255 pixel units against units of one std
+    assert run.parse(["--demo", "--device", "cpu"]).divide_std
 
 
 def _one_line_exit_2(capsys, argv):

@@ -1,9 +1,9 @@
 """What bench_io compares against: plain DataLoader workers + webdataset + Pillow, doing the paper's augmentation.
 
 Each worker process decodes a JPEG with Pillow, takes a random crop_size square and flips it with p = 0.5 (paper
-§4.1), adds the PCA lighting offset, subtracts the mean (§2) and divides by the std (as DaliLoader's default) in
-NumPy float32, the way a hand-written torchvision-style transform does it; batches are collated in the workers and
-made channels-last on the device.
+§4.1), adds the PCA lighting offset, subtracts the mean (§2) and, with divide_std, divides by the std (as DaliLoader
+does) in NumPy float32, the way a hand-written torchvision-style transform does it; batches are collated in the
+workers and made channels-last on the device.
 """
 from __future__ import annotations
 
@@ -57,13 +57,13 @@ class _Transform:
 
 
 def baseline_loader(shards_dir: str | Path, batch_size: int, *, crop_size: int = 224, workers: int = 4,
-                    seed: int = 0, mean_std: bool = True, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                    seed: int = 0, divide_std: bool = False, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """An endless DataLoader over the training shards (shards resampled, samples shuffled in each worker)."""
     import webdataset as wds
 
     m = load_manifest(shards_dir)
     urls = [str(s.tar) for s in m.shards("train")]
-    transform = _Transform(crop_size, *normalisation(m.rgb_mean, m.rgb_std, mean_std), m.eigval, m.eigvec)
+    transform = _Transform(crop_size, *normalisation(m.rgb_mean, m.rgb_std, divide_std), m.eigval, m.eigvec)
     dataset = (wds.WebDataset(urls, resampled=True, shardshuffle=False, seed=seed)
                .shuffle(SHUFFLE_BUFFER).to_tuple("jpg", "cls").map(transform))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,

@@ -2,7 +2,8 @@
 
     python tools/bench_io.py --shards DIR [--batch-size B] [--crop-size S] [--threads N] [--hw-decoder-load F]
                              [--prefetch N] [--workers N] [--steps N] [--windows N] [--warmup N] [--amp bf16|fp16|off]
-                             [--compile MODE] [--device cuda|cpu] [--sweep] [--quick] [--json FILE] [--plot FILE]
+                             [--compile MODE] [--device cuda|cpu] [--divide-std] [--sweep] [--quick] [--json FILE]
+                             [--plot FILE]
 
 Modes, all on the same shards: `loader` (DaliLoader alone), `model` (run.py's training step on synthetic
 batches already on the device: the compute ceiling), `e2e` (that step fed by that loader) and `baseline`
@@ -55,6 +56,7 @@ class BenchConfig:
     amp: str = "bf16" if torch.cuda.is_available() else "off"  # as run.py: bf16 autocast on a GPU, off on the CPU
     compile: str = "off"  # torch.compile mode, as run.py --compile: off | default | reduce-overhead | max-autotune
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    divide_std: bool = False  # §2 subtracts the mean only; also divide by the per-channel std (as run.py --divide-std)
     sweep: bool = False
     quick: bool = False
     seed: int = 0
@@ -83,6 +85,8 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast, as run.py (default bf16 on a GPU, off on the CPU)")
     p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile mode, as run.py (default off)")
     p.add_argument("--device", choices=("cuda", "cpu"), help=f"default {d.device}")
+    p.add_argument("--divide-std", action="store_true", help="also divide by the per-channel std, as run.py "
+                   "--divide-std (default: the mean subtracted only, §2)")
     p.add_argument("--sweep", action="store_true", help="tune batch size, threads, hw_decoder_load, prefetch first")
     p.add_argument("--quick", action="store_true", help="short windows; on the CPU also a small batch and crop")
     p.add_argument("--json", help="write every figure and the machine here")
@@ -141,7 +145,8 @@ class Bench:
         c = self.cfg
         return DaliLoader(c.shards, "train", s["batch_size"], augment="paper", crop_size=c.crop_size,
                           device=c.device, device_id=0 if self.cuda else None, seed=c.seed, num_threads=s["threads"],
-                          hw_decoder_load=s["hw_decoder_load"], prefetch=s["prefetch"], dtype=self.dtype)
+                          hw_decoder_load=s["hw_decoder_load"], prefetch=s["prefetch"], dtype=self.dtype,
+                          divide_std=c.divide_std)
 
     def measure(self, name: str, step: Callable[[], None], batch_size: int, reset=lambda: None) -> dict:
         """Warm up, then time the windows with CPU use recorded; `reset` clears counters warm-up touched."""
@@ -217,7 +222,7 @@ class Bench:
     def baseline(self) -> dict:
         c = self.cfg
         loader = baseline_loader(c.shards, c.batch_size, crop_size=c.crop_size, workers=c.workers, seed=c.seed,
-                                 pin_memory=self.cuda)
+                                 divide_std=c.divide_std, pin_memory=self.cuda)
         batches = device_batches(loader, c.device, self.dtype)
         try:
             return {**self.measure("baseline", lambda: next(batches), c.batch_size), "workers": c.workers}

@@ -1,6 +1,8 @@
 """Plot a run's metrics.jsonl: training loss, validation top-1/top-5 error and throughput per epoch, as one PNG.
 
     python tools/plot_metrics.py WORKDIR/metrics.jsonl [--out WORKDIR/metrics.png]
+
+run.py writes both files after every epoch through write_metrics.
 """
 from __future__ import annotations
 
@@ -48,6 +50,13 @@ def plot(rows: list[dict], out: Path, title: str = "") -> Path:
     plt.close(fig)
     write_atomic(Path(out), buf.getvalue())
     return Path(out)
+
+
+def write_metrics(workdir: Path, history: list[dict]) -> None:
+    """WORKDIR/metrics.jsonl (one line per epoch) and metrics.png, rewritten whole so a resume drops stale epochs."""
+    write_atomic(Path(workdir) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
+    if history:
+        plot(history, Path(workdir) / "metrics.png", title=str(workdir))
 
 
 def main(argv: list[str] | None = None) -> int:
