@@ -10,7 +10,6 @@ import argparse
 import inspect
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -22,9 +21,11 @@ import torch.distributed as dist
 
 from model import checkpoint
 from model.checkpoint import CheckpointError
+from model.parallel import Context, all_gather, all_sum, process_context
 from model.recipe import (AMP_DTYPES, INITS, SCHEDULES, count_errors, initialise, lr_at, make_train_step, param_groups,
                           scaled_lr, set_lr)
 from pipeline.manifest import ShardError, load_manifest
+from tools.atomic import atomic_write
 from tools.demo import DEMO_PRESET, make_demo_data, report_demo
 
 
@@ -107,31 +108,12 @@ def parse(argv=None) -> Config:
     return cfg
 
 
-@dataclass
-class Context:
-    rank: int
-    world: int
-    devices: tuple  # one torch.device, or two with --model-parallel
-
-
 def setup(cfg: Config) -> Context:
-    """Rank, world size and this process's devices from torchrun's environment; checked before anything is written."""
-    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
-    per = 2 if cfg.model_parallel else 1
-    have = torch.cuda.device_count() if cfg.device == "cuda" else 1
-    if cfg.model_parallel and cfg.towers != 2:
-        raise UsageError("--model-parallel puts the paper's two towers on two devices: drop --towers 1")
-    if cfg.model_parallel and have < 2 * (local + 1):
-        raise UsageError(f"--model-parallel needs two {cfg.device} devices per process ({2 * (local + 1)} for local "
-                         f"rank {local}); {have} found: drop --model-parallel or run fewer processes per node")
-    if cfg.device == "cuda" and have < local + 1:
-        raise UsageError(f"local rank {local} has no GPU of its own ({have} found): run at most {have} processes "
-                         f"per node")
-    devices = tuple(torch.device("cuda", per * local + i) if cfg.device == "cuda" else torch.device("cpu")
-                    for i in range(per))
-    return Context(rank, world, devices)
+    """This process's place from torchrun's environment, checked before anything is written."""
+    try:
+        return process_context(cfg.device, cfg.model_parallel, cfg.towers)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_workdir(cfg: Config, ctx: Context) -> dict | None:
@@ -179,20 +161,6 @@ def make_loader(cfg: Config, ctx: Context, shards: str, split: str, augment: str
                       device_id=dev.index if dev.type == "cuda" else None, rank=ctx.rank, world_size=ctx.world,
                       seed=cfg.seed, num_threads=cfg.num_threads,
                       dtype=AMP_DTYPES[cfg.amp] or torch.float32, divide_std=cfg.divide_std)
-
-
-def all_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:
-    if ctx.world > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def all_gather(t: torch.Tensor, ctx: Context) -> list[torch.Tensor]:
-    if ctx.world == 1:
-        return [t]
-    every = [torch.zeros_like(t) for _ in range(ctx.world)]
-    dist.all_gather(every, t)
-    return every
 
 
 def evaluate(model, loader, amp: str, ctx: Context, views: int = 1) -> dict:
@@ -367,7 +335,7 @@ def train(cfg: Config, ctx: Context, manifest, ckpt: dict | None, log) -> int:
         t.resume(ckpt)
     if ctx.rank == 0:
         t.workdir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_atomic(t.workdir / "config.json", json.dumps(asdict(cfg), indent=1).encode())
+        atomic_write(t.workdir / "config.json", json.dumps(asdict(cfg), indent=1).encode())
     t.write_metrics()
     if t.step >= cfg.epochs * t.spe or 0 < cfg.max_steps <= t.step:
         log(f"{t.workdir}: at step {t.step} already; pass a larger --epochs (or --max-steps) to train on")
@@ -383,7 +351,7 @@ def train(cfg: Config, ctx: Context, manifest, ckpt: dict | None, log) -> int:
         return code
     summary = t.summary(last)
     if ctx.rank == 0:
-        checkpoint.write_atomic(t.workdir / "summary.json", json.dumps(summary, indent=1).encode())
+        atomic_write(t.workdir / "summary.json", json.dumps(summary, indent=1).encode())
     t.train_loader.close()
     t.val_loader.close()
     return 0

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed
 
+from tools.atomic import atomic_write, fsync_dir
+
 MAGIC = b"ALEXNET-CKPT-v1\n"  # footer: MAGIC + sha256 of the payload + payload length (8 bytes, little endian)
 FOOTER = len(MAGIC) + 32 + 8
 NAME = re.compile(r"^step-(\d{9})\.pt$")
@@ -19,26 +21,6 @@ BEST = "best.pt"
 
 class CheckpointError(Exception):
     """A checkpoint file that cannot be used; the message is one line naming the file."""
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp name in the same folder, fsync, rename over `path`, fsync the folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def encode(state: dict) -> bytes:
@@ -82,13 +64,13 @@ def save(folder: Path, state: dict, step: int, keep: int = 3, best: bool = False
     folder.mkdir(parents=True, exist_ok=True)
     data = encode(state)
     path = folder / f"step-{step:09d}.pt"
-    write_atomic(path, data)
+    atomic_write(path, data)
     if best:  # a hard link: step files are never rewritten, so best.pt costs no second copy
         tmp = folder / f".{BEST}.tmp-{os.getpid()}"
         tmp.unlink(missing_ok=True)
         os.link(path, tmp)
         os.replace(tmp, folder / BEST)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     for old in step_files(folder)[keep:]:
         old.unlink(missing_ok=True)
     return path

@@ -6,7 +6,8 @@ import numpy as np
 from PIL import Image
 from wds2idx import IndexCreator
 
-from tools.shard_writer import Sample, atomic_write, build_shard, read_shard, write_shard
+from tools.atomic import atomic_write
+from tools.shard_writer import Sample, build_shard, read_shard, write_shard
 
 
 def jpeg(h: int, w: int, value: int) -> bytes:

@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from model.checkpoint import write_atomic  # noqa: E402
+from tools.atomic import atomic_write  # noqa: E402
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -48,13 +48,13 @@ def plot(rows: list[dict], out: Path, title: str = "") -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    write_atomic(Path(out), buf.getvalue())
+    atomic_write(Path(out), buf.getvalue())
     return Path(out)
 
 
 def write_metrics(workdir: Path, history: list[dict]) -> None:
     """WORKDIR/metrics.jsonl (one line per epoch) and metrics.png, rewritten whole so a resume drops stale epochs."""
-    write_atomic(Path(workdir) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
+    atomic_write(Path(workdir) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
     if history:
         plot(history, Path(workdir) / "metrics.png", title=str(workdir))
 

@@ -26,7 +26,8 @@ from tools import rgb_stats  # noqa: E402
 from tools.image_prep import Resize, parse_resize, prepare  # noqa: E402
 from tools.imagenet_layout import Entry, LayoutError, scan  # noqa: E402
 from tools.shard_verify import verify  # noqa: E402
-from tools.shard_writer import Sample, atomic_write, write_shard  # noqa: E402
+from tools.atomic import atomic_write  # noqa: E402
+from tools.shard_writer import Sample, write_shard  # noqa: E402
 
 PROGRESS = ".progress"  # per-shard records of a run in progress, so a rerun after a crash skips finished shards
 TOOL = "tools/shard_imagenet.py"

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from tools.atomic import atomic_write
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar pads the archive to whole records, as GNU tar and tarfile do
@@ -74,21 +75,6 @@ def read_shard(tar_path: Path) -> list[Sample]:
             raise ValueError(f"sample {key}: members {[n for n, _ in files[i:i + 3]]} do not match the contract")
         samples.append(sample)
     return samples
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def write_shard(out: Path, stem: str, samples: list[Sample]) -> ShardRecord:
