@@ -89,14 +89,19 @@ def test_baseline_augment_matches_numpy():
         np.testing.assert_allclose(out, want, rtol=0, atol=1e-4)
 
 
+def first_batch(loader, device, dtype):
+    """The baseline's first batch on `device`, its workers shut down after."""
+    batches = device_batches(loader, device, dtype)
+    try:
+        return next(batches)
+    finally:
+        batches.close()
+
+
 def test_baseline_batches_look_like_the_dali_loaders(demo_shards):
     manifest = json.loads((demo_shards / "manifest.json").read_text())
     loader = baseline_loader(demo_shards, 8, crop_size=48, workers=1, seed=0, divide_std=True)
-    batches = device_batches(loader, "cpu", torch.float16)
-    try:
-        images, labels = next(batches)
-    finally:
-        batches.close()
+    images, labels = first_batch(loader, "cpu", torch.float16)
     assert images.shape == (8, 3, 48, 48) and images.dtype == torch.float16
     assert images.is_contiguous(memory_format=torch.channels_last)
     assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < len(manifest["classes"])
@@ -104,11 +109,7 @@ def test_baseline_batches_look_like_the_dali_loaders(demo_shards):
 
 
 def test_baseline_default_subtracts_the_mean_only(demo_shards):
-    batches = device_batches(baseline_loader(demo_shards, 8, crop_size=48, workers=1, seed=0), "cpu", torch.float32)
-    try:
-        images, _ = next(batches)
-    finally:
-        batches.close()
+    images, _ = first_batch(baseline_loader(demo_shards, 8, crop_size=48, workers=1, seed=0), "cpu", torch.float32)
     # §2: centred 0-255 pixels, a spread of tens of units; divided by the std it would be about one.
     assert abs(images.mean()) < 30 and images.std() > 10
 
@@ -116,11 +117,7 @@ def test_baseline_default_subtracts_the_mean_only(demo_shards):
 @pytest.mark.gpu
 def test_baseline_batches_land_on_the_gpu(demo_shards):
     loader = baseline_loader(demo_shards, 8, crop_size=48, workers=1, seed=0, pin_memory=True)
-    batches = device_batches(loader, "cuda", torch.bfloat16)
-    try:
-        images, labels = next(batches)
-    finally:
-        batches.close()
+    images, labels = first_batch(loader, "cuda", torch.bfloat16)
     assert images.is_cuda and labels.is_cuda and images.dtype == torch.bfloat16
     assert images.is_contiguous(memory_format=torch.channels_last)
 
