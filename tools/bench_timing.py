@@ -1,6 +1,7 @@
 """How bench_io times: warm-up excluded, device synchronised, median of windows; CPU use; the machine measured."""
 from __future__ import annotations
 
+import contextlib
 import platform
 import shutil
 import statistics
@@ -97,24 +98,19 @@ def describe_machine() -> dict:
 
 
 def _cpu_model() -> str:
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 
 def _nvidia_driver() -> str | None:
     """The kernel driver's version: /proc where the module exposes it, else nvidia-smi."""
-    try:
-        text = Path("/proc/driver/nvidia/version").read_text()
-        for word in text.split():
+    with contextlib.suppress(OSError):
+        for word in Path("/proc/driver/nvidia/version").read_text().split():
             if word.count(".") >= 1 and word.replace(".", "").isdigit():
                 return word
-    except OSError:
-        pass
     if shutil.which("nvidia-smi"):
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True)
