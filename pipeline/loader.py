@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline import dali
 from pipeline.augment import AUGMENTS, TENCROP_VIEWS, TRAIN_AUGMENTS, lighting_matrix, normalisation
-from pipeline.manifest import FIX_HINT, MANIFEST, ShardError, load_manifest, sha256_file
+from pipeline.manifest import FIX_HINT, MANIFEST, ShardError, load_manifest
 from pipeline.sharding import file_order, pipeline_seed, steps_per_epoch, valid_in_step
 
 # DALI has no bfloat16: bfloat16 batches leave DALI as float16 and are cast on the device by torch.
@@ -46,7 +46,7 @@ class DaliLoader:
         self.shards = manifest.shards(split)
         self.count = manifest.count(split)
         self.hint = FIX_HINT.format(dir=self.root)
-        _check_shards(self.shards, manifest, crop_size, self.hint)
+        _check_crop(manifest, crop_size)
         self.rank, self.world_size, self.seed, self.dtype = rank, world_size, seed, dtype
         self.device = torch.device("cuda", device_id or 0) if device == "cuda" else torch.device("cpu")
         mean, std = normalisation(manifest.rgb_mean, manifest.rgb_std, divide_std)
@@ -265,11 +265,8 @@ def _check_args(augment, device, dtype, batch_size, rank, world_size, crop_size,
                          f"need num_threads, prefetch >= 1 and hw_decoder_load in [0, 1]")
 
 
-def _check_shards(shards, manifest, crop_size: int, hint: str) -> None:
-    """Index files as the manifest recorded them (cheap: they are small), and images no smaller than the crop."""
-    for shard in shards:
-        if sha256_file(shard.index) != shard.index_sha256:
-            raise ShardError(f"{shard.index}: checksum does not match the manifest; {hint}")
+def _check_crop(manifest, crop_size: int) -> None:
+    """Images no smaller than the crop."""
     short = manifest.raw.get("preprocessing", {}).get("size")
     if short is not None and crop_size > short:
         raise ShardError(f"{manifest.root / MANIFEST}: images have a short side of {short}, smaller than crop_size "
