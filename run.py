@@ -22,8 +22,8 @@ import torch.distributed as dist
 from model import checkpoint
 from model.checkpoint import CheckpointError
 from model.parallel import Context, all_gather, all_sum, process_context
-from model.recipe import (AMP_DTYPES, INITS, SCHEDULES, count_errors, initialise, lr_at, make_train_step, param_groups,
-                          scaled_lr, set_lr)
+from model.recipe import (AMP_DTYPES, INITS, LR, MOMENTUM, SCHEDULES, WEIGHT_DECAY, count_errors, initialise, lr_at,
+                          make_train_step, scaled_lr, set_lr, sgd)
 from pipeline.manifest import ShardError, load_manifest
 from tools.atomic import atomic_write
 from tools.demo import DEMO_PRESET, make_demo_data, report_demo
@@ -36,12 +36,12 @@ class Config:
     # §5: the optimisation recipe
     epochs: int = 90  # §5: "roughly 90 cycles through the training set"
     batch_size: int = 128  # §5, per process
-    lr: float = 0.01  # §5, for a global batch of 128; scaled linearly with --lr-scaling linear
+    lr: float = LR  # §5, for a global batch of 128; scaled linearly with --lr-scaling linear
     lr_scaling: str = "linear"  # linear | none (Goyal et al. 2017, for large global batches)
     schedule: str = "paper"  # §5: /10 when val error stops improving | step | cosine
     warmup_epochs: float = 0.0  # linear warm-up (none in the paper; useful for large batches)
-    momentum: float = 0.9  # §5
-    weight_decay: float = 5e-4  # §5
+    momentum: float = MOMENTUM  # §5
+    weight_decay: float = WEIGHT_DECAY  # §5
     init: str = "paper"  # §5: weights N(0, 0.01), some biases 1 | kaiming (He et al. 2015: learns sooner; the demo)
     # §3, §4: model and data
     towers: int = 2  # §3.5: two towers, one conv each, run on one device as a block-diagonal dense conv; 1 = no split
@@ -191,7 +191,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + ctx.rank)
         self.cfg, self.ctx, self.manifest, self.log, self.dev = cfg, ctx, manifest, log, ctx.devices[0]
         self.model, self.raw = build(cfg, ctx, manifest.num_classes)
-        self.optimizer = torch.optim.SGD(param_groups(self.raw, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
+        self.optimizer = sgd(self.raw, cfg.lr, cfg.momentum, cfg.weight_decay)
         self.train_step = make_train_step(self.model, self.optimizer, cfg.amp, cfg.compile != "off" and cfg.compile)
         self.train_loader = make_loader(cfg, ctx, cfg.shards, "train", cfg.augment, cfg.crop_size)
         self.val_loader = make_loader(cfg, ctx, cfg.shards, "val", "center", cfg.crop_size)

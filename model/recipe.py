@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 REFERENCE_BATCH = 128  # §5: the paper's batch; --lr is the rate at this global batch
+LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4  # §5
 PLATEAU_PATIENCE = 4  # epochs without a new best val error before the /10 (§5 gives the rule, not the number)
 PLATEAU_MIN_DELTA = 1e-3  # an improvement smaller than this is "stopped improving"
 PLATEAU_MAX_DROPS = 3  # §5: "reduced three times prior to termination"
@@ -36,6 +37,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def sgd(model: nn.Module, lr: float = LR, momentum: float = MOMENTUM,
+        weight_decay: float = WEIGHT_DECAY) -> torch.optim.SGD:
+    """§5's optimiser: SGD with momentum, weight decay on weights only (param_groups)."""
+    return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum)
 
 
 def scaled_lr(lr: float, global_batch: int, reference_batch: int = REFERENCE_BATCH) -> float:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import AlexNet  # noqa: E402
-from model.recipe import AMP_DTYPES, make_train_step, param_groups  # noqa: E402
+from model.recipe import AMP_DTYPES, make_train_step, sgd  # noqa: E402
 from pipeline import DaliLoader  # noqa: E402
 from pipeline.manifest import Manifest, ShardError, load_manifest  # noqa: E402
 from tools.baseline_loader import baseline_loader, device_batches  # noqa: E402
@@ -136,9 +136,8 @@ class Bench:
             torch.manual_seed(self.cfg.seed)
             model = AlexNet(num_classes=self.manifest.num_classes)
             model = model.to(self.cfg.device, memory_format=torch.channels_last)
-            optimizer = torch.optim.SGD(param_groups(model, 5e-4), lr=0.01, momentum=0.9)  # §5
             compile = False if self.cfg.compile == "off" else self.cfg.compile
-            self._steps[batch_size] = make_train_step(model, optimizer, self.cfg.amp, compile)
+            self._steps[batch_size] = make_train_step(model, sgd(model), self.cfg.amp, compile)
         return self._steps[batch_size]
 
     def dali(self, s: dict) -> DaliLoader:
