@@ -25,7 +25,7 @@ from model.parallel import Context, all_gather, all_sum, process_context
 from model.recipe import (AMP_DTYPES, INITS, LR, MOMENTUM, SCHEDULES, WEIGHT_DECAY, count_errors, initialise, lr_at,
                           make_train_step, scaled_lr, set_lr, sgd)
 from pipeline.manifest import ShardError, load_manifest
-from tools.atomic import atomic_write
+from pipeline.atomic import atomic_write
 from tools.demo import DEMO_PRESET, make_demo_data, report_demo
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed
 
-from tools.atomic import atomic_write, fsync_dir
+from pipeline.atomic import atomic_write, fsync_dir
 
 MAGIC = b"ALEXNET-CKPT-v1\n"  # footer: MAGIC + sha256 of the payload + payload length (8 bytes, little endian)
 FOOTER = len(MAGIC) + 32 + 8

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools.make_demo_data import make_dataset
+from pipeline.writer.synthetic import make_dataset
 from tools.shard_imagenet import main as shard_main
 
 

@@ -12,10 +12,10 @@ from PIL import Image
 
 from pipeline.augment import crop_anchor
 from tools import bench_io
-from tools.baseline_loader import augment, baseline_loader, device_batches
-from tools.bench_report import MODES, derive, overlap, speedup
-from tools.bench_sweep import coordinate_search, sweep_grid
-from tools.bench_timing import summarise, time_windows
+from pipeline.baseline import augment, baseline_loader, device_batches
+from pipeline.bench.report import MODES, derive, overlap, speedup
+from pipeline.bench.sweep import coordinate_search, sweep_grid
+from pipeline.bench.timing import summarise, time_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 

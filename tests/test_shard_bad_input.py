@@ -5,9 +5,9 @@ import json
 import pytest
 from PIL import Image
 
-from tools.make_demo_data import QUIRKS, make_dataset, wnid
+from pipeline.writer.synthetic import QUIRKS, make_dataset, wnid
 from tools.shard_imagenet import main
-from tools.shard_writer import read_shard
+from pipeline.writer.tars import read_shard
 
 ARGS = ["--resize", "short:32", "--workers", "1", "--shard-size", "8"]
 

@@ -4,11 +4,11 @@ import shutil
 
 import pytest
 
-from tools.imagenet_layout import key_of
-from tools.make_demo_data import make_dataset, wnid
-from tools.mat5 import read_mat, synsets, write_synsets
+from pipeline.writer.layout import key_of
+from pipeline.writer.synthetic import make_dataset, wnid
+from pipeline.writer.mat5 import read_mat, synsets, write_synsets
 from tools.shard_imagenet import main
-from tools.shard_writer import read_shard
+from pipeline.writer.tars import read_shard
 
 ARGS = ["--resize", "short:32", "--workers", "1", "--shard-size", "10"]
 

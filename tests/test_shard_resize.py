@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.image_prep import Resize, draft_request, geometry, parse_resize, prepare
-from tools.make_demo_data import make_dataset
+from pipeline.writer.images import Resize, draft_request, geometry, parse_resize, prepare
+from pipeline.writer.synthetic import make_dataset
 from tools.shard_imagenet import main
-from tools.shard_writer import read_shard
+from pipeline.writer.tars import read_shard
 
 
 def save(path, rgb: np.ndarray, **kw):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import tools.shard_imagenet as shard_imagenet
-from tools.make_demo_data import make_dataset
+import pipeline.writer.build as shard_build
+from pipeline.writer.synthetic import make_dataset
 from tools.shard_imagenet import main
-from tools.shard_writer import build_shard, read_shard, Sample
+from pipeline.writer.tars import build_shard, read_shard, Sample
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--resize", "short:40", "--shard-size", "16", "--seed", "3"]
@@ -52,7 +52,7 @@ def test_kill_9_mid_run_then_rerun_is_byte_identical(src, reference, tmp_path):
 def test_interrupted_run_with_debris_resumes_to_the_same_bytes(src, reference, tmp_path, monkeypatch, capsys):
     """Finished shards are kept only if their checksums match; partial and stale files are replaced."""
     out = tmp_path / "out"
-    real, calls = shard_imagenet.write_shard, []
+    real, calls = shard_build.write_shard, []
 
     def crash_on_fourth(*a):
         calls.append(a[1])
@@ -60,7 +60,7 @@ def test_interrupted_run_with_debris_resumes_to_the_same_bytes(src, reference, t
             raise KeyboardInterrupt
         return real(*a)
 
-    monkeypatch.setattr(shard_imagenet, "write_shard", crash_on_fourth)
+    monkeypatch.setattr(shard_build, "write_shard", crash_on_fourth)
     assert main(["--src", str(src), "--out", str(out), "--workers", "1", *ARGS]) == 130
     monkeypatch.undo()
     (out / calls[3]).with_suffix(".tar").write_bytes(b"half a tar")  # crash between tar and index writes

@@ -5,8 +5,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from tools.rgb_stats import PIXELS_PER_IMAGE, add, finish, moments, sample_pixels
-from tools.shard_writer import read_shard
+from pipeline.writer.stats import PIXELS_PER_IMAGE, add, finish, moments, sample_pixels
+from pipeline.writer.tars import read_shard
 
 
 def written_train_images(shards):

@@ -6,8 +6,8 @@ import numpy as np
 from PIL import Image
 from wds2idx import IndexCreator
 
-from tools.atomic import atomic_write
-from tools.shard_writer import Sample, build_shard, read_shard, write_shard
+from pipeline.atomic import atomic_write
+from pipeline.writer.tars import Sample, build_shard, read_shard, write_shard
 
 
 def jpeg(h: int, w: int, value: int) -> bytes:

@@ -7,7 +7,7 @@
 
 Modes, all on the same shards: `loader` (DaliLoader alone), `model` (run.py's training step on synthetic
 batches already on the device: the compute ceiling), `e2e` (that step fed by that loader) and `baseline`
-(torch DataLoader + webdataset + Pillow workers doing the same augmentation, tools/baseline_loader.py).
+(torch DataLoader + webdataset + Pillow workers doing the same augmentation, pipeline/baseline.py).
 Each figure is the median images/s of --windows timed windows of --steps steps, after --warmup steps.
 The JSON holds `machine`, `config`, `data`, `setting` (the DALI setting timed, after --sweep the best one), one
 object per mode and the derived `overlap`, `speedup_vs_baseline`, `loader_vs_baseline` (and `sweep`).
@@ -30,10 +30,10 @@ from model import AlexNet  # noqa: E402
 from model.recipe import AMP_DTYPES, make_train_step, sgd  # noqa: E402
 from pipeline import DaliLoader  # noqa: E402
 from pipeline.manifest import Manifest, ShardError, load_manifest  # noqa: E402
-from tools.baseline_loader import baseline_loader, device_batches  # noqa: E402
-from tools.bench_report import derive, table, write_json, write_plot  # noqa: E402
-from tools.bench_sweep import HEADER, SWEPT, best_line, coordinate_search, sweep_grid, trial_row  # noqa: E402
-from tools.bench_timing import CpuMeter, describe_machine, device_sync, summarise, time_windows, warm_up  # noqa: E402
+from pipeline.baseline import baseline_loader, device_batches  # noqa: E402
+from pipeline.bench.report import derive, table, write_json, write_plot  # noqa: E402
+from pipeline.bench.sweep import HEADER, SWEPT, best_line, coordinate_search, sweep_grid, trial_row  # noqa: E402
+from pipeline.bench.timing import CpuMeter, describe_machine, device_sync, summarise, time_windows, warm_up  # noqa: E402
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 # --quick: about a minute on a 2-core CPU, where one training step of the 60M-parameter model takes seconds

@@ -1,4 +1,4 @@
-"""run.py --demo: a small synthetic ImageNet (tools/make_demo_data.py), sharded, trained in minutes, then reported.
+"""run.py --demo: a small synthetic ImageNet (pipeline/writer/synthetic.py), sharded, trained in minutes, then reported.
 
 On the CPU the images are small (shorter side 72, 64x64 crops) and the recipe is the demo's own (cosine, higher lr,
 He init, inputs divided by the std), printed like any run's config.
@@ -23,7 +23,8 @@ DEMO_PRESET = {"cpu": dict(epochs=6, batch_size=32, lr=0.02, lr_scaling="none", 
 
 def make_demo_data(cfg, rank: int) -> None:
     """Generate and shard the demo set into WORKDIR (once); the other ranks wait for rank 0."""
-    from tools import make_demo_data, shard_imagenet
+    from pipeline.writer.synthetic import make_dataset
+    from tools import shard_imagenet
 
     data = DEMO_DATA[cfg.device]
     if rank == 0 and not (Path(cfg.shards) / "manifest.json").exists():
@@ -31,7 +32,7 @@ def make_demo_data(cfg, rank: int) -> None:
               f"images each, resized to {data['resize']}, crops {cfg.crop_size}x{cfg.crop_size} "
               f"(the paper: 1000 classes, 256, 224)")
         src = Path(cfg.workdir) / "images"
-        make_demo_data.make_dataset(src, data["classes"], data["per_class"], data["val_per_class"],
+        make_dataset(src, data["classes"], data["per_class"], data["val_per_class"],
                                     size_range=data["size_range"], workers=os.cpu_count() or 1)
         code = shard_imagenet.main(["--src", str(src), "--out", cfg.shards, "--resize", data["resize"]])
         if code:

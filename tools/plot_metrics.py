@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tools.atomic import atomic_write  # noqa: E402
+from pipeline.atomic import atomic_write  # noqa: E402
 
 
 def read_metrics(path: Path) -> list[dict]:

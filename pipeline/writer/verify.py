@@ -10,7 +10,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.manifest import ShardError, load_manifest
-from tools.shard_writer import read_shard
+from pipeline.writer.tars import read_shard
 
 
 def verify_shard(task) -> str | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from tools.rgb_stats import moments, sample_pixels
+from pipeline.writer.stats import moments, sample_pixels
 
 PAPER_SIZE = 256  # §2: shorter side rescaled to 256, then the central 256x256 patch
 RESAMPLE = Image.Resampling.BICUBIC  # Pillow's resize is antialiased, so downscaling does not alias

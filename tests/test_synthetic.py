@@ -4,8 +4,9 @@ import csv
 import numpy as np
 from PIL import Image
 
-from tools.make_demo_data import QUIRKS, class_look, main, make_dataset, wnid
-from tools.mat5 import synsets
+from pipeline.writer.synthetic import QUIRKS, class_look, make_dataset, wnid
+from tools.make_demo_data import main
+from pipeline.writer.mat5 import synsets
 
 
 def files(folder):

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.mat5 import MatError, synsets
+from pipeline.writer.mat5 import MatError, synsets
 
 # Where each split's images live: <src>/<split>, or the Kaggle download's ILSVRC/Data/CLS-LOC/<split>.
 SPLIT_DIRS = ("{split}", "ILSVRC/Data/CLS-LOC/{split}")

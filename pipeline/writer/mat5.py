@@ -117,5 +117,5 @@ def write_synsets(path: str | Path, rows: list[tuple[int, str, str, int]]) -> No
     small = struct.pack("<HHi", MI_INT32, 4, width)  # MATLAB writes the name width as a small element
     payload = small + _tag(MI_INT8, names) + items
     body = _array(MX_STRUCT, (len(rows), 1), b"synsets", payload)
-    header = b"MATLAB 5.0 MAT-file, written by tools/mat5.py".ljust(116) + b"\0" * 8 + struct.pack("<H", 0x0100) + b"IM"
+    header = b"MATLAB 5.0 MAT-file, written by pipeline/writer/mat5.py".ljust(116) + b"\0" * 8 + struct.pack("<H", 0x0100) + b"IM"
     Path(path).write_bytes(header + _tag(MI_COMPRESSED, zlib.compress(body)))

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.atomic import atomic_write  # noqa: E402
+from pipeline.atomic import atomic_write
 
 MODES = ("loader", "model", "e2e", "baseline")
 LABELS = {"loader": "loader alone (DALI)", "model": "model alone (train step)", "e2e": "end to end",

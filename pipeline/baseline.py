@@ -8,16 +8,14 @@ workers and made channels-last on the device.
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.augment import LIGHTING_STD, crop_anchor, lighting_offset, normalisation  # noqa: E402
-from pipeline.manifest import load_manifest  # noqa: E402
+from pipeline.augment import LIGHTING_STD, crop_anchor, lighting_offset, normalisation
+from pipeline.manifest import load_manifest
 
 SHUFFLE_BUFFER = 1000  # samples each worker mixes, webdataset's usual order of magnitude
 

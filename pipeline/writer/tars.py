@@ -7,7 +7,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.atomic import atomic_write
+from pipeline.atomic import atomic_write
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar pads the archive to whole records, as GNU tar and tarfile do

@@ -1,0 +1,1 @@
+"""What tools/bench_io.py is built from: timing windows, the loader sweep, and the report (table, JSON, plot)."""
