@@ -6,21 +6,26 @@ from torch import nn
 from model.lrn import LocalResponseNorm
 
 
+TOWER_CONVS = ("dense", "grouped", "split")
+
+
 class TowerConv(nn.ModuleList):
     """One conv layer split into towers: entry t is tower t's nn.Conv2d (key `convN.t.weight`).
 
     Tower t's filters see all input maps when `cross` (conv1, conv3) and only tower t's maps otherwise
     (conv2, conv4, conv5, §3.2). One module per tower lets ModelParallelAlexNet put each on its own device
-    under the same state_dict keys and shapes. On one device the towers run as one dense conv whose grouped
-    weight is block-diagonal (zeros between towers): exactly the grouped maths at twice the multiply-adds of
-    groups=2, but on cuDNN's dense kernels; that dense shape trained faster compiled than groups=2 on the H100
-    (shared/device/anchor_numbers.md: 12,190 vs 11,531 img/s end to end).
+    under the same state_dict keys and shapes. On one device `impl` picks how the towers run, all the same maths:
+    "dense", one conv whose weight is block-diagonal (zeros between towers: +57 % multiply-adds over the whole
+    net, on cuDNN's dense kernels); "grouped", one conv with groups=2; "split", one conv per tower, then a concat.
+    Which is fastest is a property of the GPU and the compiler: `tools/bench_io.py --tower-convs` measures it.
     """
 
-    def __init__(self, cin, cout, kernel, stride=1, padding=0, towers=2, cross=False):
+    def __init__(self, cin, cout, kernel, stride=1, padding=0, towers=2, cross=False, impl="dense"):
         super().__init__(nn.Conv2d(cin if cross else cin // towers, cout // towers, kernel, stride, padding)
                          for _ in range(towers))
-        self.cross = cross
+        if impl not in TOWER_CONVS:
+            raise ValueError(f"tower conv {impl!r}: use one of {', '.join(TOWER_CONVS)}")
+        self.cross, self.impl = cross, impl
 
     def merged(self):
         """The towers' weights and biases as one dense conv over all input maps."""
@@ -33,29 +38,35 @@ class TowerConv(nn.ModuleList):
         return torch.cat(ws), torch.cat([conv.bias for conv in self])
 
     def forward(self, x):
-        weight, bias = self.merged()
-        return F.conv2d(x, weight, bias, self[0].stride, self[0].padding)
+        conv = self[0]
+        if self.cross or len(self) == 1 or self.impl == "dense":
+            weight, bias = self.merged()
+            return F.conv2d(x, weight, bias, conv.stride, conv.padding)
+        if self.impl == "grouped":
+            weight, bias = torch.cat([c.weight for c in self]), torch.cat([c.bias for c in self])
+            return F.conv2d(x, weight, bias, conv.stride, conv.padding, groups=len(self))
+        return torch.cat([c(part) for c, part in zip(self, x.chunk(len(self), 1))], 1)
 
 
 class AlexNet(nn.Module):
-    """The paper's network; towers=1 is the same widths without the tower split."""
+    """The paper's network; towers=1 is the same widths without the tower split; tower_convs: see TowerConv."""
 
-    def __init__(self, num_classes=1000, towers=2):
+    def __init__(self, num_classes=1000, towers=2, tower_convs="dense"):
         super().__init__()
         if towers not in (1, 2):
             raise ValueError(f"towers must be 1 or 2, got {towers}")
         self.towers = towers
         # The paper's 224x224 input with stride 4 and 11x11 kernels gives 55x55 maps only for 227 pixels
         # or 2 pixels of zero padding; padding=2 keeps 224 inputs and the paper's 55x55 (then 27, 13, 6).
-        self.conv1 = TowerConv(3, 96, 11, stride=4, padding=2, towers=towers, cross=True)
+        self.conv1 = TowerConv(3, 96, 11, stride=4, padding=2, towers=towers, cross=True, impl=tower_convs)
         self.lrn1 = LocalResponseNorm(groups=towers)
         self.pool1 = nn.MaxPool2d(3, 2)  # §3.4 overlapping pooling: z = 3, s = 2
-        self.conv2 = TowerConv(96, 256, 5, padding=2, towers=towers)
+        self.conv2 = TowerConv(96, 256, 5, padding=2, towers=towers, impl=tower_convs)
         self.lrn2 = LocalResponseNorm(groups=towers)
         self.pool2 = nn.MaxPool2d(3, 2)
-        self.conv3 = TowerConv(256, 384, 3, padding=1, towers=towers, cross=True)
-        self.conv4 = TowerConv(384, 384, 3, padding=1, towers=towers)
-        self.conv5 = TowerConv(384, 256, 3, padding=1, towers=towers)
+        self.conv3 = TowerConv(256, 384, 3, padding=1, towers=towers, cross=True, impl=tower_convs)
+        self.conv4 = TowerConv(384, 384, 3, padding=1, towers=towers, impl=tower_convs)
+        self.conv5 = TowerConv(384, 256, 3, padding=1, towers=towers, impl=tower_convs)
         self.pool5 = nn.MaxPool2d(3, 2)
         self.fc6 = nn.Linear(256 * 6 * 6, 4096)
         self.fc7 = nn.Linear(4096, 4096)

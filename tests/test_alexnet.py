@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import model.alexnet
 from model import AlexNet
-from model.alexnet import TowerConv
+from model.alexnet import TOWER_CONVS, TowerConv
 
 PAPER_SHAPES = {  # Figure 2, per image, towers together
     "conv1": (96, 55, 55), "lrn1": (96, 55, 55), "pool1": (96, 27, 27),
@@ -69,16 +69,36 @@ def test_initialisation_follows_section_5(paper):
             assert abs(p.std().item() - 0.01) < 6 * 0.01 / (2 * n) ** 0.5, name
 
 
-def test_tower_convs_are_grouped_and_cross_convs_are_dense():
+@pytest.mark.parametrize("impl", TOWER_CONVS)
+def test_tower_convs_are_grouped_and_cross_convs_are_dense(impl):
     torch.manual_seed(1)
     x = torch.randn(2, 8, 5, 5)
-    grouped, cross = TowerConv(8, 6, 3, padding=1), TowerConv(8, 6, 3, padding=1, cross=True)
+    grouped, cross = TowerConv(8, 6, 3, padding=1, impl=impl), TowerConv(8, 6, 3, padding=1, cross=True, impl=impl)
     w = torch.cat([grouped[0].weight, grouped[1].weight])
     b = torch.cat([grouped[0].bias, grouped[1].bias])
     torch.testing.assert_close(grouped(x), F.conv2d(x, w, b, padding=1, groups=2), rtol=0, atol=1e-6)
     w = torch.cat([cross[0].weight, cross[1].weight])
     b = torch.cat([cross[0].bias, cross[1].bias])
     torch.testing.assert_close(cross(x), F.conv2d(x, w, b, padding=1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["grouped", "split"])
+def test_every_tower_conv_is_the_same_network(impl):
+    """Outputs and every gradient of the grouped and split forms equal the dense block-diagonal one."""
+    torch.manual_seed(2)
+    dense, other = AlexNet(num_classes=10).eval(), AlexNet(num_classes=10, tower_convs=impl).eval()
+    other.load_state_dict(dense.state_dict())
+    x = torch.randn(2, 3, 96, 96).to(memory_format=torch.channels_last)
+    for net in (dense, other):
+        net(x).square().sum().backward()
+    torch.testing.assert_close(other(x), dense(x), rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(dense.named_parameters(), other.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_unknown_tower_conv_is_refused():
+    with pytest.raises(ValueError, match="dense, grouped, split"):
+        AlexNet(tower_convs="sparse")
 
 
 def test_towers_do_not_talk_before_conv3(paper):
