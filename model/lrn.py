@@ -55,8 +55,11 @@ def lrn_backward(x, g, size, alpha, beta, k, groups):
 
 @functools.cache
 def _fused():
-    """The same maths compiled into one CUDA kernel each way, for models that run eagerly."""
-    return torch.compile(lrn_forward), torch.compile(lrn_backward)
+    """The same maths compiled into one CUDA kernel each way, for models that run eagerly.
+
+    dynamic=False: lrn1 and lrn2 differ in shape, and by default the second shape would recompile both into
+    slower shape-generic kernels; static shapes give each layer its own specialised kernel, compiled once."""
+    return torch.compile(lrn_forward, dynamic=False), torch.compile(lrn_backward, dynamic=False)
 
 
 def _maths(x):

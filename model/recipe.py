@@ -106,15 +106,16 @@ def count_errors(model: nn.Module, loader, amp: str, views: int, device) -> torc
     """[top-1 misses, top-5 misses, samples] over a loader; with views > 1 the views' softmax is averaged (§4.1)."""
     dtype = AMP_DTYPES[amp]
     model.eval()
-    counts = torch.zeros(3, dtype=torch.long, device=device)
+    errors, samples = torch.zeros(2, dtype=torch.long, device=device), 0
     for images, labels in loader:
         with torch.autocast(images.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             probs = model(images).float().softmax(1)
         probs = probs.view(-1, views, probs.shape[1]).mean(1).to(device)
         labels = labels.to(device)[::views if labels.numel() == images.shape[0] else 1]
-        counts += torch.cat([topk_errors(probs, labels), counts.new_tensor([labels.numel()])])
+        errors += topk_errors(probs, labels)
+        samples += labels.numel()  # a shape, known on the host: no per-batch host-to-device copy
     model.train()
-    return counts
+    return torch.cat([errors, errors.new_full((1,), samples)])
 
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp: str = "off",

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model import lrn
 from model.lrn import fast_local_response_norm, local_response_norm
 
 
@@ -90,6 +91,20 @@ def test_traces_whole_through_aot_autograd():
     compiled(x).sum().backward()
     fast_local_response_norm(y, groups=2).sum().backward()
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile unavailable here")
+def test_fused_kernels_stay_specialised_per_shape():
+    """Each new shape compiles its own static kernel: a shape-generic recompile would serve the third from the second's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    forward, _ = lrn._fused()
+    for channels in (8, 16, 24):
+        x = activations((2, channels, 5, 5), seed=channels, dtype=torch.float32)
+        torch.testing.assert_close(forward(x, 5, 1e-4, 0.75, 2.0, 1), lrn.lrn_forward(x, 5, 1e-4, 0.75, 2.0, 1))
+    assert counters["stats"]["unique_graphs"] == 3
 
 
 @pytest.mark.gpu

@@ -124,3 +124,17 @@ def test_initialise_kaiming_and_paper():
     assert model[2].weight.std().item() == pytest.approx(math.sqrt(2 / 1024), rel=0.05)
     assert model[3].weight.std().item() == pytest.approx(0.1 * math.sqrt(2 / 512), rel=0.1)
     assert all(not layer.bias.any() for layer in (model[0], model[2], model[3]))
+
+
+@pytest.mark.gpu
+def test_evaluation_does_not_sync_per_batch():
+    """Counting errors queues work only: CUDA's sync debug mode raises on any host synchronisation."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6)).cuda()
+    batches = [(torch.randn(8, 3, 2, 2, device="cuda"), torch.randint(0, 6, (8,), device="cuda")) for _ in range(3)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        counts = count_errors(model, batches, "bf16", 1, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert counts[2].item() == 24
