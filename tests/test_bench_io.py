@@ -127,7 +127,7 @@ def test_quick_run_writes_every_mode_and_a_plot(demo_shards, tmp_path):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_io.py"), "--shards", str(demo_shards), "--quick",
                           "--batch-size", "32", "--crop-size", "64",  # the CPU preset, on a GPU as well
-                          "--json", str(out_json), "--plot", str(out_png)], capture_output=True, text=True, timeout=600)
+                          "--tower-convs", "dense,split", "--json", str(out_json), "--plot", str(out_png)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(out_json.read_text())
     for mode in MODES:
@@ -135,6 +135,8 @@ def test_quick_run_writes_every_mode_and_a_plot(demo_shards, tmp_path):
         assert 0 < r["img_per_s_min"] <= r["img_per_s"] <= r["img_per_s_max"], mode
         assert r["windows"] == 3 and r["images_per_window"] == 32 * 2 and r["cpu"]["cores_used"] > 0, mode
         assert r["img_per_s_per_core"] == pytest.approx(r["img_per_s"] / r["cpu"]["cores_used"]), mode
+    assert report["towers"]["dense"] == report["model"] and report["towers"]["split"]["img_per_s"] > 0
+    assert "model alone, split towers" in run.stdout
     assert 0 <= report["e2e"]["data_wait_frac"] <= 1
     assert ("gpu_busy_frac" in report["e2e"]) == torch.cuda.is_available()
     if torch.cuda.is_available():
@@ -156,7 +158,7 @@ def test_missing_shards_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_usage_errors_are_one_line_and_exit_2(demo_shards, tmp_path, capsys):
     for argv in (["--batch-size", "0"], ["--hw-decoder-load", "1.5"], ["--json", str(tmp_path / "no" / "x.json")],
-                 ["--threads", "many"]):
+                 ["--threads", "many"], ["--tower-convs", "dense,sparse"]):
         with pytest.raises(SystemExit) as e:
             bench_io.parse_args(["--shards", str(demo_shards), *argv])
         assert e.value.code == 2

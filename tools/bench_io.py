@@ -2,15 +2,17 @@
 
     python tools/bench_io.py --shards DIR [--batch-size B] [--crop-size S] [--threads N] [--hw-decoder-load F]
                              [--prefetch N] [--workers N] [--steps N] [--windows N] [--warmup N] [--amp bf16|fp16|off]
-                             [--compile MODE] [--device cuda|cpu] [--divide-std] [--sweep] [--quick] [--json FILE]
-                             [--plot FILE]
+                             [--compile MODE] [--device cuda|cpu] [--divide-std] [--tower-convs LIST] [--sweep]
+                             [--quick] [--json FILE] [--plot FILE]
 
 Modes, all on the same shards: `loader` (DaliLoader alone), `model` (run.py's training step on synthetic
 batches already on the device: the compute ceiling), `e2e` (that step fed by that loader) and `baseline`
 (torch DataLoader + webdataset + Pillow workers doing the same augmentation, pipeline/baseline.py).
 Each figure is the median images/s of --windows timed windows of --steps steps, after --warmup steps.
 The JSON holds `machine`, `config`, `data`, `setting` (the DALI setting timed, after --sweep the best one), one
-object per mode and the derived `overlap`, `speedup_vs_baseline`, `loader_vs_baseline` (and `sweep`).
+object per mode and the derived `overlap`, `speedup_vs_baseline`, `loader_vs_baseline` (and `sweep`). With
+--tower-convs dense,grouped,split the model alone is also timed with each other way of running the towers
+(`towers`); the first one named is the one every mode uses.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import AlexNet  # noqa: E402
+from model.alexnet import TOWER_CONVS  # noqa: E402
 from model.recipe import AMP_DTYPES, make_train_step, sgd  # noqa: E402
 from pipeline import DaliLoader  # noqa: E402
 from pipeline.manifest import Manifest, ShardError, load_manifest  # noqa: E402
@@ -57,6 +60,7 @@ class BenchConfig:
     compile: str = "off"  # torch.compile mode, as run.py --compile: off | default | reduce-overhead | max-autotune
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     divide_std: bool = False  # §2 subtracts the mean only; also divide by the per-channel std (as run.py --divide-std)
+    tower_convs: tuple[str, ...] = ("dense",)  # how the towers run (model.alexnet.TowerConv); the first for every mode
     sweep: bool = False
     quick: bool = False
     seed: int = 0
@@ -87,6 +91,9 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     p.add_argument("--device", choices=("cuda", "cpu"), help=f"default {d.device}")
     p.add_argument("--divide-std", action="store_true", help="also divide by the per-channel std, as run.py "
                    "--divide-std (default: the mean subtracted only, §2)")
+    p.add_argument("--tower-convs", type=lambda s: tuple(x for x in s.split(",") if x),
+                   help=f"comma-separated, of {', '.join(TOWER_CONVS)}: the model alone timed with each "
+                        f"(default {','.join(d.tower_convs)})")
     p.add_argument("--sweep", action="store_true", help="tune batch size, threads, hw_decoder_load, prefetch first")
     p.add_argument("--quick", action="store_true", help="short windows; on the CPU also a small batch and crop")
     p.add_argument("--json", help="write every figure and the machine here")
@@ -100,6 +107,8 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     for name in ("batch_size", "crop_size", "threads", "prefetch", "workers", "steps", "windows"):
         if getattr(cfg, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not cfg.tower_convs or not set(cfg.tower_convs) <= set(TOWER_CONVS):
+        p.error(f"--tower-convs {','.join(cfg.tower_convs)}: name some of {', '.join(TOWER_CONVS)}")
     if cfg.warmup < 0:
         p.error("--warmup must be 0 or more")
     if not 0.0 <= cfg.hw_decoder_load <= 1.0:
@@ -131,14 +140,15 @@ class Bench:
         if self.cuda:
             torch.backends.cudnn.benchmark = True  # as run.py
 
-    def train_step(self, batch_size: int):
-        if batch_size not in self._steps:
+    def train_step(self, batch_size: int, tower_convs: str | None = None):
+        key = (batch_size, tower_convs or self.cfg.tower_convs[0])
+        if key not in self._steps:
             torch.manual_seed(self.cfg.seed)
-            model = AlexNet(num_classes=self.manifest.num_classes)
+            model = AlexNet(num_classes=self.manifest.num_classes, tower_convs=key[1])
             model = model.to(self.cfg.device, memory_format=torch.channels_last)
             compile = False if self.cfg.compile == "off" else self.cfg.compile
-            self._steps[batch_size] = make_train_step(model, sgd(model), self.cfg.amp, compile)
-        return self._steps[batch_size]
+            self._steps[key] = make_train_step(model, sgd(model), self.cfg.amp, compile)
+        return self._steps[key]
 
     def dali(self, s: dict) -> DaliLoader:
         c = self.cfg
@@ -161,12 +171,12 @@ class Bench:
     def loader_alone(self, batches: Iterator, batch_size: int) -> dict:
         return self.measure("loader", lambda: next(batches), batch_size)
 
-    def model_alone(self, batch_size: int) -> dict:
+    def model_alone(self, batch_size: int, tower_convs: str | None = None) -> dict:
         c = self.cfg
         images = torch.randn(batch_size, 3, c.crop_size, c.crop_size, device=c.device).to(
             self.dtype, memory_format=torch.channels_last)
         labels = torch.randint(0, self.manifest.num_classes, (batch_size,), device=c.device)
-        step = self.train_step(batch_size)
+        step = self.train_step(batch_size, tower_convs)
         return self.measure("model", lambda: step(images, labels), batch_size)
 
     def end_to_end(self, batches: Iterator, batch_size: int) -> dict:
@@ -246,6 +256,9 @@ def run(cfg: BenchConfig, manifest: Manifest) -> dict:
         report["sweep"] = {"grid": grid, "trials": trials, "best": setting}
     report["setting"] = setting
     report.update(bench.dali_modes(setting))
+    if len(cfg.tower_convs) > 1:
+        report["towers"] = {cfg.tower_convs[0]: report["model"],
+                            **{t: bench.model_alone(setting["batch_size"], t) for t in cfg.tower_convs[1:]}}
     report.update(derive(report))
     return report
 
