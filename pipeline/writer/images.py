@@ -4,17 +4,23 @@ from __future__ import annotations
 import io
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from pipeline.writer.stats import moments, sample_pixels
 
 PAPER_SIZE = 256  # §2: shorter side rescaled to 256, then the central 256x256 patch
 RESAMPLE = Image.Resampling.BICUBIC  # Pillow's resize is antialiased, so downscaling does not alias
 JPEG_SUFFIXES = {".jpg", ".jpeg"}
+JPEG_MAX_SIDE = 65500  # libjpeg's JPEG_MAX_DIMENSION: the encoder refuses anything longer
+
+
+class Rejected(Exception):
+    """An image that cannot be written, with the one-line reason for the manifest."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class Prepared:
     repaired: str | None
     rejected: str | None
     moments: dict | None  # pixel sums of the sampled written pixels, when asked for
+    size: tuple[int, int] | None = None  # (width, height) written
 
 
 def geometry(w: int, h: int, resize: Resize) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
@@ -70,6 +77,39 @@ def repair_reason(fmt: str | None, mode: str, suffix: str) -> str | None:
     return None if mode == "RGB" else f"{mode} JPEG converted to RGB"
 
 
+def upright(im: Image.Image) -> tuple[Image.Image, str | None]:
+    """The image as a viewer shows it (EXIF orientation applied), and the repair reason when it had to be turned."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns on a corrupt EXIF block; a viewer shows such a photo as stored
+        orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+    if orientation not in range(2, 9):  # 1 is upright; other values are invalid and viewers ignore them
+        return im, None
+    return ImageOps.exif_transpose(im), f"EXIF orientation {orientation} applied: written upright"
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """16- and 32-bit images scaled to 0-255 by their mode's range, where Pillow's convert would clip them to white."""
+    if im.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
+    if im.mode == "I":  # Pillow's 32-bit container; 16-bit PGM and TIFF arrive in it as 0-65535
+        a = np.asarray(im)
+        if a.min() < 0 or a.max() > 65535:
+            raise Rejected(f"32-bit integer image with values {a.min()}..{a.max()}: no defined 8-bit scale")
+        return Image.fromarray((a >> 8).astype(np.uint8))
+    if im.mode == "F":  # floating-point samples are 0-1 by convention; anything else has no defined scale
+        a = np.asarray(im)
+        if not (a.min() >= 0 and a.max() <= 1):
+            raise Rejected(f"floating-point image with values {a.min():g}..{a.max():g}: no defined 8-bit scale")
+        return Image.fromarray(np.round(a * 255).astype(np.uint8))
+    return im
+
+
+def check_size(w: int, h: int, out: tuple[int, int], resize: Resize) -> None:
+    if max(out) > JPEG_MAX_SIDE:
+        resized = f" would be {out[0]}x{out[1]} with --resize {resize}," if out != (w, h) else " is"
+        raise Rejected(f"{w}x{h}{resized} beyond JPEG's {JPEG_MAX_SIDE}-pixel limit")
+
+
 def encode(im: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=quality)  # baseline, 4:2:0: what the GPU's hardware decoder takes
@@ -86,28 +126,43 @@ def prepare(path: Path, key: str, resize: Resize, quality: int, stats_seed: int 
         return Prepared(None, None, "empty file (0 bytes)", None)
     try:
         im = Image.open(io.BytesIO(data))
-        fmt, mode = im.format, im.mode
-        if resize.policy != "none" and fmt == "JPEG":
+        if resize.policy != "none" and im.format == "JPEG":
             im.draft("RGB", draft_request(*im.size, resize.size))
         im.load()
     except UnidentifiedImageError:
         return Prepared(None, None, "not an image", None)
     except Exception as e:  # Pillow raises many types on corrupt data; every one means "cannot decode"
         return Prepared(None, None, f"undecodable ({type(e).__name__}: {e})", None)
-    repaired = repair_reason(fmt, mode, path.suffix)
+    try:
+        return write(data, im, path.suffix, key, resize, quality, stats_seed)
+    except Rejected as e:
+        return Prepared(None, None, str(e), None)
+
+
+def write(data: bytes, im: Image.Image, suffix: str, key: str, resize: Resize, quality: int,
+          stats_seed: int | None) -> Prepared:
+    """The decoded image upright, in 8-bit RGB, resized and encoded; raises Rejected."""
+    reasons = [repair_reason(im.format, im.mode, suffix)]
+    if resize.policy == "none" and im.format == "JPEG":
+        if im.info.get("progressive") or im.info.get("progression"):
+            reasons.append("progressive JPEG re-encoded as baseline")
+        if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+            reasons.append("JPEG without an end-of-image marker re-encoded")
+    im, turned = upright(to_8bit(im))
+    reasons = [r for r in reasons + [turned] if r]
     rgb = im if im.mode == "RGB" else im.convert("RGB")
     if resize.policy == "none":
-        baseline = not (im.info.get("progressive") or im.info.get("progression"))
-        intact = data.rstrip(b"\0").endswith(b"\xff\xd9")
-        if repaired is None and not baseline:
-            repaired = "progressive JPEG re-encoded as baseline"
-        elif repaired is None and not intact:
-            repaired = "JPEG without an end-of-image marker re-encoded"
-        out = data if repaired is None else encode(rgb, quality)
+        check_size(*rgb.size, rgb.size, resize)
+        written = rgb
+        out = encode(rgb, quality) if reasons else data
     else:
         size, box = geometry(*rgb.size, resize)
-        out = encode(rgb.resize(size, RESAMPLE, box=box), quality)
+        check_size(*rgb.size, size, resize)
+        written = rgb.resize(size, RESAMPLE, box=box)
+        out = encode(written, quality)
+    repaired = "; ".join(reasons) or None
     if stats_seed is None:
-        return Prepared(out, repaired, None, None)
-    written = rgb if out is data else Image.open(io.BytesIO(out)).convert("RGB")
-    return Prepared(out, repaired, None, moments(sample_pixels(np.asarray(written), key, stats_seed)))
+        return Prepared(out, repaired, None, None, written.size)
+    if out is not data:
+        written = Image.open(io.BytesIO(out)).convert("RGB")
+    return Prepared(out, repaired, None, moments(sample_pixels(np.asarray(written), key, stats_seed)), written.size)
