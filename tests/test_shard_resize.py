@@ -97,8 +97,9 @@ def test_every_policy_end_to_end(mid_src, tmp_path, resize):
     for split, n in (("train", 6), ("val", 2)):
         samples = [s for sh in manifest["splits"][split]["shards"] for s in read_shard(tmp_path / sh["tar"])]
         assert len(samples) == n
-        for s in samples:
-            size = Image.open(io.BytesIO(s.jpeg)).size
+        sizes = [Image.open(io.BytesIO(s.jpeg)).size for s in samples]
+        assert manifest["splits"][split]["min_side"] == min(min(size) for size in sizes)  # run.py refuses crops above it
+        for s, size in zip(samples, sizes):
             folder = f"train/{s.key.split('_')[0]}" if split == "train" else "val"
             source = mid_src / folder / f"{s.key}.JPEG"
             if resize == "paper":
