@@ -89,6 +89,16 @@ def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path, fmt, suffix):
     assert np.abs(got - expected).mean() < 1.0 and np.abs(got - expected).max() <= 4  # JPEG noise on a smooth ramp
 
 
+def test_16_bit_photo_is_turned_upright_too(tmp_path):
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    Image.fromarray(np.ascontiguousarray(STORED[6](gray_ramp16()[..., None])[..., 0])).save(tmp_path / "a.png",
+                                                                                         exif=exif.tobytes())
+    out = prepare(tmp_path / "a.png", "a", Resize("none", None), 95, None)
+    assert out.repaired == "PNG file re-encoded as JPEG; EXIF orientation 6 applied: written upright"
+    assert np.abs(decode(out.jpeg)[..., 0] - np.arange(256)[None, :]).mean() < 1.0
+
+
 def test_float_image_in_0_1_is_scaled_and_other_ranges_rejected(tmp_path):
     ramp = np.linspace(0, 1, 256, dtype=np.float32)[None, :].repeat(32, 0)
     Image.fromarray(ramp).save(tmp_path / "unit.tif")

@@ -148,7 +148,8 @@ def write(data: bytes, im: Image.Image, suffix: str, key: str, resize: Resize, q
             reasons.append("progressive JPEG re-encoded as baseline")
         if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
             reasons.append("JPEG without an end-of-image marker re-encoded")
-    im, turned = upright(to_8bit(im))
+    im, turned = upright(im)
+    im = to_8bit(im)  # after upright: the 8-bit copy has no EXIF
     reasons = [r for r in reasons + [turned] if r]
     rgb = im if im.mode == "RGB" else im.convert("RGB")
     if resize.policy == "none":
