@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from pipeline.writer.stats import moments, sample_pixels
 
 PAPER_SIZE = 256  # §2: shorter side rescaled to 256, then the central 256x256 patch
-RESAMPLE = Image.Resampling.BICUBIC  # Pillow's resize is antialiased, so downscaling does not alias
 JPEG_SUFFIXES = {".jpg", ".jpeg"}
 JPEG_MAX_SIDE = 65500  # libjpeg's JPEG_MAX_DIMENSION: the encoder refuses anything longer
 
@@ -46,18 +46,20 @@ class Prepared:
     jpeg: bytes | None  # None when rejected
     repaired: str | None
     rejected: str | None
-    moments: dict | None  # pixel sums of the sampled written pixels, when asked for
+    moments: dict | None  # pixel sums of a sample of the written pixels (before JPEG encoding), when asked for
     size: tuple[int, int] | None = None  # (width, height) written
 
 
-def geometry(w: int, h: int, resize: Resize) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
-    """Output size and the source box it is resampled from: the centred square (paper) or the whole image (short)."""
+def geometry(w: int, h: int, resize: Resize) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Output size and the source box it is resampled from: the centred square (paper) or the whole image (short).
+
+    The paper's box starts on a whole pixel, up to half a source pixel left of or above the exact centre."""
     s = min(w, h)
     if resize.policy == "paper":
-        x0, y0 = (w - s) / 2, (h - s) / 2
+        x0, y0 = (w - s) // 2, (h - s) // 2
         return (resize.size, resize.size), (x0, y0, x0 + s, y0 + s)
     scale = resize.size / s
-    return (max(1, round(w * scale)), max(1, round(h * scale))), (0.0, 0.0, float(w), float(h))
+    return (max(1, round(w * scale)), max(1, round(h * scale))), (0, 0, w, h)
 
 
 def draft_request(w: int, h: int, size: int) -> tuple[int, int]:
@@ -110,10 +112,36 @@ def check_size(w: int, h: int, out: tuple[int, int], resize: Resize) -> None:
         raise Rejected(f"{w}x{h}{resized} beyond JPEG's {JPEG_MAX_SIDE}-pixel limit")
 
 
+def nchw(hwc: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(hwc).permute(2, 0, 1)[None]
+
+
+def resample(rgb: Image.Image, size: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
+    """rgb's box resized to size (w, h) with Pillow's antialiased bicubic filter: HxWx3 uint8.
+
+    ATen's AVX2 port of that filter runs ~5x faster than Pillow's own and agrees with it to 1-2 levels."""
+    src = np.asarray(rgb if box == (0, 0, *rgb.size) else rgb.crop(box))
+    out = np.empty((size[1], size[0], 3), np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that np.asarray's buffer is read-only; the kernel only reads it
+        # the out= form writes straight into the HWC array; the functional form would return planar NCHW to re-pack
+        torch.ops.aten._upsample_bicubic2d_aa.out(nchw(src), [size[1], size[0]], False, None, None, out=nchw(out))
+    return out
+
+
 def encode(im: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=quality)  # baseline, 4:2:0: what the GPU's hardware decoder takes
     return buf.getvalue()
+
+
+def decode(data: bytes, resize: Resize) -> Image.Image:
+    """The decoded image; a JPEG only as large as the policy needs (DCT-domain downscale). Raises on corrupt data."""
+    im = Image.open(io.BytesIO(data))
+    if resize.policy != "none" and im.format == "JPEG":
+        im.draft("RGB", draft_request(*im.size, resize.size))
+    im.load()
+    return im
 
 
 def prepare(path: Path, key: str, resize: Resize, quality: int, stats_seed: int | None) -> Prepared:
@@ -125,10 +153,7 @@ def prepare(path: Path, key: str, resize: Resize, quality: int, stats_seed: int 
     if not data:
         return Prepared(None, None, "empty file (0 bytes)", None)
     try:
-        im = Image.open(io.BytesIO(data))
-        if resize.policy != "none" and im.format == "JPEG":
-            im.draft("RGB", draft_request(*im.size, resize.size))
-        im.load()
+        im = decode(data, resize)
     except UnidentifiedImageError:
         return Prepared(None, None, "not an image", None)
     except Exception as e:  # Pillow raises many types on corrupt data; every one means "cannot decode"
@@ -159,11 +184,12 @@ def write(data: bytes, im: Image.Image, suffix: str, key: str, resize: Resize, q
     else:
         size, box = geometry(*rgb.size, resize)
         check_size(*rgb.size, size, resize)
-        written = rgb.resize(size, RESAMPLE, box=box)
+        written = Image.fromarray(pixels := resample(rgb, size, box))
         out = encode(written, quality)
     repaired = "; ".join(reasons) or None
     if stats_seed is None:
         return Prepared(out, repaired, None, None, written.size)
-    if out is not data:
-        written = Image.open(io.BytesIO(out)).convert("RGB")
-    return Prepared(out, repaired, None, moments(sample_pixels(np.asarray(written), key, stats_seed)), written.size)
+    # Sampled before encoding: decoding the JPEG again would cost a fifth of the time per image, and the JPEG's loss
+    # moves the mean < 0.1 level and the spread ~1% (tests/test_shard_stats.py)
+    pixels = np.asarray(written) if resize.policy == "none" else pixels
+    return Prepared(out, repaired, None, moments(sample_pixels(pixels, key, stats_seed)), written.size)
