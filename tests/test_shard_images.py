@@ -62,6 +62,26 @@ def test_every_orientation_is_written_as_a_viewer_shows_it(oriented, resize, ori
     assert Image.open(io.BytesIO(got.jpeg)).getexif().get(ExifTags.Base.Orientation) is None
 
 
+def test_dali_decodes_the_written_photos_as_pillow_does(oriented):
+    """DALI applies EXIF orientation, Pillow does not: with the tag gone and the pixels upright, both agree."""
+    from nvidia.dali import fn, pipeline_def, types
+    jpegs = [prepare(oriented / f"o{o}.jpg", "o", Resize("none", None), 95, None).jpeg for o in sorted(STORED)]
+
+    @pipeline_def(batch_size=len(jpegs), num_threads=1, device_id=None)
+    def pipe():
+        data = fn.external_source(source=lambda: [np.frombuffer(j, np.uint8) for j in jpegs], batch=True)
+        return fn.decoders.image(data, device="cpu", output_type=types.RGB)
+
+    p = pipe()
+    p.build()
+    (images,) = p.run()
+    upright = upright_photo().astype(np.float64)
+    for i, jpeg in enumerate(jpegs):
+        dali = np.asarray(images.at(i)).astype(np.float64)
+        assert dali.shape == upright.shape and np.abs(dali - decode(jpeg)).mean() < 0.5
+        assert np.abs(dali - upright).mean() < 2.0
+
+
 def test_none_keeps_bytes_of_an_upright_tagged_jpeg(tmp_path):
     exif = Image.Exif()
     exif[ExifTags.Base.Orientation] = 1
