@@ -154,7 +154,7 @@ def shard(cfg: ShardConfig) -> int:
 
 def write_one(out: Path, root: Path, stem: str, entries: list[Entry], results, bar) -> dict:
     """Collect one shard's prepared images (in plan order), write tar + index, then its progress record."""
-    samples, repaired, rejected, moments = [], [], [], stats.ZERO
+    samples, repaired, rejected, moments, sides = [], [], [], stats.ZERO, []
     for e in entries:
         r = next(results)
         bar.update()
@@ -167,9 +167,10 @@ def write_one(out: Path, root: Path, stem: str, entries: list[Entry], results, b
         if r.moments:
             moments = stats.add(moments, r.moments)
         samples.append(Sample(e.key, r.jpeg, e.label))
+        sides.append(min(r.size))
     record = asdict(write_shard(out, stem, samples)) if samples else None
     rec = {"shard": record, "repaired": repaired, "rejected": rejected, "moments": moments,
-           "bytes_written": record["tar_bytes"] if record else 0}
+           "min_side": min(sides, default=None), "bytes_written": record["tar_bytes"] if record else 0}
     atomic_write(out / PROGRESS / f"{stem}.json", json.dumps(rec).encode())
     return rec
 
@@ -178,16 +179,17 @@ def build_manifest(cfg, src, resize: Resize, shards, records, stats_split: str) 
     splits, moments, repaired, rejected = {}, stats.ZERO, [], list(src.rejected)
     for split, stem, _ in shards:
         rec = records[stem]
-        entry = splits.setdefault(split, {"count": 0, "shards": []})
+        entry = splits.setdefault(split, {"count": 0, "shards": [], "min_side": None})
         if rec["shard"]:
             entry["shards"].append(rec["shard"])
             entry["count"] += rec["shard"]["count"]
+            entry["min_side"] = min(rec["min_side"], entry["min_side"] or rec["min_side"])  # for run.py's crop check
         if split == stats_split:
             moments = stats.add(moments, rec["moments"])
         repaired += rec["repaired"]
         rejected += rec["rejected"]
     for split in cfg.splits:
-        splits.setdefault(split, {"count": 0, "shards": []})
+        splits.setdefault(split, {"count": 0, "shards": [], "min_side": None})
     return {"format_version": FORMAT_VERSION, "tool": TOOL, **run_record(cfg), "layout": src.layout,
             "preprocessing": {"resize": cfg.resize, "size": resize.size, "quality": cfg.quality,
                               "resample": "bicubic", "chroma_subsampling": "4:2:0", "stats_split": stats_split},
