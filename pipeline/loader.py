@@ -7,18 +7,18 @@ checkpoint per rank would not be). Training builds the next epoch's pipeline on 
 """
 from __future__ import annotations
 
-import io
 import threading
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
 from nvidia.dali import types
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline import dali
+from pipeline.failure import locate, reason, split_source
 from pipeline.augment import AUGMENTS, TENCROP_VIEWS, TRAIN_AUGMENTS, lighting_matrix, normalisation
 from pipeline.manifest import FIX_HINT, MANIFEST, ShardError, load_manifest
 from pipeline.sharding import file_order, pipeline_seed, steps_per_epoch, valid_in_step
@@ -44,6 +44,7 @@ class DaliLoader:
         manifest = load_manifest(shards_dir)
         self.root, self.split, self.batch_size, self.augment = manifest.root, split, batch_size, augment
         self.shards = manifest.shards(split)
+        self._tars = {str(s.tar) for s in self.shards}
         self.count = manifest.count(split)
         self.hint = FIX_HINT.format(dir=self.root)
         _check_crop(manifest, crop_size)
@@ -103,8 +104,8 @@ class DaliLoader:
         source, draws, n = self._last
         tars, keys = [], []
         for i in range(n):
-            path, _, member = bytes(np.asarray(source[i])).decode().rsplit(":", 2)
-            tars.append(path.rsplit("/", 1)[-1])
+            tar, member = split_source(bytes(np.asarray(source[i])).decode(), self._tars)
+            tars.append(Path(tar).name)
             keys.append(member.rsplit(".", 1)[0])
         return {"tar": tars, "key": keys,
                 **{name: np.array(t.as_tensor())[:n] for name, t in zip(dali.DRAWS[self.augment], draws)}}
@@ -138,7 +139,7 @@ class DaliLoader:
         try:
             pipe.build()
         except RuntimeError as e:
-            raise ShardError(f"{self.root}: DALI cannot read the '{self.split}' shards ({_reason(e)}); "
+            raise ShardError(f"{self.root}: DALI cannot read the '{self.split}' shards ({reason(e)}); "
                              f"{self.hint}") from None
         found = pipe.reader_meta(dali.READER)["epoch_size"]
         if found != self.count:
@@ -207,44 +208,18 @@ class DaliLoader:
         return images.permute(0, 3, 1, 2), labels
 
     def _locate_failure(self, error: RuntimeError, step: int) -> ShardError:
-        """Replay this epoch's reader without decoding to the failed step; name the JPEG Pillow cannot decode either."""
-        pipe = dali.read_pipeline(*self._files(self.epoch), **self._reader_args(self.epoch), batch_size=self.batch_size,
-                                  num_threads=1, device_id=None, prefetch_queue_depth=1)
-        suspects = []
-        try:
-            pipe.build()
-            # With prefetching, the failed batch is this step's or one of the next few.
-            for i in range(step + self._run_args["prefetch_queue_depth"] + 1):
-                jpegs, source = pipe.run()
-                if i >= step:
-                    suspects += [(bytes(np.asarray(j)), bytes(np.asarray(s)).decode()) for j, s in zip(jpegs, source)]
-        except RuntimeError as e:
-            return ShardError(f"{self.root}: DALI cannot read rank {self.rank}'s '{self.split}' shards in epoch "
-                              f"{self.epoch} ({_reason(e)}); {self.hint}")
-        for jpeg, source in suspects:
-            path, _, member = source.rsplit(":", 2)
-            try:
-                with Image.open(io.BytesIO(jpeg)) as im:
-                    im.load()
-            except (OSError, ValueError, SyntaxError) as e:
-                return ShardError(f"{path}: {member} does not decode ({e}); {self.hint}")
-        tars = sorted({s.rsplit(":", 2)[0] for _, s in suspects})
-        where = ", ".join(tars[:3]) + (f" (or one of {len(tars) - 3} more)" if len(tars) > 3 else "")
-        return ShardError(f"{where}: DALI failed on a sample of '{self.split}' epoch {self.epoch} step "
-                          f"{step} ({_reason(error)}); {self.hint}")
+        """The failed sample, found by replaying this epoch's reader without decoding up to `step`."""
+        def reader():
+            return dali.read_pipeline(*self._files(self.epoch), **self._reader_args(self.epoch),
+                                      batch_size=self.batch_size, num_threads=1, device_id=None, prefetch_queue_depth=1)
+        return locate(error, reader, step, self._run_args["prefetch_queue_depth"], self._tars,
+                      f"rank {self.rank}'s '{self.split}' shards in epoch {self.epoch} step {step}", self.root, self.hint)
 
 
 def _to_torch(tensors, device: torch.device) -> torch.Tensor:
     """A DALI batch as a torch tensor without a copy (DLPack), on the device DALI left it on."""
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         return torch.from_dlpack(tensors.as_tensor())
-
-
-def _reason(error: Exception) -> str:
-    """The line of a DALI error that says what went wrong (DALI puts it after "encountered:")."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    after = [b for a, b in zip(lines, lines[1:]) if a.endswith("encountered:")]
-    return (after or lines or [type(error).__name__])[0]
 
 
 def _check_args(augment, device, dtype, batch_size, rank, world_size, crop_size, num_threads, prefetch,

@@ -4,6 +4,7 @@ import json
 import shutil
 import tarfile
 from collections import Counter
+from dataclasses import asdict
 from itertools import islice
 
 import psutil
@@ -12,6 +13,7 @@ import torch
 
 from pipeline import DaliLoader, ShardError, load_manifest
 from pipeline.sharding import rank_range
+from pipeline.writer.tars import Sample, read_shard, write_shard
 
 CROP = 48
 
@@ -182,6 +184,23 @@ def test_bad_shard_folders_raise_one_line_naming_the_fix(demo_shards, tmp_path):
 
     one_line_error(demo_shards, "short side of 80, smaller than crop_size 96.*--resize short:96", crop_size=96)
     one_line_error(demo_shards, "no 'test' shards; re-shard", split="test")
+
+
+def test_info_names_shards_and_keys_that_hold_colons(demo_shards, tmp_path):
+    # source_info is "TAR:OFFSET:MEMBER"; here TAR's folder and MEMBER both hold ":digits:" as well.
+    folder = copy_shards(demo_shards, tmp_path / "e:12:x")
+    records = []
+    for shard in load_manifest(folder).shards("val"):
+        samples = [Sample(f"12:34:{s.key}", s.jpeg, s.label) for s in read_shard(shard.tar)]
+        records.append(asdict(write_shard(folder, shard.tar.stem, samples)))
+    edit_manifest(folder, lambda m: m["splits"]["val"].update(shards=records))
+    want, seen = tar_labels(folder, "val"), []
+    with loader(folder, "val", 5, augment="center") as ld:
+        for _, labels in ld:
+            assert ld.info["tar"] == ["val-000000.tar"] * len(labels)
+            assert labels.tolist() == [want[k] for k in ld.info["key"]]
+            seen += ld.info["key"]
+    assert sorted(seen) == sorted(want) and len(seen) == 24 and all(k.startswith("12:34:") for k in seen)
 
 
 @pytest.mark.parametrize("bad", [{"augment": "random"}, {"device": "tpu"}, {"dtype": torch.int8}, {"rank": 2},
