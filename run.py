@@ -24,7 +24,7 @@ from model.checkpoint import CheckpointError
 from model.parallel import Context, all_gather, all_sum, process_context
 from model.recipe import (AMP_DTYPES, INITS, LR, MOMENTUM, SCHEDULES, WEIGHT_DECAY, count_errors, initialise, lr_at,
                           make_train_step, scaled_lr, set_lr, sgd)
-from pipeline.manifest import ShardError, load_manifest
+from pipeline.manifest import ShardError, check_crop, load_manifest
 from pipeline.atomic import atomic_write
 from tools.demo import DEMO_PRESET, make_demo_data, report_demo
 
@@ -385,6 +385,7 @@ def main(argv=None) -> int:
         if cfg.eval:
             ckpt = checkpoint.read(cfg.eval)
             manifest = load_manifest(cfg.shards or ckpt["config"]["shards"])
+            crops = {"val": ckpt["config"]["crop_size"]}
         else:
             if not cfg.shards:
                 raise UsageError("--shards DIR is required: a folder written by tools/shard_imagenet.py "
@@ -393,6 +394,9 @@ def main(argv=None) -> int:
             if cfg.demo:
                 make_demo_data(cfg, ctx.rank)
             manifest = load_manifest(cfg.shards)
+            crops = {"train": cfg.crop_size, "val": cfg.crop_size}
+        for split, crop in crops.items():  # before anything is built or written
+            check_crop(manifest, split, crop)
         log("config:\n" + "\n".join(f"  {k:<19}{v}" for k, v in asdict(cfg).items()))
         if cfg.device == "cuda":
             torch.cuda.set_device(ctx.devices[0])

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pipeline import dali
 from pipeline.failure import locate, reason, split_source
 from pipeline.augment import AUGMENTS, TENCROP_VIEWS, TRAIN_AUGMENTS, lighting_matrix, normalisation
-from pipeline.manifest import FIX_HINT, MANIFEST, ShardError, load_manifest
+from pipeline.manifest import FIX_HINT, MANIFEST, ShardError, check_crop, load_manifest
 from pipeline.sharding import file_order, pipeline_seed, steps_per_epoch, valid_in_step
 
 # DALI has no bfloat16: bfloat16 batches leave DALI as float16 and are cast on the device by torch.
@@ -47,7 +47,7 @@ class DaliLoader:
         self._tars = {str(s.tar) for s in self.shards}
         self.count = manifest.count(split)
         self.hint = FIX_HINT.format(dir=self.root)
-        _check_crop(manifest, crop_size)
+        check_crop(manifest, split, crop_size)
         self.rank, self.world_size, self.seed, self.dtype = rank, world_size, seed, dtype
         self.device = torch.device("cuda", device_id or 0) if device == "cuda" else torch.device("cpu")
         mean, std = normalisation(manifest.rgb_mean, manifest.rgb_std, divide_std)
@@ -238,12 +238,3 @@ def _check_args(augment, device, dtype, batch_size, rank, world_size, crop_size,
     if num_threads < 1 or prefetch < 1 or not 0.0 <= hw_decoder_load <= 1.0:
         raise ValueError(f"num_threads={num_threads}, prefetch={prefetch}, hw_decoder_load={hw_decoder_load}: "
                          f"need num_threads, prefetch >= 1 and hw_decoder_load in [0, 1]")
-
-
-def _check_crop(manifest, crop_size: int) -> None:
-    """Images no smaller than the crop."""
-    short = manifest.raw.get("preprocessing", {}).get("size")
-    if short is not None and crop_size > short:
-        raise ShardError(f"{manifest.root / MANIFEST}: images have a short side of {short}, smaller than crop_size "
-                         f"{crop_size}; pass a smaller crop size, or re-shard with tools/shard_imagenet.py "
-                         f"--resize short:{crop_size}")

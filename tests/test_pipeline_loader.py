@@ -203,6 +203,19 @@ def test_info_names_shards_and_keys_that_hold_colons(demo_shards, tmp_path):
     assert sorted(seen) == sorted(want) and len(seen) == 24 and all(k.startswith("12:34:") for k in seen)
 
 
+def test_a_crop_larger_than_the_smallest_image_is_refused_up_front(demo_shards, tmp_path):
+    small = copy_shards(demo_shards, tmp_path / "small")
+    edit_manifest(small, lambda m: m["splits"]["val"].update(min_side=40))  # as the sharder records it
+    message = one_line_error(small, "the smallest 'val' image has a short side of 40, smaller than crop_size 48; "
+                                    "pass a smaller --crop-size, or re-shard .*--resize short:48", split="val",
+                             augment="center")
+    assert str(small / "manifest.json") in message
+    with loader(small, "val", augment="center", crop_size=40) as ld:  # a crop that fits the split passes
+        assert sum(len(y) for _, y in ld) == 24
+    with loader(small, "train") as ld:  # no min_side recorded: the resize's short side, 80
+        next(iter(ld))
+
+
 @pytest.mark.parametrize("bad", [{"augment": "random"}, {"device": "tpu"}, {"dtype": torch.int8}, {"rank": 2},
                                  {"batch": 0}, {"hw_decoder_load": 1.5}, {"prefetch": 0}])
 def test_bad_arguments_raise_value_error(demo_shards, bad):

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,18 @@ def test_bad_input_model_parallel_without_two_devices(demo_shards, tmp_path, cap
     err = _one_line_exit_2(capsys, ["--shards", str(demo_shards), "--workdir", str(tmp_path / "w"), "--device", "cpu",
                                     "--model-parallel"])
     assert "--model-parallel needs two cpu devices" in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_bad_input_crop_larger_than_the_smallest_image(demo_shards, tmp_path, capsys):
+    small = tmp_path / "small"
+    shutil.copytree(demo_shards, small)
+    raw = json.loads((small / "manifest.json").read_text())
+    raw["splits"]["train"]["min_side"] = 60  # as the sharder records it; the demo's resize side is 80
+    (small / "manifest.json").write_text(json.dumps(raw))
+    err = _one_line_exit_2(capsys, ["--shards", str(small), "--workdir", str(tmp_path / "w"), *FAST])
+    assert err == (f"run.py: {small / 'manifest.json'}: the smallest 'train' image has a short side of 60, smaller than "
+                   f"crop_size 64; pass a smaller --crop-size, or re-shard with tools/shard_imagenet.py --resize short:64")
     assert not (tmp_path / "w").exists()
 
 
