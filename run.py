@@ -10,6 +10,7 @@ import argparse
 import inspect
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -55,7 +56,10 @@ class Config:
     amp: str = "auto"  # bf16 on cuda, off on cpu | fp16
     compile: str = "off"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     seed: int = 0
-    num_threads: int = 4  # DALI CPU threads per process
+    # the loader (tools/bench_io.py --sweep prints the fastest setting as these flags)
+    threads: int = 0  # DALI CPU threads per process; 0: the node's cores shared by its processes, at most 16
+    hw_decoder_load: float = 0.65  # share of JPEGs for the GPU's hardware decoder (0.65: fastest on an H100)
+    prefetch: int = 2  # batches DALI prepares ahead
     log_interval: int = 50  # steps between progress lines (the only host syncs of the loop)
     checkpoint_minutes: float = 30.0  # also checkpoint this often within an epoch
     keep: int = 3  # step checkpoints kept, besides best.pt
@@ -72,7 +76,11 @@ CHOICES = {"init": INITS, "lr_scaling": ("linear", "none"), "schedule": SCHEDULE
 HELP = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # the comments above
 # Settings a --resume may change; anything else must match the run being continued.
 RESUMABLE = {"shards", "workdir", "lr", "epochs", "max_steps", "resume", "log_interval", "checkpoint_minutes", "keep",
-             "ten_crop", "compile", "eval"}
+             "ten_crop", "compile", "eval", "threads", "prefetch"}
+# Measured with DALI's loader alone on one H100 (../shared/device/anchor_numbers.md, 2026-11-22): hw_decoder_load
+# 0.65 / 1.0 / 0.0 fed 26,014 / 24,029 / 21,727 img/s (256x256 shards, random 224 crops, 16 threads); on full-size
+# shards 8 threads fed as much as 16 (22,455 and 22,225 img/s), so more threads per process only add contention.
+MAX_THREADS = 16
 
 
 class UsageError(Exception):
@@ -82,6 +90,11 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"run.py: {message} (see python run.py --help)\n")
+
+
+def dali_threads(cores: int, processes: int) -> int:
+    """DALI threads per process: the cores this process may use, shared with the node's other processes, capped."""
+    return max(1, min(MAX_THREADS, cores // processes))
 
 
 def parse(argv=None) -> Config:
@@ -105,6 +118,10 @@ def parse(argv=None) -> Config:
     cfg = Config(**{**vars(args), "device": device})
     if cfg.amp == "auto":
         cfg.amp = "bf16" if device == "cuda" else "off"
+    if cfg.threads < 0 or cfg.prefetch < 1 or not 0.0 <= cfg.hw_decoder_load <= 1.0:
+        p.error("--threads must be 0 (automatic) or more, --prefetch at least 1, --hw-decoder-load between 0 and 1")
+    if cfg.threads == 0:  # torchrun says how many processes share this node's cores
+        cfg.threads = dali_threads(len(os.sched_getaffinity(0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return cfg
 
 
@@ -159,8 +176,8 @@ def make_loader(cfg: Config, ctx: Context, shards: str, split: str, augment: str
     dev = ctx.devices[0]
     return DaliLoader(shards, split, cfg.batch_size, augment=augment, crop_size=crop_size, device=dev.type,
                       device_id=dev.index if dev.type == "cuda" else None, rank=ctx.rank, world_size=ctx.world,
-                      seed=cfg.seed, num_threads=cfg.num_threads,
-                      dtype=AMP_DTYPES[cfg.amp] or torch.float32, divide_std=cfg.divide_std)
+                      seed=cfg.seed, num_threads=cfg.threads, hw_decoder_load=cfg.hw_decoder_load,
+                      prefetch=cfg.prefetch, dtype=AMP_DTYPES[cfg.amp] or torch.float32, divide_std=cfg.divide_std)
 
 
 def evaluate(model, loader, amp: str, ctx: Context, views: int = 1) -> dict:
