@@ -220,19 +220,18 @@ class Trainer:
             + (f" ({cfg.lr} at batch 128, scaled linearly)" if cfg.lr_scaling == "linear" else ""))
 
     def resume(self, ckpt: dict) -> None:
-        """Weights, optimiser, RNG states, history and, when it stopped within an epoch, the loader's position."""
+        """Weights, optimiser, RNG states, history, and this rank's loader where it stood."""
         checkpoint.restore_training(ckpt, self.raw, self.optimizer, self.train_step.scaler)
         checkpoint.set_rng_state(ckpt["rng"][self.ctx.rank])
+        self.train_loader.load_state_dict(ckpt["loader"][self.ctx.rank])
         self.history, self.step, self.partial = ckpt["history"], ckpt["step"], ckpt["partial"]
-        if self.partial is not None:
-            self.train_loader.load_state_dict(ckpt["loader"])
         self.log(f"resumed at epoch {self.step // self.spe + 1}, step {self.step}")
 
     def train_epoch(self, epoch: int) -> dict:
         """The epoch's steps (the rest of them after a resume); its sums stay on the device until the epoch ends."""
         cfg, dev, spe = self.cfg, self.dev, self.spe
+        self.train_loader.set_epoch(epoch)  # a check: the loader stands in this epoch (inside it, after a resume)
         if self.partial is None:
-            self.train_loader.set_epoch(epoch)
             acc = {"loss": torch.zeros((), device=dev), "wait_s": 0.0, "train_s": 0.0,
                    "classes": torch.zeros(self.manifest.num_classes, dtype=torch.long, device=dev)}
         else:  # this epoch's sums so far, from a checkpoint written within it
@@ -322,7 +321,8 @@ class Trainer:
             raise self.diverged("the weights are not finite")
         state = {"config": asdict(self.cfg), "world_size": self.ctx.world, "step": self.step, "history": self.history,
                  **checkpoint.training_state(self.raw, self.optimizer, self.train_step.scaler),
-                 "rng": checkpoint.all_rng_states(self.ctx.world), "loader": self.train_loader.state_dict(),
+                 "rng": checkpoint.all_rng_states(self.ctx.world),
+                 "loader": checkpoint.every_rank(self.train_loader.state_dict(), self.ctx.world),
                  "partial": acc and {k: torch.as_tensor(v).cpu() for k, v in acc.items()}}
         if self.ctx.rank == 0:
             path = checkpoint.save(self.workdir / "checkpoints", state, self.step, self.cfg.keep, best)

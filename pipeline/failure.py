@@ -1,5 +1,9 @@
 """Where a DALI failure happened: DALI names the operator, not the sample, so the loader's reader is replayed without
-decoding up to the failed batch, and the JPEG that Pillow cannot decode either is named with its shard."""
+decoding up to the failed batch, and the JPEG that Pillow cannot decode either is named with its shard.
+
+The replay starts where the loader last took DALI's checkpoint of its pipeline (an epoch's start, or a resumed
+position). That checkpoint holds every operator's state; the reader-only pipeline takes the reader's alone.
+"""
 from __future__ import annotations
 
 import io
@@ -9,6 +13,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from pipeline.dali import READER
 from pipeline.manifest import ShardError
 
 OFFSET = re.compile(r":(\d+):")
@@ -32,12 +37,16 @@ def reason(error: Exception) -> str:
     return (after or lines or [type(error).__name__])[0]
 
 
-def locate(error: RuntimeError, reader: Callable, skip: int, ahead: int, tars, where: str, root, hint: str) -> ShardError:
-    """Run `reader()` (a DALI pipeline of (jpegs, source_info)) past `skip` batches; the failed batch is the next one or,
-    with prefetching, one of the `ahead` after it: name the first of their JPEGs that Pillow cannot decode."""
+def locate(error: RuntimeError, reader: Callable, checkpoint: bytes | None, skip: int, ahead: int, tars, where: str,
+           root, hint: str) -> ShardError:
+    """Run `reader(restore)` (a DALI pipeline of (jpegs, source_info)) from `checkpoint` past `skip` batches.
+
+    The failed batch is the next one or, with prefetching, one of the `ahead` after it: name its JPEG that Pillow
+    cannot decode either, or else its shards.
+    """
     suspects = []
     try:
-        pipe = reader()
+        pipe = reader(with_reader_state(reader().checkpoint(), checkpoint) if checkpoint else None)
         pipe.build()
         for i in range(skip + ahead + 1):
             jpegs, sources = pipe.run()
@@ -55,3 +64,48 @@ def locate(error: RuntimeError, reader: Callable, skip: int, ahead: int, tars, w
     found = sorted({split_source(s, tars)[0] for _, s in suspects})
     shown = ", ".join(found[:3]) + (f" (or one of {len(found) - 3} more)" if len(found) > 3 else "")
     return ShardError(f"{shown}: DALI failed on a sample of {where} ({reason(error)}); {hint}")
+
+
+def with_reader_state(base: bytes, donor: bytes) -> bytes:
+    """`base`, a checkpoint of the reader-only pipeline, with the reader's state and the iteration of `donor`, a
+    checkpoint of the loader's pipeline.
+
+    A DALI checkpoint is a protobuf message: field 1 repeated, one entry per operator whose field 1 is the operator's
+    name; field 2, the pipeline's iteration. Restoring asks for an entry per operator of the pipeline and no other.
+    """
+    reader = [raw for field, body, raw in _fields(donor) if field == 1 and _name(body) == READER]
+    context = [raw for field, _, raw in _fields(donor) if field == 2]
+    out = []
+    for field, body, raw in _fields(base):
+        if field == 1 and _name(body) == READER:
+            raw = reader[0]
+        elif field == 2:
+            raw = context[0]
+        out.append(raw)
+    return b"".join(out)
+
+
+def _name(entry: bytes) -> str:
+    return next(_fields(entry))[1].decode()
+
+
+def _fields(message: bytes):
+    """(number, payload, whole field) of each field of a protobuf message whose fields are all length-delimited."""
+    i = 0
+    while i < len(message):
+        start = i
+        key, i = _varint(message, i)
+        if key & 7 != 2:
+            raise ValueError(f"DALI checkpoint: field {key >> 3} has wire type {key & 7}, not a length-delimited one")
+        size, i = _varint(message, i)
+        yield key >> 3, message[i:i + size], message[start:i + size]
+        i += size
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        value, shift, i = value | (byte & 0x7F) << shift, shift + 7, i + 1
+        if byte < 0x80:
+            return value, i

@@ -112,8 +112,8 @@ def check_crop(manifest: Manifest, split: str, crop_size: int) -> None:
     manifest.shards(split)
     side = manifest.min_side[split]
     if side is not None and crop_size > side:
-        raise ShardError(f"{manifest.root / MANIFEST}: the smallest '{split}' image has a short side of {side}, smaller "
-                         f"than crop_size {crop_size}; pass a smaller --crop-size, or re-shard with "
+        raise ShardError(f"{manifest.root / MANIFEST}: the smallest '{split}' image has a short side of {side}, "
+                         f"smaller than crop_size {crop_size}; pass a smaller --crop-size, or re-shard with "
                          f"tools/shard_imagenet.py --resize short:{crop_size}")
 
 

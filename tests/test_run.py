@@ -217,8 +217,9 @@ def test_bad_input_crop_larger_than_the_smallest_image(demo_shards, tmp_path, ca
     raw["splits"]["train"]["min_side"] = 60  # as the sharder records it; the demo's resize side is 80
     (small / "manifest.json").write_text(json.dumps(raw))
     err = _one_line_exit_2(capsys, ["--shards", str(small), "--workdir", str(tmp_path / "w"), *FAST])
-    assert err == (f"run.py: {small / 'manifest.json'}: the smallest 'train' image has a short side of 60, smaller than "
-                   f"crop_size 64; pass a smaller --crop-size, or re-shard with tools/shard_imagenet.py --resize short:64")
+    assert err == (f"run.py: {small / 'manifest.json'}: the smallest 'train' image has a short side of 60, smaller "
+                   f"than crop_size 64; pass a smaller --crop-size, or re-shard with tools/shard_imagenet.py "
+                   f"--resize short:64")
     assert not (tmp_path / "w").exists()
 
 
