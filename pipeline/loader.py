@@ -9,6 +9,7 @@ and its random draws), from which a resumed run continues with exactly the batch
 from __future__ import annotations
 
 import time
+from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from pipeline.sharding import dali_seeds, steps_per_epoch, valid_in_step
 
 # DALI has no bfloat16: bfloat16 batches leave DALI as float16 and are cast on the device by torch.
 DALI_DTYPES = {torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16, torch.float32: types.FLOAT}
+# GPU: batches whose DALI buffers stay referenced after the caller moved on, until the kernels it queued on them have
+# run; the host runs at most this many batches ahead of the GPU before the next batch waits.
+HOLD = 4
 
 
 class DaliLoader:
@@ -32,6 +36,9 @@ class DaliLoader:
     Training augments yield len(self) full batches per epoch on every rank, the last filled up with samples the rank
     already saw that epoch. "center" and "tencrop" yield each sample of the split exactly once over all ranks: the
     last batch of a rank may be short (or empty), so that evaluation counts every image once.
+
+    On a GPU a batch is DALI's memory, ordered on torch's current stream: torch's kernels wait for DALI, the host does
+    not. DALI may reuse it once the kernels queued on that stream before the next batch is asked for have run.
     """
 
     def __init__(self, shards_dir, split: str, batch_size: int, *, augment: str = "paper", crop_size: int = 224,
@@ -57,14 +64,14 @@ class DaliLoader:
         self._graph = dict(augment=augment, crop=crop_size, decoder="mixed" if device == "cuda" else "cpu",
                            hw_decoder_load=hw_decoder_load, mean=mean, std=std, dtype=DALI_DTYPES[dtype],
                            lighting=lighting_matrix(manifest.eigval, manifest.eigvec))
-        # exec_dynamic: each batch's buffers belong to its outputs until torch frees them, which makes the
-        # zero-copy DLPack hand-off safe (DALI's older executor recycles them on the next run()).
+        # exec_dynamic: each batch's buffers belong to its outputs, and to the torch tensors made from them, until
+        # those are freed (DALI's older executor recycles them on the next run()); see HOLD for the GPU's side.
         self._run_args = dict(batch_size=batch_size, num_threads=num_threads, prefetch_queue_depth=prefetch,
                               device_id=self.device.index if device == "cuda" else None, exec_dynamic=True,
                               seed=draw_seed, enable_checkpointing=True)
         self.epoch = self.step = 0  # the position: the next batch yielded is `step` of `epoch`
         self.images_per_s = 0.0  # samples yielded / seconds since this pass over the epoch began, any build included
-        self._pipe, self._last, self._closed = None, None, False
+        self._pipe, self._last, self._closed, self._held = None, None, False, deque()
         self._restore = None  # DALI's checkpoint to build the pipeline from, after load_state_dict
         self._anchor = (None, 0)  # (DALI checkpoint, step) of this epoch's start, where a failure's replay begins
 
@@ -123,6 +130,9 @@ class DaliLoader:
 
     def close(self) -> None:
         """Stop DALI's threads and free its buffers; safe to call twice."""
+        if self._held:  # kernels queued on the last batches may still read them
+            torch.cuda.synchronize(self.device)
+        self._held.clear()
         self._pipe, self._last, self._closed = None, None, True
 
     def __enter__(self):
@@ -147,15 +157,26 @@ class DaliLoader:
         return pipe
 
     def _run(self):
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         try:
-            return self._pipe.run()
+            return self._pipe.run(stream)  # without a stream, the host would wait for each batch to be ready
         except RuntimeError as e:
             error = self._locate_failure(e)
             self.close()  # DALI's pipeline is unusable after a failure
             raise error from None
 
+    def _release(self) -> None:
+        """Let DALI have back the buffers of batches whose readers have run: the caller queued them before now."""
+        if self._held and self._held[-1][1] is None:
+            self._held[-1][1] = torch.cuda.current_stream(self.device).record_event()
+        while self._held and (len(self._held) > HOLD or self._held[0][1].query()):
+            self._held.popleft()[1].synchronize()
+
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels, source, *draws = self._run()
+        if self.device.type == "cuda":
+            self._release()
+        outputs = self._run()
+        images, labels, source, *draws = outputs
         views = len(TENCROP_VIEWS) if self.augment == "tencrop" else 1
         n = self.batch_size if self.augment in TRAIN_AUGMENTS else \
             valid_in_step(self.count, self.rank, self.world_size, self.batch_size, self.step)
@@ -165,6 +186,8 @@ class DaliLoader:
         images = images[:n * views]
         labels = _to_torch(labels, self.device).view(-1)[:n]
         self._last = (source, draws, n)
+        if self.device.type == "cuda":  # torch may drop `images` (the float16 one of a bfloat16 batch at once)
+            self._held.append([outputs, None])
         self.step += 1
         if self.step == len(self):  # DALI's reader has moved on to the next epoch by itself
             self.epoch, self.step = self.epoch + 1, 0

@@ -279,3 +279,35 @@ def test_close_is_idempotent_and_leaves_no_threads(demo_shards):
     assert psutil.Process().num_threads() == before
     with pytest.raises(ValueError, match="closed"):
         next(iter(ld))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_batches_outlive_a_late_consumer(demo_shards, dtype):
+    """DALI must not reuse a batch's memory before the kernels queued on it have run. The GPU is held back before
+    each batch is asked for, so the loader's bfloat16 cast and the reads queue behind: the sums are a synchronised
+    run's."""
+    def checksums(late: bool) -> torch.Tensor:
+        sums = []
+        with loader(demo_shards, batch=8, device="cuda", device_id=0, dtype=dtype, seed=4) as ld:
+            for _ in range(2):  # two epochs: the boundary too
+                batches = iter(ld)
+                while True:
+                    if late:
+                        torch.cuda._sleep(50_000_000)  # ~30 ms of GPU time, queued ahead of everything below
+                    batch = next(batches, None)
+                    if batch is None:
+                        break
+                    if not late:
+                        torch.cuda.synchronize()
+                    x = batch[0].double()
+                    where = torch.arange(x.numel(), dtype=x.dtype, device=x.device).view(x.shape)
+                    sums.append(torch.stack([x.sum(), (x * where).sum(), batch[1].double().sum()]))
+                    del batch, x  # as a training step drops its batch
+                    if not late:
+                        torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        return torch.stack(sums).cpu()
+
+    synchronised = checksums(late=False)
+    assert len(synchronised) == 24 and torch.equal(checksums(late=True), synchronised)
