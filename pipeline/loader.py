@@ -166,7 +166,8 @@ class DaliLoader:
             raise error from None
 
     def _release(self) -> None:
-        """Let DALI have back the buffers of batches whose readers have run: the caller queued them before now."""
+        """The caller has queued its work on the batches yielded so far: mark that point on the stream, and give each
+        batch's buffers back to DALI once the GPU has passed its mark."""
         if self._held and self._held[-1][1] is None:
             self._held[-1][1] = torch.cuda.current_stream(self.device).record_event()
         while self._held and (len(self._held) > HOLD or self._held[0][1].query()):
