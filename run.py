@@ -10,6 +10,7 @@ import argparse
 import inspect
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -24,7 +25,7 @@ from model.checkpoint import CheckpointError
 from model.parallel import Context, all_gather, all_sum, process_context
 from model.recipe import (AMP_DTYPES, INITS, LR, MOMENTUM, SCHEDULES, WEIGHT_DECAY, count_errors, initialise, lr_at,
                           make_train_step, scaled_lr, set_lr, sgd)
-from pipeline.manifest import ShardError, load_manifest
+from pipeline.manifest import ShardError, check_crop, load_manifest
 from pipeline.atomic import atomic_write
 from tools.demo import DEMO_PRESET, make_demo_data, report_demo
 
@@ -55,7 +56,10 @@ class Config:
     amp: str = "auto"  # bf16 on cuda, off on cpu | fp16
     compile: str = "off"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     seed: int = 0
-    num_threads: int = 4  # DALI CPU threads per process
+    # the loader (tools/bench_io.py --sweep prints the fastest setting as these flags)
+    threads: int = 0  # DALI CPU threads per process; 0: the node's cores shared by its processes, at most 16
+    hw_decoder_load: float = 0.65  # share of JPEGs for the GPU's hardware decoder (0.65: fastest on an H100)
+    prefetch: int = 2  # batches DALI prepares ahead
     log_interval: int = 50  # steps between progress lines (the only host syncs of the loop)
     checkpoint_minutes: float = 30.0  # also checkpoint this often within an epoch
     keep: int = 3  # step checkpoints kept, besides best.pt
@@ -72,7 +76,11 @@ CHOICES = {"init": INITS, "lr_scaling": ("linear", "none"), "schedule": SCHEDULE
 HELP = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # the comments above
 # Settings a --resume may change; anything else must match the run being continued.
 RESUMABLE = {"shards", "workdir", "lr", "epochs", "max_steps", "resume", "log_interval", "checkpoint_minutes", "keep",
-             "ten_crop", "compile", "eval"}
+             "ten_crop", "compile", "eval", "threads", "prefetch"}
+# Measured with DALI's loader alone on one H100 (../shared/device/anchor_numbers.md, 2026-11-22): hw_decoder_load
+# 0.65 / 1.0 / 0.0 fed 26,014 / 24,029 / 21,727 img/s (256x256 shards, random 224 crops, 16 threads); on full-size
+# shards 8 threads fed as much as 16 (22,455 and 22,225 img/s), so more threads per process only add contention.
+MAX_THREADS = 16
 
 
 class UsageError(Exception):
@@ -82,6 +90,11 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"run.py: {message} (see python run.py --help)\n")
+
+
+def dali_threads(cores: int, processes: int) -> int:
+    """DALI threads per process: the cores this process may use, shared with the node's other processes, capped."""
+    return max(1, min(MAX_THREADS, cores // processes))
 
 
 def parse(argv=None) -> Config:
@@ -105,6 +118,10 @@ def parse(argv=None) -> Config:
     cfg = Config(**{**vars(args), "device": device})
     if cfg.amp == "auto":
         cfg.amp = "bf16" if device == "cuda" else "off"
+    if cfg.threads < 0 or cfg.prefetch < 1 or not 0.0 <= cfg.hw_decoder_load <= 1.0:
+        p.error("--threads must be 0 (automatic) or more, --prefetch at least 1, --hw-decoder-load between 0 and 1")
+    if cfg.threads == 0:  # torchrun says how many processes share this node's cores
+        cfg.threads = dali_threads(len(os.sched_getaffinity(0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return cfg
 
 
@@ -159,8 +176,8 @@ def make_loader(cfg: Config, ctx: Context, shards: str, split: str, augment: str
     dev = ctx.devices[0]
     return DaliLoader(shards, split, cfg.batch_size, augment=augment, crop_size=crop_size, device=dev.type,
                       device_id=dev.index if dev.type == "cuda" else None, rank=ctx.rank, world_size=ctx.world,
-                      seed=cfg.seed, num_threads=cfg.num_threads,
-                      dtype=AMP_DTYPES[cfg.amp] or torch.float32, divide_std=cfg.divide_std)
+                      seed=cfg.seed, num_threads=cfg.threads, hw_decoder_load=cfg.hw_decoder_load,
+                      prefetch=cfg.prefetch, dtype=AMP_DTYPES[cfg.amp] or torch.float32, divide_std=cfg.divide_std)
 
 
 def evaluate(model, loader, amp: str, ctx: Context, views: int = 1) -> dict:
@@ -203,19 +220,18 @@ class Trainer:
             + (f" ({cfg.lr} at batch 128, scaled linearly)" if cfg.lr_scaling == "linear" else ""))
 
     def resume(self, ckpt: dict) -> None:
-        """Weights, optimiser, RNG states, history and, when it stopped within an epoch, the loader's position."""
+        """Weights, optimiser, RNG states, history, and this rank's loader where it stood."""
         checkpoint.restore_training(ckpt, self.raw, self.optimizer, self.train_step.scaler)
         checkpoint.set_rng_state(ckpt["rng"][self.ctx.rank])
+        self.train_loader.load_state_dict(ckpt["loader"][self.ctx.rank])
         self.history, self.step, self.partial = ckpt["history"], ckpt["step"], ckpt["partial"]
-        if self.partial is not None:
-            self.train_loader.load_state_dict(ckpt["loader"])
         self.log(f"resumed at epoch {self.step // self.spe + 1}, step {self.step}")
 
     def train_epoch(self, epoch: int) -> dict:
         """The epoch's steps (the rest of them after a resume); its sums stay on the device until the epoch ends."""
         cfg, dev, spe = self.cfg, self.dev, self.spe
+        self.train_loader.set_epoch(epoch)  # a check: the loader stands in this epoch (inside it, after a resume)
         if self.partial is None:
-            self.train_loader.set_epoch(epoch)
             acc = {"loss": torch.zeros((), device=dev), "wait_s": 0.0, "train_s": 0.0,
                    "classes": torch.zeros(self.manifest.num_classes, dtype=torch.long, device=dev)}
         else:  # this epoch's sums so far, from a checkpoint written within it
@@ -305,7 +321,8 @@ class Trainer:
             raise self.diverged("the weights are not finite")
         state = {"config": asdict(self.cfg), "world_size": self.ctx.world, "step": self.step, "history": self.history,
                  **checkpoint.training_state(self.raw, self.optimizer, self.train_step.scaler),
-                 "rng": checkpoint.all_rng_states(self.ctx.world), "loader": self.train_loader.state_dict(),
+                 "rng": checkpoint.all_rng_states(self.ctx.world),
+                 "loader": checkpoint.every_rank(self.train_loader.state_dict(), self.ctx.world),
                  "partial": acc and {k: torch.as_tensor(v).cpu() for k, v in acc.items()}}
         if self.ctx.rank == 0:
             path = checkpoint.save(self.workdir / "checkpoints", state, self.step, self.cfg.keep, best)
@@ -385,6 +402,7 @@ def main(argv=None) -> int:
         if cfg.eval:
             ckpt = checkpoint.read(cfg.eval)
             manifest = load_manifest(cfg.shards or ckpt["config"]["shards"])
+            crops = {"val": ckpt["config"]["crop_size"]}
         else:
             if not cfg.shards:
                 raise UsageError("--shards DIR is required: a folder written by tools/shard_imagenet.py "
@@ -393,6 +411,9 @@ def main(argv=None) -> int:
             if cfg.demo:
                 make_demo_data(cfg, ctx.rank)
             manifest = load_manifest(cfg.shards)
+            crops = {"train": cfg.crop_size, "val": cfg.crop_size}
+        for split, crop in crops.items():  # before anything is built or written
+            check_crop(manifest, split, crop)
         log("config:\n" + "\n".join(f"  {k:<19}{v}" for k, v in asdict(cfg).items()))
         if cfg.device == "cuda":
             torch.cuda.set_device(ctx.devices[0])

@@ -109,12 +109,16 @@ def rng_state() -> dict:
     return state
 
 
-def all_rng_states(world_size: int) -> list[dict]:
-    """Every rank's rng_state(), gathered (a collective under torchrun) so that rank 0's checkpoint holds them all."""
-    every = [rng_state()] * world_size
+def every_rank(obj, world_size: int) -> list:
+    """Every rank's `obj`, gathered (a collective under torchrun) so that rank 0's checkpoint holds them all."""
+    every = [obj] * world_size
     if world_size > 1:
-        torch.distributed.all_gather_object(every, every[0])
+        torch.distributed.all_gather_object(every, obj)
     return every
+
+
+def all_rng_states(world_size: int) -> list[dict]:
+    return every_rank(rng_state(), world_size)
 
 
 def set_rng_state(state: dict) -> None:

@@ -14,19 +14,23 @@ from pipeline.manifest import IMAGE_EXT, LABEL_EXT
 
 READER = "shards"
 # Shuffle buffer per rank, in samples (compressed JPEGs: ~110 MB of host memory at the paper's 256x256, ~450 MB at
-# full size). The sharder shuffled samples across files, and the loader permutes the files every epoch, so a
-# buffer of a few shards' worth mixes classes about as well as a full permutation would.
+# full size). The sharder shuffled samples across files, and the reader visits the files in a new order every
+# epoch, so a buffer of a few shards' worth mixes classes about as well as a full permutation would.
 INITIAL_FILL = 4096
 DRAWS = {"paper": ("crop_pos_x", "crop_pos_y", "mirror", "alpha"), "inception": ("mirror",),
          "center": (), "tencrop": ()}
 
 
 def read_shards(files, index_files, *, shard_id, num_shards, shuffle, seed):
-    """(jpegs, labels) of this rank's contiguous share of the files; the last batch padded by repeating samples."""
+    """(jpegs, labels) of this rank's contiguous share of the files, epoch after epoch; each epoch's last batch is
+    padded by repeating a sample. shuffle (training): every epoch the files in a new order, drawn from `seed` (the same
+    on every rank, so the shares still split the samples), and the samples shuffled in a buffer; else the rank's
+    share in file order, the same every epoch."""
     return fn.readers.webdataset(
         paths=files, index_paths=index_files, ext=[IMAGE_EXT, LABEL_EXT], dtypes=[types.UINT8, types.INT32],
         missing_component_behavior="error", random_shuffle=shuffle, initial_fill=INITIAL_FILL, seed=seed,
-        shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, name=READER)
+        shuffle_after_epoch=shuffle, stick_to_shard=not shuffle, shard_id=shard_id, num_shards=num_shards,
+        pad_last_batch=True, name=READER)
 
 
 def paper(jpegs, *, crop, decode, normalise, mean, lighting):

@@ -39,6 +39,7 @@ class Manifest:
     rgb_std: np.ndarray  # (3,), 0-255 pixel units
     eigval: np.ndarray  # (3,), covariance eigenvalues of RGB scaled to [0, 1] (paper §4.1)
     eigvec: np.ndarray  # (3, 3), column i is eigenvector p_i
+    min_side: dict[str, int | None]  # per split, the shortest image side; None when unknown (no resize, older tool)
     raw: dict
 
     @property
@@ -85,7 +86,7 @@ def load_manifest(shards_dir: str | Path, checksums: bool = False) -> Manifest:
 
 
 def _parse(root: Path, raw: dict, checksums: bool, hint: str) -> Manifest:
-    splits = {}
+    splits, min_side = {}, {}
     for split, entry in raw["splits"].items():
         shards = []
         for s in entry["shards"]:
@@ -96,11 +97,24 @@ def _parse(root: Path, raw: dict, checksums: bool, hint: str) -> Manifest:
         if sum(s.count for s in shards) != entry["count"]:
             raise ShardError(f"{root / MANIFEST}: '{split}' shard counts do not add up to {entry['count']}; {hint}")
         splits[split] = shards
+        # Older manifests lack the measured side: the resize's short side bounds it then.
+        size = entry["min_side"] if "min_side" in entry else raw.get("preprocessing", {}).get("size")
+        min_side[split] = None if size is None else int(size)
     stats = raw["stats"]
     return Manifest(root=root, classes=raw["classes"], splits=splits,
                     rgb_mean=np.asarray(stats["rgb_mean"], np.float64), rgb_std=np.asarray(stats["rgb_std"], np.float64),
                     eigval=np.asarray(stats["eigval"], np.float64), eigvec=np.asarray(stats["eigvec"], np.float64),
-                    raw=raw)
+                    min_side=min_side, raw=raw)
+
+
+def check_crop(manifest: Manifest, split: str, crop_size: int) -> None:
+    """Refuse a crop larger than the split's smallest image up front, rather than fail (or pad) mid-run."""
+    manifest.shards(split)
+    side = manifest.min_side[split]
+    if side is not None and crop_size > side:
+        raise ShardError(f"{manifest.root / MANIFEST}: the smallest '{split}' image has a short side of {side}, "
+                         f"smaller than crop_size {crop_size}; pass a smaller --crop-size, or re-shard with "
+                         f"tools/shard_imagenet.py --resize short:{crop_size}")
 
 
 def _check_shard(shard: Shard, checksums: bool, hint: str) -> None:

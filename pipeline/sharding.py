@@ -1,7 +1,8 @@
-"""Which samples each rank reads in each epoch: pure functions of (count, rank, world size, seed, epoch).
+"""Which samples each rank reads in each epoch: pure functions of (count, rank, world size, seed).
 
-DALI's reader splits the concatenated samples of its files into `world` contiguous ranges (one per rank) and pads
-each rank's last batch; these functions say the same in NumPy so the loader and the tests can count on it.
+DALI's reader splits the concatenated samples of its files into `world` contiguous ranges (one per rank), the files
+in a new order every training epoch, and pads each rank's last batch; these functions say the same in NumPy so the
+loader and the tests can count on it.
 """
 from __future__ import annotations
 
@@ -25,11 +26,8 @@ def valid_in_step(count: int, rank: int, world: int, batch_size: int, step: int)
     return int(np.clip(stop - start - step * batch_size, 0, batch_size))
 
 
-def file_order(num_files: int, seed: int, epoch: int) -> np.ndarray:
-    """This epoch's order of the shard files, the same on every rank, so each epoch gives each rank other samples."""
-    return np.random.default_rng([seed, epoch]).permutation(num_files)
-
-
-def pipeline_seed(seed: int, epoch: int, rank: int) -> int:
-    """The DALI seed (reader shuffle and augmentation draws) of one rank in one epoch."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0] & 0x7FFFFFFF)
+def dali_seeds(seed: int, rank: int) -> tuple[int, int]:
+    """(reader seed, draw seed) of one rank's pipeline: the reader's is the same on every rank, so that all ranks visit
+    the files in one order and split it; the augmentation's draws differ between ranks."""
+    reader, draws = (np.random.SeedSequence(seed, spawn_key=key).generate_state(1)[0] for key in ((0,), (1, rank)))
+    return int(reader & 0x7FFFFFFF), int(draws & 0x7FFFFFFF)

@@ -15,7 +15,7 @@ from tools import bench_io
 from pipeline.baseline import augment, baseline_loader, device_batches
 from pipeline.bench.report import MODES, derive, overlap, speedup
 from pipeline.bench.sweep import coordinate_search, sweep_grid
-from pipeline.bench.timing import summarise, time_windows
+from pipeline.bench.timing import boundary_stall, summarise, time_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +35,13 @@ def test_summarise_is_median_of_windows_with_spread():
     assert (r["img_per_s_min"], r["img_per_s_max"]) == (25.0, 200.0)
     assert r["spread_pct"] == pytest.approx(175.0)
     assert (r["windows"], r["seconds"]) == (5, 8.5)
+
+
+def test_boundary_stall_is_the_longest_step_near_the_boundary_in_median_steps():
+    seconds = [0.1] * 10 + [0.7, 0.1, 0.1, 0.1, 0.1, 0.1, 0.9]  # the 0.9 s step is far from the boundary
+    r = boundary_stall(seconds, first=12)
+    assert r == pytest.approx({"longest_s": 0.7, "median_step_s": 0.1, "stall_steps": 7.0, "steps": 17})
+    assert boundary_stall([0.2, 0.1, 0.1], first=0)["stall_steps"] == pytest.approx(2.0)
 
 
 def test_time_windows_syncs_before_every_clock_read():
@@ -137,6 +144,8 @@ def test_quick_run_writes_every_mode_and_a_plot(demo_shards, tmp_path):
         assert r["img_per_s_per_core"] == pytest.approx(r["img_per_s"] / r["cpu"]["cores_used"]), mode
     assert report["towers"]["dense"] == report["model"] and report["towers"]["split"]["img_per_s"] > 0
     assert "model alone, split towers" in run.stdout
+    boundary = report["loader"]["epoch_boundary"]
+    assert boundary["stall_steps"] > 0 and boundary["steps"] >= 4 and "epoch boundary (loader alone)" in run.stdout
     assert 0 <= report["e2e"]["data_wait_frac"] <= 1
     assert ("gpu_busy_frac" in report["e2e"]) == torch.cuda.is_available()
     if torch.cuda.is_available():

@@ -4,6 +4,7 @@ import json
 import shutil
 import tarfile
 from collections import Counter
+from dataclasses import asdict
 from itertools import islice
 
 import psutil
@@ -12,6 +13,7 @@ import torch
 
 from pipeline import DaliLoader, ShardError, load_manifest
 from pipeline.sharding import rank_range
+from pipeline.writer.tars import Sample, read_shard, write_shard
 
 CROP = 48
 
@@ -47,31 +49,38 @@ def test_labels_match_the_shards(demo_shards, split, augment):
 
 # (5, 19): ranks of 19 samples take a whole batch of padding to keep step with the rank of 20.
 @pytest.mark.parametrize("world,batch", [(1, 7), (2, 7), (3, 7), (5, 19)])
-def test_train_epoch_covers_the_split_once_over_the_ranks(demo_shards, world, batch):
-    count = load_manifest(demo_shards).count("train")
-    everything, steps = Counter(), set()
+def test_train_epochs_cover_the_split_once_over_the_ranks(demo_shards, world, batch):
+    count, epochs = load_manifest(demo_shards).count("train"), 3
+    everything, steps = [Counter() for _ in range(epochs)], set()
     for rank in range(world):
         with loader(demo_shards, batch=batch, rank=rank, world_size=world, seed=5) as ld:
-            ld.set_epoch(1)
-            keys = [k for b in epoch_keys(ld) for k in b]
+            for epoch in range(epochs):  # one pipeline, epoch after epoch
+                ld.set_epoch(epoch)
+                keys = [k for b in epoch_keys(ld) for k in b]
+                start, stop = rank_range(count, rank, world)
+                own, padding = keys[:stop - start], keys[stop - start:]
+                assert len(set(own)) == len(own)  # the rank's share, each once
+                assert set(padding) <= set(own) and len(keys) == len(ld) * batch
+                everything[epoch].update(own)
             steps.add(len(ld))
-        start, stop = rank_range(count, rank, world)
-        own, padding = keys[:stop - start], keys[stop - start:]
-        assert len(set(own)) == len(own)  # the rank's share, each once
-        assert set(padding) <= set(own) and len(keys) == len(ld) * batch
-        everything.update(own)
     assert len(steps) == 1  # the same number of steps on every rank
-    assert set(everything) == set(tar_labels(demo_shards, "train")) and set(everything.values()) == {1}
+    for seen in everything:
+        assert set(seen) == set(tar_labels(demo_shards, "train")) and set(seen.values()) == {1}
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_eval_sees_every_sample_exactly_once(demo_shards, world):
+def test_eval_sees_every_sample_exactly_once_every_pass(demo_shards, world):
     seen, steps = Counter(), set()
     for rank in range(world):
         with loader(demo_shards, "val", 5, augment="center", rank=rank, world_size=world) as ld:
-            for images, labels in ld:
-                assert images.shape[0] == labels.shape[0] == len(ld.info["key"]) <= 5
-                seen.update(ld.info["key"])
+            passes = []
+            for _ in range(2):
+                passes.append([])
+                for images, labels in ld:
+                    assert images.shape[0] == labels.shape[0] == len(ld.info["key"]) <= 5
+                    passes[-1] += ld.info["key"]
+            assert passes[0] == passes[1]  # each pass the rank's own share, in the same order
+            seen.update(passes[0])
             steps.add(len(ld))
     assert len(steps) == 1 and seen == Counter(tar_labels(demo_shards, "val").keys())
 
@@ -81,14 +90,13 @@ def test_epochs_reshuffle_deterministically(demo_shards):
         first, again, other = epoch_keys(a), epoch_keys(b), epoch_keys(c)
         assert a.epoch == 1  # a full pass moves on to the next epoch
         second = epoch_keys(a)
+        with pytest.raises(ValueError, match="in order"):
+            a.set_epoch(3)
     assert first == again and first != second and first != other
     assert sorted(sum(first, [])[:96]) == sorted(sum(second, [])[:96])
     # Across epochs the file order changes too, so each rank reads other samples.
-    shares = []
-    for epoch in range(4):
-        with loader(demo_shards, batch=8, rank=0, world_size=3, seed=1) as ld:
-            ld.set_epoch(epoch)
-            shares.append(frozenset(k for b in epoch_keys(ld) for k in b))
+    with loader(demo_shards, batch=8, rank=0, world_size=3, seed=1) as ld:
+        shares = [frozenset(k for b in epoch_keys(ld) for k in b) for _ in range(4)]
     assert len(set(shares)) > 1
 
 
@@ -96,7 +104,8 @@ def batches(ld, n):
     return [(images.clone(), labels.clone()) for images, labels in islice(ld, n)]
 
 
-def test_resume_mid_epoch_and_at_the_boundary_gives_the_same_batches(demo_shards):
+@pytest.mark.parametrize("world,rank", [(1, 0), (2, 1)])
+def test_resume_mid_epoch_and_at_the_boundary_gives_the_same_batches(demo_shards, world, rank):
     def run(ld, epochs):
         out = []
         for epoch in epochs:
@@ -104,27 +113,35 @@ def test_resume_mid_epoch_and_at_the_boundary_gives_the_same_batches(demo_shards
             out += [(x.clone(), y.clone()) for x, y in ld]
         return out
 
-    with loader(demo_shards, seed=3) as ld:
+    def make(**kw):
+        return loader(demo_shards, seed=3, world_size=world, rank=rank, **kw)
+
+    with make() as ld:
         steps = len(ld)
-        straight = run(ld, [0, 1])
-    with loader(demo_shards, seed=3) as ld:
+        straight = run(ld, [0, 1, 2])
+    with make() as ld:
         head = batches(ld, 5)
         mid = ld.state_dict()
     assert mid["epoch"] == 0 and mid["step"] == 5
-    with loader(demo_shards, seed=3, num_threads=2, prefetch=3) as ld:  # threads and prefetch do not matter
+    with make(num_threads=2, prefetch=3) as ld:  # threads and prefetch do not matter
         ld.load_state_dict(mid)
-        tail = run(ld, [0, 1])
+        assert ld.state_dict() == mid  # unchanged until it runs
+        tail = run(ld, [0, 1, 2])
+    with make() as ld:  # a state saved at an epoch's end resumes the next epoch
+        run(ld, [0])
         boundary = ld.state_dict()
-    assert boundary["epoch"] == 2 and boundary["step"] == 0
-    resumed = head + tail
-    assert len(resumed) == len(straight) == 2 * steps
-    for (x, y), (x2, y2) in zip(straight, resumed):
-        assert torch.equal(x, x2) and torch.equal(y, y2)
-    with loader(demo_shards, seed=3) as ld:
-        ld.load_state_dict({**mid, "epoch": 1, "step": 0})
-        assert all(torch.equal(x, x2) for (x, _), (x2, _) in zip(run(ld, [1]), straight[steps:]))
+    assert boundary["epoch"] == 1 and boundary["step"] == 0
+    with make() as ld:
+        ld.load_state_dict(boundary)
+        after = run(ld, [1, 2])
         with pytest.raises(ValueError, match="world_size"):
-            ld.load_state_dict({**mid, "world_size": 2})
+            ld.load_state_dict({**mid, "world_size": 3})
+        with pytest.raises(ValueError, match="rank"):  # each rank resumes its own pipeline
+            ld.load_state_dict({**mid, "rank": rank + 1})
+    for resumed in (head + tail, straight[:steps] + after):
+        assert len(resumed) == len(straight) == 3 * steps
+        for (x, y), (x2, y2) in zip(straight, resumed):
+            assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
 def copy_shards(src, dst):
@@ -184,6 +201,36 @@ def test_bad_shard_folders_raise_one_line_naming_the_fix(demo_shards, tmp_path):
     one_line_error(demo_shards, "no 'test' shards; re-shard", split="test")
 
 
+def test_info_names_shards_and_keys_that_hold_colons(demo_shards, tmp_path):
+    # source_info is "TAR:OFFSET:MEMBER"; here TAR's folder and MEMBER both hold ":digits:" as well.
+    folder = copy_shards(demo_shards, tmp_path / "e:12:x")
+    records = []
+    for shard in load_manifest(folder).shards("val"):
+        samples = [Sample(f"12:34:{s.key}", s.jpeg, s.label) for s in read_shard(shard.tar)]
+        records.append(asdict(write_shard(folder, shard.tar.stem, samples)))
+    edit_manifest(folder, lambda m: m["splits"]["val"].update(shards=records))
+    want, seen = tar_labels(folder, "val"), []
+    with loader(folder, "val", 5, augment="center") as ld:
+        for _, labels in ld:
+            assert ld.info["tar"] == ["val-000000.tar"] * len(labels)
+            assert labels.tolist() == [want[k] for k in ld.info["key"]]
+            seen += ld.info["key"]
+    assert sorted(seen) == sorted(want) and len(seen) == 24 and all(k.startswith("12:34:") for k in seen)
+
+
+def test_a_crop_larger_than_the_smallest_image_is_refused_up_front(demo_shards, tmp_path):
+    small = copy_shards(demo_shards, tmp_path / "small")
+    edit_manifest(small, lambda m: m["splits"]["val"].update(min_side=40))  # as the sharder records it
+    message = one_line_error(small, "the smallest 'val' image has a short side of 40, smaller than crop_size 48; "
+                                    "pass a smaller --crop-size, or re-shard .*--resize short:48", split="val",
+                             augment="center")
+    assert str(small / "manifest.json") in message
+    with loader(small, "val", augment="center", crop_size=40) as ld:  # a crop that fits the split passes
+        assert sum(len(y) for _, y in ld) == 24
+    with loader(small, "train") as ld:  # no min_side recorded: the resize's short side, 80
+        next(iter(ld))
+
+
 @pytest.mark.parametrize("bad", [{"augment": "random"}, {"device": "tpu"}, {"dtype": torch.int8}, {"rank": 2},
                                  {"batch": 0}, {"hw_decoder_load": 1.5}, {"prefetch": 0}])
 def test_bad_arguments_raise_value_error(demo_shards, bad):
@@ -192,6 +239,11 @@ def test_bad_arguments_raise_value_error(demo_shards, bad):
 
 
 def test_a_broken_jpeg_mid_epoch_names_its_shard(demo_shards, tmp_path):
+    with loader(demo_shards, batch=4) as ld:  # a position in epoch 1, saved by a run on intact shards
+        for _ in ld:
+            pass
+        batches(ld, 1)
+        in_epoch_1 = ld.state_dict()
     broken = copy_shards(demo_shards, tmp_path / "broken")
     line = (broken / "train-000002.idx").read_text().splitlines()[5].split()  # the 5th sample: jpg offset size name
     offset, size, name = int(line[1]), int(line[2]), line[3]
@@ -202,8 +254,15 @@ def test_a_broken_jpeg_mid_epoch_names_its_shard(demo_shards, tmp_path):
     threads = psutil.Process().num_threads()
     message = one_line_error(broken, f"train-000002.tar: {name} does not decode" + VERIFY, batch=4)
     assert str(broken) in message
+    # Resumed from a DALI checkpoint, the replay that finds the JPEG starts there (or at a later epoch's start).
+    with pytest.raises(ShardError, match=f"train-000002.tar: {name} does not decode" + VERIFY):
+        with loader(broken, batch=4) as ld:
+            ld.load_state_dict(in_epoch_1)
+            for _ in range(3):
+                for _ in ld:
+                    pass
     gc.collect()
-    assert psutil.Process().num_threads() == threads  # the failed pipeline and the one that found the JPEG are gone
+    assert psutil.Process().num_threads() == threads  # the failed pipelines and the ones that found the JPEG are gone
 
 
 def test_close_is_idempotent_and_leaves_no_threads(demo_shards):
@@ -220,3 +279,35 @@ def test_close_is_idempotent_and_leaves_no_threads(demo_shards):
     assert psutil.Process().num_threads() == before
     with pytest.raises(ValueError, match="closed"):
         next(iter(ld))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_batches_outlive_a_late_consumer(demo_shards, dtype):
+    """DALI must not reuse a batch's memory before the kernels queued on it have run. The GPU is held back before
+    each batch is asked for, so the loader's bfloat16 cast and the reads queue behind: the sums are a synchronised
+    run's."""
+    def checksums(late: bool) -> torch.Tensor:
+        sums = []
+        with loader(demo_shards, batch=8, device="cuda", device_id=0, dtype=dtype, seed=4) as ld:
+            for _ in range(2):  # two epochs: the boundary too
+                batches = iter(ld)
+                while True:
+                    if late:
+                        torch.cuda._sleep(50_000_000)  # ~30 ms of GPU time, queued ahead of everything below
+                    batch = next(batches, None)
+                    if batch is None:
+                        break
+                    if not late:
+                        torch.cuda.synchronize()
+                    x = batch[0].double()
+                    where = torch.arange(x.numel(), dtype=x.dtype, device=x.device).view(x.shape)
+                    sums.append(torch.stack([x.sum(), (x * where).sum(), batch[1].double().sum()]))
+                    del batch, x  # as a training step drops its batch
+                    if not late:
+                        torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        return torch.stack(sums).cpu()
+
+    synchronised = checksums(late=False)
+    assert len(synchronised) == 24 and torch.equal(checksums(late=True), synchronised)

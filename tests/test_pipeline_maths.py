@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from pipeline.augment import TENCROP_VIEWS, crop_anchor, crop_window, lighting_offset, normalisation
-from pipeline.sharding import file_order, pipeline_seed, rank_range, steps_per_epoch, valid_in_step
+from pipeline.sharding import dali_seeds, rank_range, steps_per_epoch, valid_in_step
 
 
 def test_crop_anchor_follows_dalis_rounding():
@@ -60,10 +60,9 @@ def test_ranks_split_the_samples_exactly_once(count, world, batch):
     assert [sum(v) for v in valid] == [stop - start for start, stop in ranges]
 
 
-def test_epoch_order_is_a_function_of_seed_and_epoch():
-    assert np.array_equal(file_order(50, seed=3, epoch=7), file_order(50, seed=3, epoch=7))
-    assert sorted(file_order(50, 3, 7)) == list(range(50))
-    assert not np.array_equal(file_order(50, 3, 7), file_order(50, 3, 8))
-    assert not np.array_equal(file_order(50, 3, 7), file_order(50, 4, 7))
-    seeds = {pipeline_seed(0, e, r) for e in range(4) for r in range(4)}
-    assert len(seeds) == 16 and all(0 <= s < 2**31 for s in seeds)
+def test_dali_seeds_share_the_reader_and_split_the_draws():
+    seeds = [dali_seeds(seed, rank) for seed in range(3) for rank in range(4)]
+    assert all(0 <= s < 2**31 for pair in seeds for s in pair)
+    assert len({reader for reader, _ in seeds[:4]}) == 1  # one file order for every rank of a run
+    assert len({reader for reader, _ in seeds}) == 3 and len({draws for _, draws in seeds}) == 12
+    assert dali_seeds(7, 2) == dali_seeds(7, 2)

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,12 @@ import torch
 
 import run
 from model import checkpoint
+from pipeline.bench.sweep import best_line
 from tools import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 # 96 train images / batch 16 = 6 steps per epoch; 64x64 is the smallest crop AlexNet's three poolings take.
-MACHINE = ["--batch-size", "16", "--crop-size", "64", "--num-threads", "1", "--log-interval", "2", "--device", "cpu"]
+MACHINE = ["--batch-size", "16", "--crop-size", "64", "--threads", "1", "--log-interval", "2", "--device", "cpu"]
 # He init at this lr diverges on undivided 0-255 pixels (the §2 default), as the demo would: hence --divide-std.
 FAST = MACHINE + ["--lr", "0.02", "--lr-scaling", "none", "--warmup-epochs", "0.5", "--init", "kaiming", "--divide-std"]
 
@@ -150,6 +152,21 @@ def test_inputs_are_mean_subtracted_only_unless_divide_std(demo_shards):
     assert run.parse(["--demo", "--device", "cpu"]).divide_std
 
 
+def test_loader_settings_default_from_the_node_and_take_bench_io_sweeps_best(demo_shards, monkeypatch):
+    assert [run.dali_threads(c, p) for c, p in ((16, 1), (64, 8), (26, 2), (2, 4), (128, 1))] == [16, 8, 13, 1, 16]
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    cfg = run.parse(["--shards", str(demo_shards)])
+    assert (cfg.threads, cfg.hw_decoder_load, cfg.prefetch) == (run.dali_threads(cores, 1), 0.65, 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))  # torchrun: more processes than cores on this node
+    assert run.parse(["--shards", str(demo_shards)]).threads == 1
+    # bench_io --sweep prints its best setting as run.py flags, to be pasted as they are.
+    best = {"batch_size": 256, "threads": 12, "hw_decoder_load": 0.8, "prefetch": 3}
+    flags = best_line(best).split(":", 1)[1].split()
+    cfg = run.parse(["--shards", str(demo_shards), *flags])
+    assert {k: getattr(cfg, k) for k in best} == best
+
+
 def _one_line_exit_2(capsys, argv):
     assert run.main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -193,9 +210,29 @@ def test_bad_input_model_parallel_without_two_devices(demo_shards, tmp_path, cap
     assert not (tmp_path / "w").exists()
 
 
+def test_bad_input_crop_larger_than_the_smallest_image(demo_shards, tmp_path, capsys):
+    small = tmp_path / "small"
+    shutil.copytree(demo_shards, small)
+    raw = json.loads((small / "manifest.json").read_text())
+    raw["splits"]["train"]["min_side"] = 60  # as the sharder records it; the demo's resize side is 80
+    (small / "manifest.json").write_text(json.dumps(raw))
+    err = _one_line_exit_2(capsys, ["--shards", str(small), "--workdir", str(tmp_path / "w"), *FAST])
+    assert err == (f"run.py: {small / 'manifest.json'}: the smallest 'train' image has a short side of 60, smaller "
+                   f"than crop_size 64; pass a smaller --crop-size, or re-shard with tools/shard_imagenet.py "
+                   f"--resize short:64")
+    assert not (tmp_path / "w").exists()
+
+
 def test_bad_input_eval_of_a_missing_checkpoint(tmp_path, capsys):
     err = _one_line_exit_2(capsys, ["--eval", str(tmp_path / "nope.pt")])
     assert "nope.pt: unreadable" in err and "WORKDIR/checkpoints" in err
+
+
+@pytest.mark.parametrize("flag", [["--threads", "-1"], ["--prefetch", "0"], ["--hw-decoder-load", "1.5"]])
+def test_bad_input_loader_settings(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        run.parse(["--shards", "x", *flag])
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 def test_bad_input_unknown_flag_from_the_shell():

@@ -5,7 +5,8 @@
                              [--compile MODE] [--device cuda|cpu] [--divide-std] [--tower-convs LIST] [--sweep]
                              [--quick] [--json FILE] [--plot FILE]
 
-Modes, all on the same shards: `loader` (DaliLoader alone), `model` (run.py's training step on synthetic
+Modes, all on the same shards: `loader` (DaliLoader alone, then on across its next epoch boundary: up to an epoch,
+~1 minute of ImageNet on an H100), `model` (run.py's training step on synthetic
 batches already on the device: the compute ceiling), `e2e` (that step fed by that loader) and `baseline`
 (torch DataLoader + webdataset + Pillow workers doing the same augmentation, pipeline/baseline.py).
 Each figure is the median images/s of --windows timed windows of --steps steps, after --warmup steps.
@@ -36,7 +37,8 @@ from pipeline.manifest import Manifest, ShardError, load_manifest  # noqa: E402
 from pipeline.baseline import baseline_loader, device_batches  # noqa: E402
 from pipeline.bench.report import derive, table, write_json, write_plot  # noqa: E402
 from pipeline.bench.sweep import HEADER, SWEPT, best_line, coordinate_search, sweep_grid, trial_row  # noqa: E402
-from pipeline.bench.timing import CpuMeter, describe_machine, device_sync, summarise, time_windows, warm_up  # noqa: E402
+from pipeline.bench.timing import (CpuMeter, boundary_stall, describe_machine, device_sync, summarise,  # noqa: E402
+                                   time_windows, warm_up)
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 # --quick: about a minute on a 2-core CPU, where one training step of the 60M-parameter model takes seconds
@@ -168,8 +170,21 @@ class Bench:
         r["img_per_s_per_core"] = r["img_per_s"] / max(cpu.result["cores_used"], 1e-9)
         return {**r, "batch_size": batch_size, "cpu": cpu.result}
 
-    def loader_alone(self, batches: Iterator, batch_size: int) -> dict:
-        return self.measure("loader", lambda: next(batches), batch_size)
+    def loader_alone(self, loader: DaliLoader, batches: Iterator, batch_size: int) -> dict:
+        r = self.measure("loader", lambda: next(batches), batch_size)
+        return {**r, "epoch_boundary": self.epoch_boundary(loader, batches)}
+
+    def epoch_boundary(self, loader: DaliLoader, batches: Iterator, after: int = 3) -> dict:
+        """Each step's wall time (device synchronised) on to `after` steps past the next epoch boundary: the longest
+        step around the boundary, in median steps (the training thread's stall there)."""
+        first = len(loader) - loader.step  # the next epoch's first batch is this many steps ahead
+        seconds = []
+        for _ in tqdm(range(first + after), desc="boundary", unit="step", leave=False):
+            start = time.perf_counter()
+            next(batches)
+            self.sync()
+            seconds.append(time.perf_counter() - start)
+        return boundary_stall(seconds, first)
 
     def model_alone(self, batch_size: int, tower_convs: str | None = None) -> dict:
         c = self.cfg
@@ -217,7 +232,8 @@ class Bench:
         """loader, model and e2e at one setting; the loader's stream continues from `loader` into `e2e`."""
         with self.dali(s) as loader:
             batches = endless(loader)
-            return {"loader": self.loader_alone(batches, s["batch_size"]), "model": self.model_alone(s["batch_size"]),
+            return {"loader": self.loader_alone(loader, batches, s["batch_size"]),
+                    "model": self.model_alone(s["batch_size"]),
                     "e2e": self.end_to_end(batches, s["batch_size"])}
 
     def sweep_trial(self, s: dict) -> dict:

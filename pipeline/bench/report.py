@@ -49,6 +49,9 @@ def table(report: dict) -> str:
                     f"{_pct(r.get('data_wait_frac')):>9} {_pct(r.get('gpu_busy_frac')):>8}")
     for convs, r in report.get("towers", {}).items():
         rows.append(f"{'  model alone, ' + convs + ' towers':<30} {_rate(r['img_per_s']):>9}")
+    b = report["loader"]["epoch_boundary"]
+    rows.append(f"epoch boundary (loader alone): longest step {1e3 * b['longest_s']:,.1f} ms = "
+                f"{b['stall_steps']:.1f} median steps of {1e3 * b['median_step_s']:,.1f} ms")
     rows.append(f"overlap = end to end / min(loader, model) = {report['overlap']:.2f}")
     rows.append(f"end to end vs baseline = {report['speedup_vs_baseline']:.2f}x   "
                 f"(loader vs baseline = {report['loader_vs_baseline']:.2f}x)")

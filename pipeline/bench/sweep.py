@@ -45,5 +45,5 @@ def trial_row(t: dict) -> str:
 
 
 def best_line(best: dict) -> str:
-    return (f"best: --batch-size {best['batch_size']} --threads {best['threads']} "
+    return (f"best, as run.py flags: --batch-size {best['batch_size']} --threads {best['threads']} "
             f"--hw-decoder-load {best['hw_decoder_load']} --prefetch {best['prefetch']}")

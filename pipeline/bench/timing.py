@@ -1,4 +1,5 @@
-"""How bench_io times: warm-up excluded, device synchronised, median of windows; CPU use; the machine measured."""
+"""How bench_io times: warm-up excluded, device synchronised, median of windows; the epoch-boundary stall; CPU use;
+the machine measured."""
 from __future__ import annotations
 
 import contextlib
@@ -49,6 +50,13 @@ def summarise(seconds: list[float], images_per_window: int) -> dict:
     return {"img_per_s": median, "img_per_s_min": min(rates), "img_per_s_max": max(rates),
             "spread_pct": 100.0 * (max(rates) - min(rates)) / median, "windows": len(rates),
             "images_per_window": images_per_window, "seconds": sum(seconds)}
+
+
+def boundary_stall(seconds: list[float], first: int, around: int = 2) -> dict:
+    """The longest of the steps within `around` of an epoch's first (seconds[first]), in median steps."""
+    longest = max(seconds[max(0, first - around):first + around + 1])
+    median = statistics.median(seconds)
+    return {"longest_s": longest, "median_step_s": median, "stall_steps": longest / median, "steps": len(seconds)}
 
 
 class CpuMeter:
