@@ -146,6 +146,8 @@ def test_quick_run_writes_every_mode_and_a_plot(demo_shards, tmp_path):
     assert "model alone, split towers" in run.stdout
     boundary = report["loader"]["epoch_boundary"]
     assert boundary["stall_steps"] > 0 and boundary["steps"] >= 4 and "epoch boundary (loader alone)" in run.stdout
+    assert 0.1 < report["memory"]["host_rss_gib"] < 24 and "peak memory after end to end" in run.stdout
+    assert ("gpu_used_gib" in report["memory"]) == torch.cuda.is_available()
     assert 0 <= report["e2e"]["data_wait_frac"] <= 1
     assert ("gpu_busy_frac" in report["e2e"]) == torch.cuda.is_available()
     if torch.cuda.is_available():

@@ -37,8 +37,8 @@ from pipeline.manifest import Manifest, ShardError, load_manifest  # noqa: E402
 from pipeline.baseline import baseline_loader, device_batches  # noqa: E402
 from pipeline.bench.report import derive, table, write_json, write_plot  # noqa: E402
 from pipeline.bench.sweep import HEADER, SWEPT, best_line, coordinate_search, sweep_grid, trial_row  # noqa: E402
-from pipeline.bench.timing import (CpuMeter, boundary_stall, describe_machine, device_sync, summarise,  # noqa: E402
-                                   time_windows, warm_up)
+from pipeline.bench.timing import (CpuMeter, boundary_stall, describe_machine, device_sync, peak_memory,  # noqa: E402
+                                   summarise, time_windows, warm_up)
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 # --quick: about a minute on a 2-core CPU, where one training step of the 60M-parameter model takes seconds
@@ -232,9 +232,9 @@ class Bench:
         """loader, model and e2e at one setting; the loader's stream continues from `loader` into `e2e`."""
         with self.dali(s) as loader:
             batches = endless(loader)
-            return {"loader": self.loader_alone(loader, batches, s["batch_size"]),
-                    "model": self.model_alone(s["batch_size"]),
-                    "e2e": self.end_to_end(batches, s["batch_size"])}
+            r = {"loader": self.loader_alone(loader, batches, s["batch_size"]),
+                 "model": self.model_alone(s["batch_size"]), "e2e": self.end_to_end(batches, s["batch_size"])}
+            return {**r, "memory": peak_memory(self.cfg.device)}  # while the loader still holds its buffers
 
     def sweep_trial(self, s: dict) -> dict:
         """End to end at one --sweep setting, printed as a row when done."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -86,6 +87,20 @@ class CpuMeter:
                 continue
             total += t.user + t.system
         return total
+
+
+def peak_memory(device: str) -> dict:
+    """GiB held so far: this process's peak RSS, and on a GPU the device's memory in use with torch's share of it.
+
+    DALI's pools have no public counter; they are most of `gpu_other_gib` (the device's use beyond torch's pool,
+    CUDA contexts included). Pools keep what they grew to, so a reading after the run is its peak."""
+    gib = 2.0 ** 30
+    r = {"host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib}  # Linux counts KiB
+    if device == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        r["gpu_used_gib"], r["gpu_torch_gib"] = (total - free) / gib, torch.cuda.max_memory_reserved() / gib
+        r["gpu_other_gib"] = r["gpu_used_gib"] - torch.cuda.memory_reserved() / gib
+    return r
 
 
 def describe_machine() -> dict:
