@@ -99,8 +99,7 @@ def test_every_policy_end_to_end(mid_src, tmp_path, resize):
         assert len(samples) == n
         for s in samples:
             size = Image.open(io.BytesIO(s.jpeg)).size
-            folder = f"train/{s.key.split('_')[0]}" if split == "train" else "val"
-            source = mid_src / folder / f"{s.key}.JPEG"
+            source = mid_src / s.path
             if resize == "paper":
                 assert size == (256, 256)
             elif resize == "short:100":

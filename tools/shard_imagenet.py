@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.writer.build import ShardConfig, UsageError, shard  # noqa: E402
 from pipeline.writer.images import parse_resize  # noqa: E402
 from pipeline.writer.layout import LayoutError  # noqa: E402
+from pipeline.writer.pool import WorkerDied  # noqa: E402
 from pipeline.writer.verify import verify  # noqa: E402
 
 
@@ -59,11 +60,14 @@ def parse_config(argv) -> ShardConfig:
 def main(argv=None) -> int:
     try:
         cfg = parse_config(argv)
-        print(cfg)
+        print(cfg.show())
         return verify(cfg.verify, cfg.workers) if cfg.verify else shard(cfg)
     except (UsageError, LayoutError) as e:
         print(f"shard_imagenet: {e}", file=sys.stderr)
         return 2
+    except WorkerDied as e:
+        print(f"shard_imagenet: {e}; rerun the same command (finished shards are kept)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import io
 import sys
-from multiprocessing import Pool
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
 from pipeline.manifest import ShardError, load_manifest
+from pipeline.writer.plan import shown
+from pipeline.writer.pool import ordered_map
 from pipeline.writer.tars import read_shard
 
 
@@ -22,27 +23,31 @@ def verify_shard(task) -> str | None:
             return f"{tar_path}: {len(samples)} samples, manifest says {count}"
         for s in samples:
             if not 0 <= s.label < num_classes:
-                return f"{tar_path}: sample {s.key} has label {s.label}, outside 0..{num_classes - 1}"
+                return f"{tar_path}: sample {s.key} ({shown(s.path)}) has label {s.label}, outside 0..{num_classes - 1}"
             im = Image.open(io.BytesIO(s.jpeg))
             im.load()
             if im.format != "JPEG" or im.mode != "RGB" or im.info.get("progressive"):
-                return f"{tar_path}: {s.key}.jpg is not an RGB baseline JPEG"
+                return f"{tar_path}: {s.key}.jpg ({shown(s.path)}) is not an RGB baseline JPEG"
     except Exception as e:  # any failure to read or decode is the finding, reported with the shard's name
         return f"{tar_path}: {type(e).__name__}: {e}"
     return None
 
 
 def verify(shards_dir: Path, workers: int) -> int:
-    """Exit code 0 when every shard and index matches the manifest and every image decodes; else 1, naming the shard."""
+    """Exit code 0 when every shard and index matches the manifest and every image decodes; else 1, naming the shard;
+    2 when a file cannot be read at all."""
     try:
         m = load_manifest(shards_dir, checksums=True)
     except ShardError as e:
         print(e, file=sys.stderr)
         return 1
+    except OSError as e:
+        print(f"shard_imagenet: {e.filename}: {e.strerror}; make the shard folder readable and rerun --verify",
+              file=sys.stderr)
+        return 2
     tasks = [(s.tar, s.count, m.num_classes) for split in m.splits for s in m.splits[split]]
-    with Pool(min(workers, max(len(tasks), 1))) as pool:
-        problems = [p for p in tqdm(pool.imap(verify_shard, tasks), total=len(tasks), unit="shard", desc="verifying")
-                    if p]
+    results = ordered_map(verify_shard, tasks, min(workers, max(len(tasks), 1)), chunk=1)
+    problems = [p for p in tqdm(results, total=len(tasks), unit="shard", desc="verifying") if p]
     for p in problems:
         print(f"{p}; re-shard with tools/shard_imagenet.py", file=sys.stderr)
     if not problems:
