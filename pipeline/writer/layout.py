@@ -37,11 +37,12 @@ class Source:
     samples: dict[str, list[Entry]] = field(default_factory=dict)
     rejected: list[dict] = field(default_factory=list)
 
-    def reject(self, path: Path, reason: str) -> None:
+    def reject(self, path: str, reason: str) -> None:
         self.rejected.append({"file": os.path.relpath(path, self.root), "reason": reason})
 
-    def entry(self, path: Path, st: os.stat_result, label: int) -> Entry:
-        return Entry(path, os.path.relpath(path, self.root), label, st.st_size, st.st_mtime_ns)
+    def entry(self, path: str, st: os.stat_result, label: int) -> Entry:
+        # Every path the scan finds starts with the root, so slicing gives what os.path.relpath would, ten times faster.
+        return Entry(Path(path), path[len(os.path.join(self.root, "")):], label, st.st_size, st.st_mtime_ns)
 
 
 def find(root: Path, name: str, dirs=LABEL_DIRS) -> Path | None:
@@ -95,26 +96,27 @@ def load_wnids(root: Path, dirs: dict[str, Path]) -> list[str]:
     raise LayoutError(f"{root}: no class folders in train/ and no {SYNSET_TXT}; add train/<wnid>/ folders or {SYNSET_TXT}")
 
 
-def listing(src: Source, folder: Path) -> tuple[list[tuple[Path, os.stat_result]], list[Path]]:
-    """The regular files and the folders directly in `folder` (links followed); anything else is rejected."""
+def listing(src: Source, folder: str) -> tuple[list[tuple[str, os.stat_result]], list[str]]:
+    """The regular files and the (sorted) folders directly in `folder`, links followed; anything else is rejected.
+    Paths stay strings: ImageNet has 1.28M files, and a Path object each would double the time of the scan."""
     files, dirs = [], []
     with os.scandir(folder) as found:
         for e in found:
             if e.is_dir():
-                dirs.append(Path(e.path))
+                dirs.append(e.path)
             elif e.is_file():
-                files.append((Path(e.path), e.stat()))
+                files.append((e.path, e.stat()))
             else:  # a FIFO would block its reader forever; a dangling link has nothing to read
-                src.reject(Path(e.path), "unreadable (broken symbolic link)" if e.is_symlink() else "not a regular file")
-    return sorted(files), sorted(dirs)
+                src.reject(e.path, "unreadable (broken symbolic link)" if e.is_symlink() else "not a regular file")
+    return files, sorted(dirs)
 
 
-def walk(src: Source, folder: Path) -> list[tuple[Path, os.stat_result]]:
+def walk(src: Source, folder: str) -> list[tuple[str, os.stat_result]]:
     """Every regular file under `folder`, at any depth, as torchvision's ImageFolder finds them; each real folder once."""
     files, todo, seen = [], [folder], set()
     while todo:
-        d = todo.pop()
-        st = d.stat()
+        d = todo.pop(0)
+        st = os.stat(d)
         if (st.st_dev, st.st_ino) in seen:
             src.reject(d, "folder already included through another path (symbolic link)")
             continue
@@ -125,7 +127,7 @@ def walk(src: Source, folder: Path) -> list[tuple[Path, os.stat_result]]:
     return files
 
 
-def reject_hidden(src: Source, folders: list[Path]) -> None:
+def reject_hidden(src: Source, folders: list[str]) -> None:
     """Hidden folders beside the class folders are not classes (.ipynb_checkpoints, .Trash); their files are listed."""
     for d in folders:
         for p, _ in walk(src, d):
@@ -133,26 +135,28 @@ def reject_hidden(src: Source, folders: list[Path]) -> None:
 
 
 def scan_class_folders(src: Source, folder: Path, index: dict[str, int]) -> list[Entry]:
-    files, dirs = listing(src, folder)
+    files, dirs = listing(src, os.fspath(folder))
     for p, _ in files:
         src.reject(p, "not in a class folder (no label)")
-    reject_hidden(src, [d for d in dirs if d.name.startswith(".")])
+    hidden = [d for d in dirs if os.path.basename(d).startswith(".")]
+    reject_hidden(src, hidden)
     entries = []
     for d in dirs:
-        if d.name.startswith("."):
+        wnid = os.path.basename(d)
+        if d in hidden:
             continue
-        if d.name not in index:
-            raise LayoutError(f"{d}: class not among the train classes; remove it or add train/{d.name}/")
+        if wnid not in index:
+            raise LayoutError(f"{d}: class not among the train classes; remove it or add train/{wnid}/")
         found = walk(src, d)
         if not found:
             src.reject(d, "empty class folder")
-        entries += [src.entry(p, st, index[d.name]) for p, st in found]
+        entries += [src.entry(p, st, index[wnid]) for p, st in found]
     return entries
 
 
 def scan_flat(src: Source, split: str, folder: Path, index: dict[str, int]) -> list[Entry]:
     """A flat folder labelled by the Kaggle CSV, else by the devkit's ground truth + meta.mat."""
-    files, hidden = listing(src, folder)  # no class folders here, so every folder is a hidden one
+    files, hidden = listing(src, os.fspath(folder))  # no class folders here, so every folder is a hidden one
     reject_hidden(src, hidden)
     csv_path, truth = find(src.root, KAGGLE_CSV), find(src.root, DEVKIT_TRUTH)
     if csv_path:
@@ -166,7 +170,7 @@ def scan_flat(src: Source, split: str, folder: Path, index: dict[str, int]) -> l
                           f"{DEVKIT_TRUTH} + {DEVKIT_META} (devkit) in {src.root}")
     entries = []
     for p, st in files:
-        wnid = labels.get(p.stem)
+        wnid = labels.get(os.path.splitext(os.path.basename(p))[0])
         if wnid in index:
             entries.append(src.entry(p, st, index[wnid]))
         else:
