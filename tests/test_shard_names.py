@@ -2,6 +2,7 @@
 files. Every file ends up in the shards (once, its path recorded) or in the manifest's rejected list."""
 import json
 import os
+import re
 import signal
 from collections import Counter
 from contextlib import contextmanager
@@ -10,7 +11,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.writer.plan import KEY_DIGITS
 from pipeline.writer.tars import read_shard
 from tools.shard_imagenet import main
 
@@ -53,7 +53,7 @@ def test_camera_names_repeated_in_every_class_are_all_kept(tmp_path):
     manifest, samples = shard(src, tmp_path / "out")
     assert manifest["splits"]["train"]["count"] == 12 and manifest["rejected"] == []
     assert len({s.key for s in samples}) == 12
-    assert all(len(s.key) == KEY_DIGITS and s.key.isdigit() for s in samples)
+    assert all(re.fullmatch(r"train_\d{8}", s.key) for s in samples)
     classes = [c["wnid"] for c in manifest["classes"]]
     assert sorted((s.path, classes[s.label]) for s in samples) == sorted(
         (f"train/{place}/IMG_{i:04d}.JPG", place) for place in COLOURS for i in range(1, 5))
@@ -86,7 +86,7 @@ def test_any_name_the_filesystem_allows_is_sharded_and_recorded_exactly(tmp_path
     (src / "train" / "misc" / os.fsdecode(b"broken \xff.jpg")).write_bytes(b"not a JPEG")
     manifest, samples = shard(src, tmp_path / "out")
     assert sorted(os.fsencode(s.path) for s in samples) == sorted(b"train/misc/" + os.fsencode(n) for n in NAMES)
-    assert all(len(s.key) == KEY_DIGITS for s in samples)
+    assert all(re.fullmatch(r"train_\d{8}", s.key) for s in samples)
     assert manifest["rejected"] == [{"file": os.fsdecode(b"train/misc/broken \xff.jpg"), "reason": "not an image"}]
     out = capsys.readouterr().out
     assert "rejected: train/misc/broken \\udcff.jpg: not an image" in out  # printable, on one line

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def parse_config(argv) -> ShardConfig:
         raise UsageError(str(e)) from None
     if not 1 <= cfg.quality <= 100 or cfg.shard_size < 1 or cfg.workers < 1 or not cfg.splits:
         raise UsageError("--quality must be 1-100, --shard-size and --workers >= 1, --splits not empty")
+    if not all(re.fullmatch(r"[A-Za-z0-9_-]+", s) for s in cfg.splits):  # they name shard files and sample keys
+        raise UsageError(f"--splits {a.splits}: use letters, digits, '-' and '_' only (folder names such as train,val)")
     src, out = cfg.src.resolve(), cfg.out.resolve()
     if out == src or src in out.parents:
         raise UsageError(f"--out {cfg.out} is inside --src {cfg.src}; pick a folder outside the source")

@@ -9,14 +9,11 @@ import numpy as np
 
 from pipeline.writer.layout import Entry, Source
 
-KEY_DIGITS = 8  # keys are the zero-padded position in the split: up to 10^8 samples, far more than ImageNet's 1.28M
-
-
-def keyed(entries: list[Entry]) -> list[tuple[str, Entry]]:
-    """Each sample's key: its position in the split's sorted relative paths. Unique, short and ASCII whatever the
-    file names are (camera names repeat across classes; a tar header holds 100 bytes of UTF-8), and the same for
-    the same listing."""
-    return [(f"{i:0{KEY_DIGITS}d}", e) for i, e in enumerate(sorted(entries, key=lambda e: e.rel))]
+def keyed(entries: list[Entry], split: str) -> list[tuple[str, Entry]]:
+    """Each sample's key: the split and the position in its sorted relative paths (train_00000000 ...). Unique in the
+    folder, short and ASCII whatever the file names are (camera names repeat across classes; a tar header holds 100
+    bytes of UTF-8), and the same for the same listing."""
+    return [(f"{split}_{i:08d}", e) for i, e in enumerate(sorted(entries, key=lambda e: e.rel))]
 
 
 def fingerprint(src: Source) -> str:
@@ -33,7 +30,7 @@ def fingerprint(src: Source) -> str:
 
 def plan(entries: list[Entry], split: str, shard_size: int, seed: int) -> list[tuple[str, list[tuple[str, Entry]]]]:
     """Shuffle a split with the seed (DALI only shuffles within a buffer) and cut it into shards of (key, entry)."""
-    samples = keyed(entries)
+    samples = keyed(entries, split)
     order = np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(len(samples))
     shuffled = [samples[i] for i in order]
     return [(f"{split}-{i // shard_size:06d}", shuffled[i:i + shard_size]) for i in range(0, len(shuffled), shard_size)]
