@@ -6,6 +6,8 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
+from hashlib import sha256
 from pathlib import Path
 
 import psutil
@@ -13,7 +15,7 @@ import pytest
 
 import pipeline.writer.build as shard_build
 from pipeline.writer.synthetic import make_dataset, wnid
-from pipeline.writer.tars import read_shard
+from pipeline.writer.tars import build_shard, read_shard
 from tools.shard_imagenet import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +109,24 @@ def test_finished_folder_of_an_edited_source_is_not_called_current(src, tmp_path
     shutil.rmtree(out)  # the fix the message names
     assert shard(src, out) == 0
     assert sorted(written_paths(out, "train")) == source_paths(src, "train")
+
+
+def test_verify_finds_a_source_file_written_twice(reference, tmp_path, capsys):
+    """What the issue's rerun left behind: checksums all consistent, one photo in two shards under two keys."""
+    for name, data in reference.items():
+        (tmp_path / name).write_bytes(data)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    first, second = manifest["splits"]["train"]["shards"][:2]
+    twice = read_shard(tmp_path / first["tar"])[0]
+    samples = read_shard(tmp_path / second["tar"])
+    samples[0] = replace(twice, key=samples[0].key)
+    tar, index = build_shard(samples)
+    (tmp_path / second["tar"]).write_bytes(tar)
+    (tmp_path / second["index"]).write_bytes(index)
+    second.update(tar_bytes=len(tar), tar_sha256=sha256(tar).hexdigest(), index_sha256=sha256(index).hexdigest())
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["--verify", str(tmp_path)]) == 1
+    assert f"{twice.path} is in the shards 2 times" in capsys.readouterr().err
 
 
 def test_touching_a_file_counts_as_a_change(src, tmp_path):
