@@ -108,6 +108,14 @@ def deadline(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
+def test_source_and_output_folders_whose_own_names_are_not_utf8(tmp_path, capsys):
+    root = tmp_path / os.fsdecode(b"fotos \xe9t\xe9")
+    photo(root / "src" / "train" / "misc" / "a.jpg", "red")
+    manifest, samples = shard(root / "src", root / "out")
+    assert [s.path for s in samples] == ["train/misc/a.jpg"]
+    assert "--src" in capsys.readouterr().out
+
+
 def test_images_in_subfolders_belong_to_their_class_and_nothing_is_skipped_unlisted(tmp_path):
     src = tmp_path / "photos"
     photo(src / "train" / "cats" / "a.jpg", "red")

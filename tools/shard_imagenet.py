@@ -61,6 +61,8 @@ def parse_config(argv) -> ShardConfig:
 
 
 def main(argv=None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):  # paths that are not UTF-8 print escaped, as on stderr, instead of raising
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         cfg = parse_config(argv)
         print(cfg.show())
