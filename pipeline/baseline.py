@@ -60,10 +60,12 @@ def baseline_loader(shards_dir: str | Path, batch_size: int, *, crop_size: int =
     import webdataset as wds
 
     m = load_manifest(shards_dir)
-    urls = [str(s.tar) for s in m.shards("train")]
+    paths = [str(s.tar) for s in m.shards("train")]
     transform = _Transform(crop_size, *normalisation(m.rgb_mean, m.rgb_std, divide_std), m.eigval, m.eigvec)
-    dataset = (wds.WebDataset(urls, resampled=True, shardshuffle=False, seed=seed)
-               .shuffle(SHUFFLE_BUFFER).to_tuple("jpg", "cls").map(transform))
+    # Not wds.WebDataset: it opens a shard at urlparse(path).path, so a '#' in a folder name cuts the path short.
+    # tarfile_to_samples opens a path without a URL scheme as the plain file it is.
+    dataset = wds.DataPipeline(wds.ResampledShards(paths), wds.tarfile_to_samples(), wds.shuffle(SHUFFLE_BUFFER),
+                               wds.to_tuple("jpg", "cls"), wds.map(transform))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
                                        generator=torch.Generator().manual_seed(seed))
 

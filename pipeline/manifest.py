@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: positional sample keys and a .path member
 MANIFEST = "manifest.json"
-# Members of every sample in a shard: the JPEG, the WebDataset ASCII label, and the same label as a
-# little-endian int32 that DALI's webdataset reader takes with dtypes=INT32 and no parsing.
-IMAGE_EXT, CLS_EXT, LABEL_EXT = "jpg", "cls", "lbl"
+# Members of every sample in a shard: the JPEG, the WebDataset ASCII label, the same label as a little-endian int32
+# that DALI's webdataset reader takes with dtypes=INT32 and no parsing, and the source file's path relative to --src.
+IMAGE_EXT, CLS_EXT, LABEL_EXT, PATH_EXT = "jpg", "cls", "lbl", "path"
 FIX_HINT = "run tools/shard_imagenet.py --verify {dir} (or re-shard with tools/shard_imagenet.py --src ... --out {dir})"
 
 

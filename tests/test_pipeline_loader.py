@@ -174,8 +174,8 @@ def test_bad_shard_folders_raise_one_line_naming_the_fix(demo_shards, tmp_path):
     one_line_error(tmp_path / "empty", "manifest.json: missing; run tools/shard_imagenet.py")
 
     version = copy_shards(demo_shards, tmp_path / "version")
-    edit_manifest(version, lambda m: m.update(format_version=2))
-    one_line_error(version, "format version 2.*re-shard with tools/shard_imagenet.py")
+    edit_manifest(version, lambda m: m.update(format_version=99))
+    one_line_error(version, "format version 99.*re-shard with tools/shard_imagenet.py")
 
     count = copy_shards(demo_shards, tmp_path / "count")
     def add_one(m):

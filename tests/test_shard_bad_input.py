@@ -1,6 +1,7 @@
 """Bad input: the real set's quirks are repaired, broken files rejected, all listed; usage errors are one line, exit 2."""
 import io
 import json
+from pathlib import PurePath
 
 import pytest
 from PIL import Image
@@ -53,7 +54,7 @@ def test_quirks_are_repaired_and_broken_files_rejected_each_with_a_reason(quirky
 
 def test_everything_written_decodes_as_rgb_baseline_jpeg_and_repaired_files_are_kept(quirky_run):
     _, out, manifest, _ = quirky_run
-    samples = {s.key: s for sh in manifest["splits"]["train"]["shards"] for s in read_shard(out / sh["tar"])}
+    samples = {PurePath(s.path).stem: s for sh in manifest["splits"]["train"]["shards"] for s in read_shard(out / sh["tar"])}
     assert len(samples) == 2 * 5 + 3 and manifest["splits"]["train"]["count"] == 13
     for q in ("cmyk", "png", "gray"):
         assert f"{wnid(0)}_{q}" in samples
@@ -85,15 +86,16 @@ def test_strict_turns_rejections_into_a_failure(quirky, tmp_path, capsys):
     assert "--strict: 6 files rejected" in capsys.readouterr().err
 
 
-def test_duplicate_keys_are_rejected_not_overwritten(tmp_path):
+def test_files_with_the_same_stem_are_both_kept(tmp_path):
     folder = tmp_path / "src" / "train" / "n01"
     folder.mkdir(parents=True)
     Image.new("RGB", (40, 30), "red").save(folder / "a.JPEG")
     Image.new("RGB", (40, 30), "blue").save(folder / "a.png")
     assert main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--splits", "train", *ARGS]) == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["splits"]["train"]["count"] == 1
-    assert manifest["rejected"] == [{"file": "train/n01/a.png", "reason": "same key a as train/n01/a.JPEG"}]
+    assert manifest["splits"]["train"]["count"] == 2 and manifest["rejected"] == []
+    written = read_shard(tmp_path / "out" / manifest["splits"]["train"]["shards"][0]["tar"])
+    assert sorted(s.path for s in written) == ["train/n01/a.JPEG", "train/n01/a.png"]
 
 
 @pytest.fixture
@@ -108,6 +110,7 @@ def existing(quirky_run):
     (["--src", "{src}", "--out", "{existing}", "--quality", "80"], "different arguments"),
     (["--src", "{src}", "--out", "{tmp}/junk"], "not empty and not a shard folder"),
     (["--src", "{src}", "--out", "{tmp}/o", "--resize", "short"], "--resize"),
+    (["--src", "{src}", "--out", "{tmp}/o", "--splits", "train,my val"], "--splits"),
     (["--src", "{src}", "--out", "{tmp}/o", "--bogus"], "unrecognized arguments"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(quirky, existing, tmp_path, capsys, argv, says):

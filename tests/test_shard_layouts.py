@@ -1,10 +1,10 @@
 """Every input layout: class-folder train, val flat (Kaggle CSV or devkit ground truth + meta.mat) or in class folders."""
 import json
 import shutil
+from pathlib import PurePath
 
 import pytest
 
-from pipeline.writer.layout import key_of
 from pipeline.writer.synthetic import make_dataset, wnid
 from pipeline.writer.mat5 import read_mat, synsets, write_synsets
 from tools.shard_imagenet import main
@@ -14,8 +14,10 @@ ARGS = ["--resize", "short:32", "--workers", "1", "--shard-size", "10"]
 
 
 def labels(shards, split) -> dict[str, int]:
+    """Source file stem -> label, from the path each sample records (stems are unique in these sets)."""
     manifest = json.loads((shards / "manifest.json").read_text())
-    return {s.key: s.label for sh in manifest["splits"][split]["shards"] for s in read_shard(shards / sh["tar"])}
+    return {PurePath(s.path).stem: s.label for sh in manifest["splits"][split]["shards"]
+            for s in read_shard(shards / sh["tar"])}
 
 
 def shard(src, out, *extra) -> dict:
@@ -45,7 +47,7 @@ def test_train_labels_are_sorted_wnid_positions_and_names_come_from_the_mapping(
     assert [c["wnid"] for c in manifest["classes"]] == wnids and [c["index"] for c in manifest["classes"]] == [0, 1, 2, 3]
     mapping = dict(line.split(" ", 1) for line in (demo_src / "LOC_synset_mapping.txt").read_text().splitlines())
     assert [c["name"] for c in manifest["classes"]] == [mapping[w] for w in wnids]
-    expected = {key_of(p): wnids.index(p.parent.name) for p in (demo_src / "train").glob("*/*")}
+    expected = {p.stem: wnids.index(p.parent.name) for p in (demo_src / "train").glob("*/*")}
     assert labels(demo_shards, "train") == expected
 
 
@@ -97,7 +99,7 @@ def test_any_folder_of_class_folders_works(tmp_path):
     manifest = shard(tmp_path / "src", tmp_path / "out", "--splits", "train")
     assert [(c["wnid"], c["name"]) for c in manifest["classes"]] == [("cats", "cats"), ("dogs", "dogs")]
     assert manifest["rejected"] == [{"file": "train/stray.jpg", "reason": "not in a class folder (no label)"}]
-    assert labels(tmp_path / "out", "train") == {f"{c}_{i}": n for n, c in enumerate(("cats", "dogs")) for i in range(3)}
+    assert labels(tmp_path / "out", "train") == {f"{c}.{i}": n for n, c in enumerate(("cats", "dogs")) for i in range(3)}
     assert {r["reason"] for r in manifest["repaired"]} == {"PNG file re-encoded as JPEG"}
 
 

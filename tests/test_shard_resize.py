@@ -112,8 +112,7 @@ def test_every_policy_end_to_end(mid_src, tmp_path, resize):
         sizes = [Image.open(io.BytesIO(s.jpeg)).size for s in samples]
         assert manifest["splits"][split]["min_side"] == min(min(size) for size in sizes)  # run.py refuses crops above it
         for s, size in zip(samples, sizes):
-            folder = f"train/{s.key.split('_')[0]}" if split == "train" else "val"
-            source = mid_src / folder / f"{s.key}.JPEG"
+            source = mid_src / s.path
             if resize == "paper":
                 assert size == (256, 256)
             elif resize == "short:100":

@@ -1,5 +1,6 @@
 """Shard bytes: DALI's own index tool agrees with ours, headers are deterministic, DALI reads the labels."""
 import io
+import os
 import tarfile
 
 import numpy as np
@@ -16,9 +17,15 @@ def jpeg(h: int, w: int, value: int) -> bytes:
     return buf.getvalue()
 
 
+# Original paths as cameras and other operating systems name files: repeated stems, spaces, long UTF-8, not UTF-8.
+PATHS = ["train/cat/IMG_0001.JPG", "train/dog/IMG_0001.JPG", "train/dog/holiday 2019/IMG 0001.jpg",
+         "train/cat/" + "é" * 120 + ".jpg", os.fsdecode(b"train/cat/caf\xe9.jpg")]
+
+
 def samples(n: int = 9) -> list[Sample]:
     # Sizes straddle the 512-byte block boundary so padding is exercised.
-    return [Sample(f"n01440764_{i}", jpeg(8 + 5 * i, 16 + 3 * i, 20 * i) + b"\0" * (i * 57), i * 111) for i in range(n)]
+    return [Sample(f"{i:08d}", jpeg(8 + 5 * i, 16 + 3 * i, 20 * i) + b"\0" * (i * 57), i * 111, PATHS[i % len(PATHS)])
+            for i in range(n)]
 
 
 def test_index_is_byte_identical_to_dalis_wds2idx(tmp_path):
@@ -33,7 +40,7 @@ def test_tar_headers_are_deterministic_and_round_trip(tmp_path):
     rec = write_shard(tmp_path, "val-000000", samples())
     with tarfile.open(tmp_path / rec.tar) as tf:
         infos = tf.getmembers()
-    assert [i.name for i in infos[:3]] == ["n01440764_0.jpg", "n01440764_0.cls", "n01440764_0.lbl"]
+    assert [i.name for i in infos[:4]] == ["00000000.jpg", "00000000.cls", "00000000.lbl", "00000000.path"]
     assert {(i.mtime, i.uid, i.gid, i.uname, i.gname, i.mode, i.type) for i in infos} == {(0, 0, 0, "", "", 0o644, tarfile.REGTYPE)}
     assert read_shard(tmp_path / rec.tar) == samples()
     assert rec.tar_bytes == (tmp_path / rec.tar).stat().st_size and rec.tar_bytes % 10240 == 0
@@ -47,7 +54,7 @@ def test_tarfile_writes_the_same_bytes():
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
         for s in samples(4):
             for name, data in ((f"{s.key}.jpg", s.jpeg), (f"{s.key}.cls", str(s.label).encode()),
-                               (f"{s.key}.lbl", s.label.to_bytes(4, "little"))):
+                               (f"{s.key}.lbl", s.label.to_bytes(4, "little")), (f"{s.key}.path", os.fsencode(s.path))):
                 info = tarfile.TarInfo(name)
                 info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
                 tf.addfile(info, io.BytesIO(data))

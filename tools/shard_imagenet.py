@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.writer.build import ShardConfig, UsageError, shard  # noqa: E402
 from pipeline.writer.images import parse_resize  # noqa: E402
 from pipeline.writer.layout import LayoutError  # noqa: E402
+from pipeline.writer.pool import WorkerDied  # noqa: E402
 from pipeline.writer.verify import verify  # noqa: E402
 
 
@@ -50,6 +52,8 @@ def parse_config(argv) -> ShardConfig:
         raise UsageError(str(e)) from None
     if not 1 <= cfg.quality <= 100 or cfg.shard_size < 1 or cfg.workers < 1 or not cfg.splits:
         raise UsageError("--quality must be 1-100, --shard-size and --workers >= 1, --splits not empty")
+    if not all(re.fullmatch(r"[A-Za-z0-9_-]+", s) for s in cfg.splits):  # they name shard files and sample keys
+        raise UsageError(f"--splits {a.splits}: use letters, digits, '-' and '_' only (folder names such as train,val)")
     src, out = cfg.src.resolve(), cfg.out.resolve()
     if out == src or src in out.parents:
         raise UsageError(f"--out {cfg.out} is inside --src {cfg.src}; pick a folder outside the source")
@@ -57,13 +61,18 @@ def parse_config(argv) -> ShardConfig:
 
 
 def main(argv=None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):  # paths that are not UTF-8 print escaped, as on stderr, instead of raising
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         cfg = parse_config(argv)
-        print(cfg)
+        print(cfg.show())
         return verify(cfg.verify, cfg.workers) if cfg.verify else shard(cfg)
     except (UsageError, LayoutError) as e:
         print(f"shard_imagenet: {e}", file=sys.stderr)
         return 2
+    except WorkerDied as e:
+        print(f"shard_imagenet: {e}; rerun the same command (finished shards are kept)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -2,17 +2,17 @@
 the manifest, and resume a killed run from its finished shards."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import sys
+import tempfile
 import time
-import zlib
 from dataclasses import asdict, dataclass
-from multiprocessing import Pool
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_write
@@ -20,6 +20,8 @@ from pipeline.manifest import FORMAT_VERSION, MANIFEST, sha256_file
 from pipeline.writer import stats
 from pipeline.writer.images import Resize, parse_resize, prepare
 from pipeline.writer.layout import Entry, scan
+from pipeline.writer.plan import fingerprint, plan, shown
+from pipeline.writer.pool import ordered_map
 from pipeline.writer.tars import Sample, write_shard
 
 PROGRESS = ".progress"  # per-shard records of a run in progress, so a rerun after a crash skips finished shards
@@ -27,7 +29,7 @@ TOOL = "tools/shard_imagenet.py"
 
 
 class UsageError(Exception):
-    """Bad arguments: one line, exit 2."""
+    """Bad arguments or an environment the run cannot work in (unwritable --out, full disk): one line, exit 2."""
 
 
 @dataclass
@@ -48,42 +50,59 @@ class ShardConfig:
         return {"splits": list(self.splits), "resize": self.resize, "quality": self.quality,
                 "shard_size": self.shard_size, "seed": self.seed}
 
+    def show(self) -> str:
+        """One option per line, spelled as on the command line (--verify shows only what it uses)."""
+        shown_args = {"verify": self.verify, "workers": self.workers} if self.verify else asdict(self)
+        lines = [f"  --{k.replace('_', '-'):<12} {','.join(v) if isinstance(v, tuple) else v}"
+                 for k, v in shown_args.items() if v is not None]
+        return "config:\n" + "\n".join(lines)
+
 
 def run_record(cfg: ShardConfig) -> dict:
     return {"source": str(cfg.src.resolve()), "args": cfg.output_args()}
 
 
-def check_out(cfg: ShardConfig) -> bool:
-    """True when --out already holds the finished result of these arguments; refuses someone else's folder."""
+def previous(cfg: ShardConfig) -> tuple[dict | None, bool]:
+    """What --out holds of these arguments: (manifest, True) when finished, (progress record, False) when a run was
+    interrupted, (None, False) when empty; refuses a file, someone else's folder or other arguments."""
     out = cfg.out
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pick a folder")
     if not out.exists() or not any(out.iterdir()):
-        return False
-    for record, done in ((out / MANIFEST, True), (out / PROGRESS / "args.json", False)):
-        if record.is_file():
+        return None, False
+    for path, done in ((out / MANIFEST, True), (out / PROGRESS / "args.json", False)):
+        if path.is_file():
             try:
-                theirs = json.loads(record.read_text())
+                record = json.loads(path.read_text())
             except ValueError:
-                raise UsageError(f"{record}: unreadable; delete {out} and re-shard") from None
+                raise UsageError(f"{path}: unreadable; delete {out} and re-shard") from None
+            if done and record.get("format_version") != FORMAT_VERSION:
+                raise UsageError(f"--out {out} holds shards of format {record.get('format_version')}, this sharder "
+                                 f"writes {FORMAT_VERSION}; pick a new --out or delete it")
+            theirs = {"source": record.get("source"), **(record.get("args") or {})}
             ours = run_record(cfg)
-            theirs = {"source": theirs.get("source"), **(theirs.get("args") or {})}
             ours = {"source": ours["source"], **ours["args"]}
             differ = [f"{k} {theirs.get(k)!r} (now {v!r})" for k, v in ours.items() if theirs.get(k) != v]
             if differ:
                 raise UsageError(f"--out {out} holds shards made with different arguments: {', '.join(differ)}; "
                                  f"pick a new --out or delete it")
-            return done
+            return record, done
     raise UsageError(f"--out {out} is not empty and not a shard folder; pick an empty or new folder")
 
 
-def plan(entries: list[Entry], split: str, cfg: ShardConfig) -> list[tuple[str, list[Entry]]]:
-    """Shuffle a split with the seed (DALI only shuffles within a buffer) and cut it into shards."""
-    entries = sorted(entries, key=lambda e: e.key)
-    order = np.random.default_rng([cfg.seed, zlib.crc32(split.encode())]).permutation(len(entries))
-    shuffled = [entries[i] for i in order]
-    return [(f"{split}-{i // cfg.shard_size:06d}", shuffled[i:i + cfg.shard_size])
-            for i in range(0, len(shuffled), cfg.shard_size)]
+def check_writable(out: Path) -> None:
+    """Fail before the (long) scan of --src if --out cannot be created or written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise UsageError(f"--out {out}: {e.strerror}; pick a folder you can write to") from None
+
+
+def output_error(e: OSError, out: Path) -> UsageError:
+    """A failed read or write in --out as one line: the file, the cause and the fix; nothing half-written is kept."""
+    why = "disk full, free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"{e.strerror}, fix that"
+    return UsageError(f"{e.filename or out}: {why}; then rerun the same command to resume")
 
 
 def finished(out: Path, stem: str) -> dict | None:
@@ -108,67 +127,101 @@ def _prepare(task):
 def shard(cfg: ShardConfig) -> int:
     resize: Resize = parse_resize(cfg.resize)
     out = cfg.out
-    complete = check_out(cfg)
-    for stale in out.glob(".*.tmp"):  # left by a crash inside atomic_write
-        stale.unlink()
-    if complete:
-        shutil.rmtree(out / PROGRESS, ignore_errors=True)  # a crash between the manifest and this cleanup
-        print(f"{out}: already complete for these arguments; check it with --verify {out}")
-        return 0
-    src = scan(cfg.src.resolve(), list(cfg.splits))
-    stats_split = "train" if "train" in cfg.splits else cfg.splits[0]
-    (out / PROGRESS).mkdir(parents=True, exist_ok=True)
-    atomic_write(out / PROGRESS / "args.json", json.dumps(run_record(cfg)).encode())
+    try:
+        record, complete = previous(cfg)
+        check_writable(out)
+        src = scan(cfg.src.resolve(), list(cfg.splits))
+        current = fingerprint(src)
+        for stale in out.glob(".*.tmp"):  # left by a crash inside atomic_write
+            stale.unlink()
+        if complete:
+            return already_complete(cfg, record, current)
+        if record is not None and record.get("fingerprint") != current:
+            print(f"{out}: --src changed since the interrupted run (files added, removed or changed): "
+                  f"planning again; the shards written so far are discarded")
+            discard(out, cfg.splits)
+        (out / PROGRESS).mkdir(parents=True, exist_ok=True)
+        atomic_write(out / PROGRESS / "args.json", json.dumps({**run_record(cfg), "fingerprint": current}).encode())
+        return write_all(cfg, src, resize)
+    except OSError as e:
+        raise output_error(e, out) from None
 
-    shards = [(split, stem, entries) for split in cfg.splits for stem, entries in plan(src.samples[split], split, cfg)]
+
+def already_complete(cfg: ShardConfig, manifest: dict, current: str) -> int:
+    out = cfg.out
+    if manifest.get("fingerprint") != current:
+        raise UsageError(f"--out {out} holds shards of an earlier --src: files were added, removed or changed since; "
+                         f"shard into a new --out, or delete {out} and rerun")
+    shutil.rmtree(out / PROGRESS, ignore_errors=True)  # a crash between the manifest and this cleanup
+    print(f"{out}: already complete for these arguments and this --src; check it with --verify {out}")
+    return strict_status(cfg, manifest)
+
+
+def discard(out: Path, splits) -> None:
+    """Remove a plan that no longer matches the source: progress records and the shards they describe."""
+    shutil.rmtree(out / PROGRESS, ignore_errors=True)
+    names = re.compile(f"(?:{'|'.join(re.escape(s) for s in splits)})" + r"-\d{6}\.(?:tar|idx)")
+    for f in out.iterdir():
+        if names.fullmatch(f.name):
+            f.unlink()
+
+
+def write_all(cfg: ShardConfig, src, resize: Resize) -> int:
+    """Plan every split's shards, prepare the images of the unfinished ones in worker processes, write the manifest."""
+    out = cfg.out
+    stats_split = "train" if "train" in cfg.splits else cfg.splits[0]
+    shards = [(split, stem, samples) for split in cfg.splits
+              for stem, samples in plan(src.samples[split], split, cfg.shard_size, cfg.seed)]
     records = {stem: finished(out, stem) for _, stem, _ in shards}
-    todo = [(split, stem, entries) for split, stem, entries in shards if records[stem] is None]
-    tasks = [(e.path, e.key, resize, cfg.quality, cfg.seed if split == stats_split else None)
-             for split, _, entries in todo for e in entries]
+    todo = [(split, stem, samples) for split, stem, samples in shards if records[stem] is None]
+    tasks = [(e.path, key, resize, cfg.quality, cfg.seed if split == stats_split else None)
+             for split, _, samples in todo for key, e in samples]
     skipped = len(shards) - len(todo)
     if skipped:
         print(f"resuming: {skipped} of {len(shards)} shards already complete")
     start = time.time()
     bar = tqdm(total=len(tasks), unit="img", desc="sharding", dynamic_ncols=True)
-    pool = Pool(cfg.workers) if cfg.workers > 1 else None
+    results = ordered_map(_prepare, tasks, cfg.workers)
     try:
-        results = pool.imap(_prepare, tasks, chunksize=8) if pool else map(_prepare, tasks)
-        for split, stem, entries in todo:
-            records[stem] = write_one(out, src.root, stem, entries, results, bar)
+        for split, stem, samples in todo:
+            records[stem] = write_one(out, stem, samples, results, bar)
     finally:
         bar.close()
-        if pool:
-            pool.terminate()
+        results.close()
     elapsed = time.time() - start
 
     manifest = build_manifest(cfg, src, resize, shards, records, stats_split)
     atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     shutil.rmtree(out / PROGRESS)
     summarize(manifest, len(tasks), elapsed, sum(records[s]["bytes_written"] for _, s, _ in todo))
+    return strict_status(cfg, manifest)
+
+
+def strict_status(cfg: ShardConfig, manifest: dict) -> int:
+    """--strict: exit 1 whenever the shards were made with rejections, on the first run and on every rerun."""
     if cfg.strict and manifest["rejected"]:
-        print(f"--strict: {len(manifest['rejected'])} files rejected (listed above and in {out / MANIFEST})",
-              file=sys.stderr)
+        print(f"--strict: {len(manifest['rejected'])} files rejected (listed in {cfg.out / MANIFEST}); repair or "
+              f"remove them in --src, then delete {cfg.out} and rerun", file=sys.stderr)
         return 1
     return 0
 
 
-def write_one(out: Path, root: Path, stem: str, entries: list[Entry], results, bar) -> dict:
+def write_one(out: Path, stem: str, samples: list[tuple[str, Entry]], results, bar) -> dict:
     """Collect one shard's prepared images (in plan order), write tar + index, then its progress record."""
-    samples, repaired, rejected, moments, sides = [], [], [], stats.ZERO, []
-    for e in entries:
+    written, repaired, rejected, moments, sides = [], [], [], stats.ZERO, []
+    for key, e in samples:
         r = next(results)
         bar.update()
-        file = os.path.relpath(e.path, root)
         if r.rejected:
-            rejected.append({"file": file, "reason": r.rejected})
+            rejected.append({"file": e.rel, "reason": r.rejected})
             continue
         if r.repaired:
-            repaired.append({"file": file, "reason": r.repaired})
+            repaired.append({"file": e.rel, "reason": r.repaired})
         if r.moments:
             moments = stats.add(moments, r.moments)
-        samples.append(Sample(e.key, r.jpeg, e.label))
+        written.append(Sample(key, r.jpeg, e.label, e.rel))
         sides.append(min(r.size))
-    record = asdict(write_shard(out, stem, samples)) if samples else None
+    record = asdict(write_shard(out, stem, written)) if written else None
     rec = {"shard": record, "repaired": repaired, "rejected": rejected, "moments": moments,
            "min_side": min(sides, default=None), "bytes_written": record["tar_bytes"] if record else 0}
     atomic_write(out / PROGRESS / f"{stem}.json", json.dumps(rec).encode())
@@ -190,7 +243,8 @@ def build_manifest(cfg, src, resize: Resize, shards, records, stats_split: str) 
         rejected += rec["rejected"]
     for split in cfg.splits:
         splits.setdefault(split, {"count": 0, "shards": [], "min_side": None})
-    return {"format_version": FORMAT_VERSION, "tool": TOOL, **run_record(cfg), "layout": src.layout,
+    return {"format_version": FORMAT_VERSION, "tool": TOOL, **run_record(cfg), "fingerprint": fingerprint(src),
+            "layout": src.layout,
             "preprocessing": {"resize": cfg.resize, "size": resize.size, "quality": cfg.quality,
                               "resample": "bicubic", "chroma_subsampling": "4:2:0", "stats_split": stats_split},
             "classes": src.classes, "splits": splits, "stats": stats.finish(moments),
@@ -200,7 +254,7 @@ def build_manifest(cfg, src, resize: Resize, shards, records, stats_split: str) 
 def summarize(manifest: dict, processed: int, elapsed: float, nbytes: int) -> None:
     for kind in ("repaired", "rejected"):
         for r in manifest[kind]:
-            print(f"{kind}: {r['file']}: {r['reason']}")
+            print(f"{kind}: {shown(r['file'])}: {r['reason']}")
     counts = ", ".join(f"{s} {v['count']} in {len(v['shards'])} shards" for s, v in manifest["splits"].items())
     written = sum(v["count"] for v in manifest["splits"].values())
     print(f"done: {written} images written ({counts}); {len(manifest['repaired'])} repaired, "

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +23,10 @@ class LayoutError(Exception):
 @dataclass(frozen=True)
 class Entry:
     path: Path
+    rel: str  # relative to the source root, as os gives it (bytes that are not UTF-8 surrogate-escaped)
     label: int
-    key: str
+    size: int
+    mtime_ns: int
 
 
 @dataclass
@@ -36,10 +37,12 @@ class Source:
     samples: dict[str, list[Entry]] = field(default_factory=dict)
     rejected: list[dict] = field(default_factory=list)
 
+    def reject(self, path: str, reason: str) -> None:
+        self.rejected.append({"file": os.path.relpath(path, self.root), "reason": reason})
 
-def key_of(path: Path) -> str:
-    """The sample key: the file's stem with '.' and whitespace replaced by '_' (tar and DALI index safe)."""
-    return re.sub(r"[.\s]", "_", path.stem)
+    def entry(self, path: str, st: os.stat_result, label: int) -> Entry:
+        # Every path the scan finds starts with the root, so slicing gives what os.path.relpath would, ten times faster.
+        return Entry(Path(path), path[len(os.path.join(self.root, "")):], label, st.st_size, st.st_mtime_ns)
 
 
 def find(root: Path, name: str, dirs=LABEL_DIRS) -> Path | None:
@@ -55,7 +58,15 @@ def class_folders(folder: Path) -> list[str]:
 
 
 def scan(root: Path, splits: list[str]) -> Source:
-    """Every candidate file of the requested splits with its label; empty class folders and unlabelled files rejected."""
+    """Every candidate file of the requested splits with its label; whatever cannot be a sample is listed as rejected."""
+    try:
+        return scan_splits(root, splits)
+    except OSError as e:  # a folder or label file we may not read: refuse now rather than drop a class unseen
+        raise LayoutError(f"{e.filename or root}: cannot read ({e.strerror}); make it readable (chmod -R u+rX) "
+                          f"or move it out of --src") from None
+
+
+def scan_splits(root: Path, splits: list[str]) -> Source:
     dirs = {split: split_dir(root, split) for split in splits}
     for split, d in dirs.items():
         if d is None:
@@ -66,10 +77,9 @@ def scan(root: Path, splits: list[str]) -> Source:
     for split, d in dirs.items():
         if class_folders(d):
             src.layout[split] = "class_folders"
-            entries = scan_class_folders(src, d, index)
+            src.samples[split] = scan_class_folders(src, d, index)
         else:
-            entries = scan_flat(src, split, d, index)
-        src.samples[split] = dedupe(src, entries)
+            src.samples[split] = scan_flat(src, split, d, index)
     add_names(src)
     return src
 
@@ -86,28 +96,68 @@ def load_wnids(root: Path, dirs: dict[str, Path]) -> list[str]:
     raise LayoutError(f"{root}: no class folders in train/ and no {SYNSET_TXT}; add train/<wnid>/ folders or {SYNSET_TXT}")
 
 
-def rel(src: Source, path: Path) -> str:
-    return os.path.relpath(path, src.root)
+def listing(src: Source, folder: str) -> tuple[list[tuple[str, os.stat_result]], list[str]]:
+    """The regular files and the (sorted) folders directly in `folder`, links followed; anything else is rejected.
+    Paths stay strings: ImageNet has 1.28M files, and a Path object each would double the time of the scan."""
+    files, dirs = [], []
+    with os.scandir(folder) as found:
+        for e in found:
+            if e.is_dir():
+                dirs.append(e.path)
+            elif e.is_file():
+                files.append((e.path, e.stat()))
+            else:  # a FIFO would block its reader forever; a dangling link has nothing to read
+                src.reject(e.path, "unreadable (broken symbolic link)" if e.is_symlink() else "not a regular file")
+    return files, sorted(dirs)
+
+
+def walk(src: Source, folder: str) -> list[tuple[str, os.stat_result]]:
+    """Every regular file under `folder`, at any depth, as torchvision's ImageFolder finds them; each real folder once."""
+    files, todo, seen = [], [folder], set()
+    while todo:
+        d = todo.pop(0)
+        st = os.stat(d)
+        if (st.st_dev, st.st_ino) in seen:
+            src.reject(d, "folder already included through another path (symbolic link)")
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        found, subfolders = listing(src, d)
+        files += found
+        todo += subfolders
+    return files
+
+
+def reject_hidden(src: Source, folders: list[str]) -> None:
+    """Hidden folders beside the class folders are not classes (.ipynb_checkpoints, .Trash); their files are listed."""
+    for d in folders:
+        for p, _ in walk(src, d):
+            src.reject(p, "in a hidden folder, not a class folder")
 
 
 def scan_class_folders(src: Source, folder: Path, index: dict[str, int]) -> list[Entry]:
+    files, dirs = listing(src, os.fspath(folder))
+    for p, _ in files:
+        src.reject(p, "not in a class folder (no label)")
+    hidden = [d for d in dirs if os.path.basename(d).startswith(".")]
+    reject_hidden(src, hidden)
     entries = []
-    for p in sorted(folder.iterdir()):
-        if not p.is_dir():
-            src.rejected.append({"file": rel(src, p), "reason": "not in a class folder (no label)"})
-    for wnid in class_folders(folder):
+    for d in dirs:
+        wnid = os.path.basename(d)
+        if d in hidden:
+            continue
         if wnid not in index:
-            raise LayoutError(f"{folder / wnid}: class not among the train classes; remove it or add train/{wnid}/")
-        files = sorted(p for p in (folder / wnid).iterdir() if not p.is_dir())
-        if not files:
-            src.rejected.append({"file": rel(src, folder / wnid), "reason": "empty class folder"})
-        entries += [Entry(p, index[wnid], key_of(p)) for p in files]
+            raise LayoutError(f"{d}: class not among the train classes; remove it or add train/{wnid}/")
+        found = walk(src, d)
+        if not found:
+            src.reject(d, "empty class folder")
+        entries += [src.entry(p, st, index[wnid]) for p, st in found]
     return entries
 
 
 def scan_flat(src: Source, split: str, folder: Path, index: dict[str, int]) -> list[Entry]:
     """A flat folder labelled by the Kaggle CSV, else by the devkit's ground truth + meta.mat."""
-    files = sorted(p for p in folder.iterdir() if not p.is_dir())
+    files, hidden = listing(src, os.fspath(folder))  # no class folders here, so every folder is a hidden one
+    reject_hidden(src, hidden)
     csv_path, truth = find(src.root, KAGGLE_CSV), find(src.root, DEVKIT_TRUTH)
     if csv_path:
         src.layout[split] = "flat_kaggle"
@@ -119,20 +169,22 @@ def scan_flat(src: Source, split: str, folder: Path, index: dict[str, int]) -> l
         raise LayoutError(f"{folder}: flat {split} folder without labels; put {KAGGLE_CSV} (Kaggle) or "
                           f"{DEVKIT_TRUTH} + {DEVKIT_META} (devkit) in {src.root}")
     entries = []
-    for p in files:
-        wnid = labels.get(p.stem)
+    for p, st in files:
+        wnid = labels.get(os.path.splitext(os.path.basename(p))[0])
         if wnid in index:
-            entries.append(Entry(p, index[wnid], key_of(p)))
+            entries.append(src.entry(p, st, index[wnid]))
         else:
-            reason = f"no label in {source}" if wnid is None else f"label {wnid} is not a train class"
-            src.rejected.append({"file": rel(src, p), "reason": reason})
+            src.reject(p, f"no label in {source}" if wnid is None else f"label {wnid} is not a train class")
     return entries
 
 
 def kaggle_labels(path: Path) -> dict[str, str]:
     """ImageId -> wnid, the first token of PredictionString."""
-    with open(path, newline="") as f:
-        return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f) if row["PredictionString"].strip()}
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet programs save a byte-order mark
+        rows = list(csv.DictReader(f))
+    if rows and not {"ImageId", "PredictionString"} <= rows[0].keys():
+        raise LayoutError(f"{path}: no ImageId,PredictionString header; use the Kaggle file as downloaded")
+    return {r["ImageId"]: r["PredictionString"].split()[0] for r in rows if (r["PredictionString"] or "").strip()}
 
 
 def devkit_labels(root: Path, truth: Path) -> dict[str, str]:
@@ -146,18 +198,6 @@ def devkit_labels(root: Path, truth: Path) -> dict[str, str]:
         raise LayoutError(f"{meta}: unreadable ({e}); use the ILSVRC2012 devkit's data/{DEVKIT_META}") from None
     lines = truth.read_text().split()
     return {f"ILSVRC2012_val_{n:08d}": ids[int(i)][0] for n, i in enumerate(lines, start=1) if int(i) in ids}
-
-
-def dedupe(src: Source, entries: list[Entry]) -> list[Entry]:
-    """Keys must be unique within a split: keep the first file of each key (in path order), reject the rest."""
-    seen, kept = {}, []
-    for e in entries:
-        if e.key in seen:
-            src.rejected.append({"file": rel(src, e.path), "reason": f"same key {e.key} as {rel(src, seen[e.key])}"})
-        else:
-            seen[e.key] = e.path
-            kept.append(e)
-    return kept
 
 
 def add_names(src: Source) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.atomic import atomic_write
+from pipeline.manifest import CLS_EXT, IMAGE_EXT, LABEL_EXT, PATH_EXT
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar pads the archive to whole records, as GNU tar and tarfile do
@@ -19,6 +20,7 @@ class Sample:
     key: str
     jpeg: bytes
     label: int
+    path: str  # the source file, relative to --src (bytes that are not UTF-8 surrogate-escaped, as os gives them)
 
 
 @dataclass(frozen=True)
@@ -32,9 +34,14 @@ class ShardRecord:
 
 
 def members(sample: Sample) -> list[tuple[str, bytes]]:
-    """A sample's tar members in contract order: image, ASCII label, int32 little-endian label."""
-    return [(f"{sample.key}.jpg", sample.jpeg), (f"{sample.key}.cls", str(sample.label).encode()),
-            (f"{sample.key}.lbl", struct.pack("<i", sample.label))]
+    """A sample's tar members in contract order: image, ASCII label, int32 little-endian label, original path (the
+    file name's own bytes, so any name the filesystem allows is recorded exactly)."""
+    return [(f"{sample.key}.{IMAGE_EXT}", sample.jpeg), (f"{sample.key}.{CLS_EXT}", str(sample.label).encode()),
+            (f"{sample.key}.{LABEL_EXT}", struct.pack("<i", sample.label)),
+            (f"{sample.key}.{PATH_EXT}", sample.path.encode("utf-8", "surrogateescape"))]
+
+
+MEMBERS = 4  # len(members(sample))
 
 
 def header(name: str, size: int) -> bytes:
@@ -64,15 +71,16 @@ def read_shard(tar_path: Path) -> list[Sample]:
     """The samples of a shard, in order; raises ValueError when members are missing, misordered or disagree."""
     with tarfile.open(tar_path) as tf:
         files = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
-    if len(files) % 3:
-        raise ValueError(f"{len(files)} members, not a multiple of 3")
+    if len(files) % MEMBERS:
+        raise ValueError(f"{len(files)} members, not a multiple of {MEMBERS}")
     samples = []
-    for i in range(0, len(files), 3):
-        key = files[i][0].rsplit(".", 1)[0]
-        label = struct.unpack("<i", files[i + 2][1])[0]
-        sample = Sample(key, files[i][1], label)
-        if files[i:i + 3] != members(sample):
-            raise ValueError(f"sample {key}: members {[n for n, _ in files[i:i + 3]]} do not match the contract")
+    for i in range(0, len(files), MEMBERS):
+        group = files[i:i + MEMBERS]
+        key = group[0][0].rsplit(".", 1)[0]
+        label, path = struct.unpack("<i", group[2][1])[0], group[3][1].decode("utf-8", "surrogateescape")
+        sample = Sample(key, group[0][1], label, path)
+        if group != members(sample):
+            raise ValueError(f"sample {key}: members {[n for n, _ in group]} do not match the contract")
         samples.append(sample)
     return samples
 

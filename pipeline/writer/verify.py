@@ -1,48 +1,62 @@
-"""--verify: every shard and index against the manifest's checksums, and every image decoded."""
+"""--verify: every shard and index against the manifest's checksums, every image decoded, every source file once."""
 from __future__ import annotations
 
 import io
 import sys
-from multiprocessing import Pool
+from collections import Counter
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
 from pipeline.manifest import ShardError, load_manifest
+from pipeline.writer.plan import shown
+from pipeline.writer.pool import ordered_map
 from pipeline.writer.tars import read_shard
 
 
-def verify_shard(task) -> str | None:
-    """None if every sample of the shard is well formed, labelled in range and decodes as an RGB baseline JPEG."""
+def verify_shard(task) -> tuple[str | None, list[str]]:
+    """(None if every sample of the shard is well formed, labelled in range and decodes as an RGB baseline JPEG, else
+    the problem; the samples' source paths)."""
     tar_path, count, num_classes = task
     try:
         samples = read_shard(tar_path)
+        paths = [s.path for s in samples]
         if len(samples) != count:
-            return f"{tar_path}: {len(samples)} samples, manifest says {count}"
+            return f"{tar_path}: {len(samples)} samples, manifest says {count}", paths
         for s in samples:
             if not 0 <= s.label < num_classes:
-                return f"{tar_path}: sample {s.key} has label {s.label}, outside 0..{num_classes - 1}"
+                return (f"{tar_path}: sample {s.key} ({shown(s.path)}) has label {s.label}, "
+                        f"outside 0..{num_classes - 1}"), paths
             im = Image.open(io.BytesIO(s.jpeg))
             im.load()
             if im.format != "JPEG" or im.mode != "RGB" or im.info.get("progressive"):
-                return f"{tar_path}: {s.key}.jpg is not an RGB baseline JPEG"
+                return f"{tar_path}: {s.key}.jpg ({shown(s.path)}) is not an RGB baseline JPEG", paths
     except Exception as e:  # any failure to read or decode is the finding, reported with the shard's name
-        return f"{tar_path}: {type(e).__name__}: {e}"
-    return None
+        return f"{tar_path}: {type(e).__name__}: {e}", []
+    return None, paths
 
 
 def verify(shards_dir: Path, workers: int) -> int:
-    """Exit code 0 when every shard and index matches the manifest and every image decodes; else 1, naming the shard."""
+    """Exit code 0 when every shard and index matches the manifest, every image decodes and no source file is in the
+    shards twice; else 1, naming the shard or file; 2 when a file cannot be read at all."""
     try:
         m = load_manifest(shards_dir, checksums=True)
     except ShardError as e:
         print(e, file=sys.stderr)
         return 1
+    except OSError as e:
+        print(f"shard_imagenet: {e.filename}: {e.strerror}; make the shard folder readable and rerun --verify",
+              file=sys.stderr)
+        return 2
     tasks = [(s.tar, s.count, m.num_classes) for split in m.splits for s in m.splits[split]]
-    with Pool(min(workers, max(len(tasks), 1))) as pool:
-        problems = [p for p in tqdm(pool.imap(verify_shard, tasks), total=len(tasks), unit="shard", desc="verifying")
-                    if p]
+    results = ordered_map(verify_shard, tasks, min(workers, max(len(tasks), 1)), chunk=1)
+    problems, sources = [], Counter()
+    for problem, paths in tqdm(results, total=len(tasks), unit="shard", desc="verifying"):
+        problems += [problem] if problem else []
+        sources.update(paths)
+    # Each source file is one sample: a path written twice means the shards were made from two different plans.
+    problems += [f"{shards_dir}: {shown(path)} is in the shards {n} times" for path, n in sources.items() if n > 1]
     for p in problems:
         print(f"{p}; re-shard with tools/shard_imagenet.py", file=sys.stderr)
     if not problems:
