@@ -206,7 +206,7 @@ def test_info_names_shards_and_keys_that_hold_colons(demo_shards, tmp_path):
     folder = copy_shards(demo_shards, tmp_path / "e:12:x")
     records = []
     for shard in load_manifest(folder).shards("val"):
-        samples = [Sample(f"12:34:{s.key}", s.jpeg, s.label) for s in read_shard(shard.tar)]
+        samples = [Sample(f"12:34:{s.key}", s.jpeg, s.label, s.path) for s in read_shard(shard.tar)]
         records.append(asdict(write_shard(folder, shard.tar.stem, samples)))
     edit_manifest(folder, lambda m: m["splits"]["val"].update(shards=records))
     want, seen = tar_labels(folder, "val"), []
