@@ -8,6 +8,7 @@ from PIL import Image
 
 from pipeline.writer.images import Resize, draft_request, geometry, parse_resize, prepare, resample
 from pipeline.writer.synthetic import make_dataset
+from tools import profile_sharder
 from tools.shard_imagenet import main
 from pipeline.writer.tars import read_shard
 
@@ -119,3 +120,15 @@ def test_every_policy_end_to_end(mid_src, tmp_path, resize):
                 assert min(size) == 100 and abs(size[0] / size[1] - np.divide(*Image.open(source).size)) < 0.02
             else:
                 assert s.jpeg == source.read_bytes()
+
+
+def test_profile_sharder_times_every_stage(demo_src, tmp_path, capsys):
+    assert profile_sharder.main(["--src", str(demo_src), "--resize", "short:80", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    stages = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines() if line.startswith("|")}
+    assert set(stages) == {"decode (draft)", "depth + orientation", "crop + resize", "encode", "statistics", "other",
+                           "tar + sha256", "total"}
+    assert stages["decode (draft)"] > 0 and stages["total"] > stages["decode (draft)"] + stages["encode"]
+    assert "120 files" in out and "img/s per core" in out
+    assert profile_sharder.main(["--src", str(tmp_path)]) == 2
+    assert "no .jpg or .jpeg files" in capsys.readouterr().err

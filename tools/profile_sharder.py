@@ -9,7 +9,6 @@ so other processes on the machine disturb it less; the best of several rounds is
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import sys
 import tempfile
@@ -38,7 +37,7 @@ def timed(fn, group: str, clock: dict):
     return wrapper
 
 
-def one_round(files: list[Path], resize: images.Resize, quality: int) -> dict:
+def one_round(src: Path, files: list[Path], resize: images.Resize, quality: int) -> dict:
     """ms per image for each stage group, 'other' (read, RGB conversion, glue), 'tar + sha256' and 'total'."""
     clock = defaultdict(float)
     originals = {name: getattr(images, name) for name in STAGES}
@@ -48,7 +47,7 @@ def one_round(files: list[Path], resize: images.Resize, quality: int) -> dict:
         samples, start = [], time.process_time()
         for i, path in enumerate(files):
             r = images.prepare(path, path.stem, resize, quality, 0)
-            samples.append(Sample(f"{i:06d}", r.jpeg, 0))
+            samples.append(Sample(f"train_{i:08d}", r.jpeg, 0, str(path.relative_to(src))))
         prepared = time.process_time() - start
     finally:
         for name, fn in originals.items():
@@ -72,11 +71,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         src = a.src or make_dataset(Path(tmp), classes=10, per_class=20, val_per_class=0, size_range=(375, 500),
                                     quality=97, seed=1)
-        files = sorted(Path(f) for f in glob.glob(str(src / "**" / "*.JPEG"), recursive=True))
+        files = sorted(f for f in src.rglob("*") if f.suffix.lower() in images.JPEG_SUFFIXES and f.is_file())
+        if not files:
+            print(f"profile_sharder: no .jpg or .jpeg files under {src}; point --src at a folder of JPEGs",
+                  file=sys.stderr)
+            return 2
         mean_kb = sum(f.stat().st_size for f in files) / len(files) / 1e3
         resize = images.parse_resize(a.resize)
-        one_round(files[:20], resize, a.quality)  # warm caches and imports
-        rounds = sorted((one_round(files, resize, a.quality) for _ in range(a.rounds)), key=lambda r: r["total"])
+        one_round(src, files[:20], resize, a.quality)  # warm caches and imports
+        rounds = sorted((one_round(src, files, resize, a.quality) for _ in range(a.rounds)), key=lambda r: r["total"])
     best = rounds[0]
     print(f"{len(files)} files, {mean_kb:.0f} KB on average, --resize {resize}, best of {a.rounds} rounds "
           f"(totals {rounds[0]['total']:.2f}-{rounds[-1]['total']:.2f} ms)")
