@@ -4,11 +4,12 @@ import os
 import tarfile
 
 import numpy as np
+import pytest
 from PIL import Image
 from wds2idx import IndexCreator
 
 from pipeline.atomic import atomic_write
-from pipeline.writer.tars import Sample, build_shard, read_shard, write_shard
+from pipeline.writer.tars import Sample, build_shard, header, read_shard, write_shard
 
 
 def jpeg(h: int, w: int, value: int) -> bytes:
@@ -59,6 +60,19 @@ def test_tarfile_writes_the_same_bytes():
                 info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
                 tf.addfile(info, io.BytesIO(data))
     assert buf.getvalue() == tar
+
+
+@pytest.mark.parametrize("name,size", [("a", 0), ("x" * 100, 8 ** 11 - 1), ("train_00000000.path", 513)])
+def test_headers_are_tarfiles_at_the_limits(name, size):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o644, "", ""
+    assert header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+@pytest.mark.parametrize("name,size", [("x" * 101, 1), ("a", 8 ** 11)])
+def test_headers_refuse_what_ustar_cannot_hold(name, size):
+    with pytest.raises(ValueError, match="does not fit a USTAR header"):
+        header(name, size)
 
 
 def test_dali_reads_images_and_int32_labels_through_our_index(tmp_path):
