@@ -20,6 +20,10 @@ class ShardError(Exception):
     """A shard folder that cannot be used; the message is one line naming the file and the fix."""
 
 
+class UnreadableShard(ShardError):
+    """A shard file this process may not read: its permissions are the fault, not its bytes."""
+
+
 @dataclass(frozen=True)
 class Shard:
     tar: Path
@@ -128,5 +132,10 @@ def _check_shard(shard: Shard, checksums: bool, hint: str) -> None:
     if checksums:
         pairs.append((shard.tar, shard.tar_sha256))
     for f, want in pairs:
-        if sha256_file(f) != want:
+        try:
+            digest = sha256_file(f)
+        except OSError as e:
+            raise UnreadableShard(f"{f}: cannot read ({e.strerror}); make the shard folder readable "
+                                  f"(chmod -R u+rX) and rerun") from None
+        if digest != want:
             raise ShardError(f"{f}: checksum does not match the manifest; {hint}")

@@ -1,4 +1,7 @@
-"""Shared fixtures: GPU tests skip cleanly without CUDA; a tiny synthetic ImageNet and its shards, built once."""
+"""Shared fixtures: GPU tests skip cleanly without CUDA; a tiny synthetic ImageNet and its shards, built once; deny."""
+import builtins
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -35,3 +38,32 @@ def demo_shards(tmp_path_factory, demo_src) -> Path:
             "--shard-size", str(DEMO_SHARD_SIZE), "--workers", "1"]
     assert shard_main(argv) == 0
     return out
+
+
+@pytest.fixture
+def deny(monkeypatch):
+    """deny(path): take every permission on path away, as chmod 0 does for anyone but root. Root reads and writes
+    regardless, so as root the calls that would fail for another user on path are made to fail in the same way."""
+    denied = []
+
+    def inside(p) -> bool:
+        return isinstance(p, (str, bytes, os.PathLike)) and any(
+            Path(os.fsdecode(p)).resolve().is_relative_to(d) for d in denied)
+
+    def guard(real):
+        def call(*a, **k):
+            if a and inside(a[0]):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(a[0]))
+            return real(*a, **k)
+        return call
+
+    def _deny(path: Path) -> None:
+        denied.append(path.resolve())
+        path.chmod(0)
+        if os.geteuid() == 0 and len(denied) == 1:
+            for owner, name in ((os, "scandir"), (os, "open"), (builtins, "open")):
+                monkeypatch.setattr(owner, name, guard(getattr(owner, name)))
+
+    yield _deny
+    for d in denied:
+        d.chmod(0o755)

@@ -201,6 +201,12 @@ def test_bad_shard_folders_raise_one_line_naming_the_fix(demo_shards, tmp_path):
     one_line_error(demo_shards, "no 'test' shards; re-shard", split="test")
 
 
+def test_an_unreadable_index_is_one_line_naming_it(demo_shards, tmp_path, deny):
+    folder = copy_shards(demo_shards, tmp_path / "locked")
+    deny(folder / "train-000001.idx")
+    one_line_error(folder, r"train-000001.idx: cannot read \(Permission denied\); make the shard folder readable")
+
+
 def test_info_names_shards_and_keys_that_hold_colons(demo_shards, tmp_path):
     # source_info is "TAR:OFFSET:MEMBER"; here TAR's folder and MEMBER both hold ":digits:" as well.
     folder = copy_shards(demo_shards, tmp_path / "e:12:x")

@@ -34,35 +34,6 @@ def src(tmp_path_factory):
                         size_range=(40, 64), seed=4)
 
 
-@pytest.fixture
-def deny(monkeypatch):
-    """deny(path): take every permission on path away, as chmod 0 does for anyone but root. Root reads and writes
-    regardless, so as root the calls that would fail for another user on path are made to fail in the same way."""
-    denied = []
-
-    def inside(p) -> bool:
-        return isinstance(p, (str, bytes, os.PathLike)) and any(
-            Path(os.fsdecode(p)).resolve().is_relative_to(d) for d in denied)
-
-    def guard(real):
-        def call(*a, **k):
-            if a and inside(a[0]):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(a[0]))
-            return real(*a, **k)
-        return call
-
-    def _deny(path: Path) -> None:
-        denied.append(path.resolve())
-        path.chmod(0)
-        if os.geteuid() == 0 and len(denied) == 1:
-            for owner, name in ((os, "scandir"), (os, "open"), (builtins, "open")):
-                monkeypatch.setattr(owner, name, guard(getattr(owner, name)))
-
-    yield _deny
-    for d in denied:
-        d.chmod(0o755)
-
-
 def test_out_without_write_permission(src, tmp_path, deny, capsys):
     out = tmp_path / "out"
     out.mkdir()

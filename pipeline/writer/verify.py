@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.manifest import ShardError, load_manifest
+from pipeline.manifest import ShardError, UnreadableShard, load_manifest
 from pipeline.writer.plan import shown
 from pipeline.writer.pool import ordered_map
 from pipeline.writer.tars import read_shard
@@ -44,11 +44,7 @@ def verify(shards_dir: Path, workers: int) -> int:
         m = load_manifest(shards_dir, checksums=True)
     except ShardError as e:
         print(e, file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"shard_imagenet: {e.filename}: {e.strerror}; make the shard folder readable and rerun --verify",
-              file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, UnreadableShard) else 1
     tasks = [(s.tar, s.count, m.num_classes) for split in m.splits for s in m.splits[split]]
     results = ordered_map(verify_shard, tasks, min(workers, max(len(tasks), 1)), chunk=1)
     problems, sources = [], Counter()
