@@ -29,8 +29,9 @@ def read_shards(files, index_files, *, shard_id, num_shards, shuffle, seed):
     return fn.readers.webdataset(
         paths=files, index_paths=index_files, ext=[IMAGE_EXT, LABEL_EXT], dtypes=[types.UINT8, types.INT32],
         missing_component_behavior="error", random_shuffle=shuffle, initial_fill=INITIAL_FILL, seed=seed,
-        shuffle_after_epoch=shuffle, stick_to_shard=not shuffle, shard_id=shard_id, num_shards=num_shards,
-        pad_last_batch=True, name=READER)
+        # the file order's own seed: without it DALI draws every run's order from one fixed default
+        shuffle_after_epoch=shuffle, shuffle_after_epoch_seed=seed, stick_to_shard=not shuffle, shard_id=shard_id,
+        num_shards=num_shards, pad_last_batch=True, name=READER)
 
 
 def paper(jpegs, *, crop, decode, normalise, mean, lighting):
