@@ -186,15 +186,16 @@ def evaluate(model, loader, amp: str, ctx: Context, views: int = 1) -> dict:
     return {"top1_err": top1 / max(n, 1), "top5_err": top5 / max(n, 1), "samples": n}
 
 
-def timed(batches):
-    """(seconds spent waiting for the batch, batch) for each batch: the data-wait figures."""
-    batches = iter(batches)
+def timed(loader):
+    """(seconds spent waiting for data, batch) for each batch: the data-wait figures. A host that ran ahead of the GPU
+    is held back inside next() too (loader.gpu_wait_s); that is the GPU being busy, not waiting, so it is left out."""
+    batches = iter(loader)
     while True:
-        t0 = time.perf_counter()
+        t0, held = time.perf_counter(), loader.gpu_wait_s
         batch = next(batches, None)
         if batch is None:
             return
-        yield time.perf_counter() - t0, batch
+        yield time.perf_counter() - t0 - (loader.gpu_wait_s - held), batch
 
 
 class Stop(Exception):

@@ -51,17 +51,18 @@ def locate(error: RuntimeError, reader: Callable, checkpoint: bytes | None, skip
         for i in range(skip + ahead + 1):
             jpegs, sources = pipe.run()
             if i >= skip:
-                suspects += [(bytes(np.asarray(j)), bytes(np.asarray(s)).decode()) for j, s in zip(jpegs, sources)]
-    except RuntimeError as e:
-        return ShardError(f"{root}: DALI cannot read {where} ({reason(e)}); {hint}")
-    for jpeg, source in suspects:
-        tar, member = split_source(source, tars)
+                suspects += [(bytes(np.asarray(j)), split_source(bytes(np.asarray(s)).decode(), tars))
+                             for j, s in zip(jpegs, sources)]
+    except Exception as e:  # the replay is a diagnosis: whatever stops it, the user still gets the original failure
+        return ShardError(f"{root}: DALI cannot read {where} ({reason(error)}; replaying it to find the sample: "
+                          f"{reason(e)}); {hint}")
+    for jpeg, (tar, member) in suspects:
         try:
             with Image.open(io.BytesIO(jpeg)) as im:
                 im.load()
         except (OSError, ValueError, SyntaxError) as e:
             return ShardError(f"{tar}: {member} does not decode ({e}); {hint}")
-    found = sorted({split_source(s, tars)[0] for _, s in suspects})
+    found = sorted({tar for _, (tar, _) in suspects})
     shown = ", ".join(found[:3]) + (f" (or one of {len(found) - 3} more)" if len(found) > 3 else "")
     return ShardError(f"{shown}: DALI failed on a sample of {where} ({reason(error)}); {hint}")
 

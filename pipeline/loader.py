@@ -71,6 +71,8 @@ class DaliLoader:
                               seed=draw_seed, enable_checkpointing=True)
         self.epoch = self.step = 0  # the position: the next batch yielded is `step` of `epoch`
         self.images_per_s = 0.0  # samples yielded / seconds since this pass over the epoch began, any build included
+        # Seconds next() spent holding a host that ran HOLD batches ahead of the GPU: back-pressure, not data wait.
+        self.gpu_wait_s = 0.0
         self._pipe, self._last, self._closed, self._held = None, None, False, deque()
         self._restore = None  # DALI's checkpoint to build the pipeline from, after load_state_dict
         self._anchor = (None, 0)  # (DALI checkpoint, step) of this epoch's start, where a failure's replay begins
@@ -161,8 +163,10 @@ class DaliLoader:
         try:
             return self._pipe.run(stream)  # without a stream, the host would wait for each batch to be ready
         except RuntimeError as e:
-            error = self._locate_failure(e)
-            self.close()  # DALI's pipeline is unusable after a failure
+            try:
+                error = self._locate_failure(e)
+            finally:
+                self.close()  # DALI's pipeline is unusable after a failure
             raise error from None
 
     def _release(self) -> None:
@@ -170,8 +174,10 @@ class DaliLoader:
         batch's buffers back to DALI once the GPU has passed its mark."""
         if self._held and self._held[-1][1] is None:
             self._held[-1][1] = torch.cuda.current_stream(self.device).record_event()
-        while self._held and (len(self._held) > HOLD or self._held[0][1].query()):
+        start = time.perf_counter()
+        while self._held and (len(self._held) >= HOLD or self._held[0][1].query()):
             self._held.popleft()[1].synchronize()
+        self.gpu_wait_s += time.perf_counter() - start
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cuda":

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipeline import DaliLoader, ShardError, load_manifest
+from pipeline.loader import HOLD
 from pipeline.sharding import rank_range
 from pipeline.writer.tars import Sample, read_shard, write_shard
 
@@ -319,3 +320,17 @@ def test_gpu_batches_outlive_a_late_consumer(demo_shards, dtype):
 
     synchronised = checksums(late=False)
     assert len(synchronised) == 24 and torch.equal(checksums(late=True), synchronised)
+
+
+@pytest.mark.gpu
+def test_gpu_back_pressure_is_counted_apart_from_data_wait(demo_shards):
+    """A host HOLD batches ahead of a busy GPU is held in next(): gpu_wait_s takes that time, run.py's timed() the rest."""
+    import run
+    with loader(demo_shards, batch=8, device="cuda", device_id=0, seed=4) as ld:
+        waits = []
+        for wait, _ in run.timed(ld):
+            torch.cuda._sleep(100_000_000)  # a step of ~60 ms of GPU time that the host does not wait for
+            waits.append(wait)
+        torch.cuda.synchronize()
+    assert ld.gpu_wait_s > 0.5 * 0.05 * (len(waits) - HOLD)  # held about one step's GPU time per batch past HOLD
+    assert sorted(waits)[len(waits) // 2] < 0.02  # the median step waited for no data

@@ -194,21 +194,22 @@ class Bench:
         step = self.train_step(batch_size, tower_convs)
         return self.measure("model", lambda: step(images, labels), batch_size)
 
-    def end_to_end(self, batches: Iterator, batch_size: int) -> dict:
+    def end_to_end(self, loader: DaliLoader, batches: Iterator, batch_size: int) -> dict:
         """The step fed by the loader, with the share of wall time spent waiting for data and keeping the GPU busy.
 
-        data_wait_frac: host time blocked in next(loader) over wall time. gpu_busy_frac: the span of each step on
-        the training stream (CUDA events recorded before and after it) summed, over wall time; 1 - busy is the time
-        the training stream sat idle, waiting for data or for the host. torch.cuda.utilization (NVML) is not used:
+        data_wait_frac: host time blocked in next(loader) over wall time, less the time the loader held back a host
+        that ran ahead of the GPU (loader.gpu_wait_s: the GPU was busy then, not waiting). gpu_busy_frac: the span of
+        each step on the training stream (CUDA events recorded before and after it) summed, over wall time; 1 - busy
+        is the time the training stream sat idle, waiting for data or for the host. torch.cuda.utilization (NVML) is not used:
         it samples at about 1/6 s and counts DALI's own kernels as busy, so it cannot tell training from decoding.
         """
         train = self.train_step(batch_size)
         waited, spans = [0.0], []
 
         def step():
-            start = time.perf_counter()
+            start, held = time.perf_counter(), loader.gpu_wait_s
             images, labels = next(batches)
-            waited[0] += time.perf_counter() - start
+            waited[0] += time.perf_counter() - start - (loader.gpu_wait_s - held)
             if not self.cuda:
                 train(images, labels)
                 return
@@ -233,13 +234,13 @@ class Bench:
         with self.dali(s) as loader:
             batches = endless(loader)
             r = {"loader": self.loader_alone(loader, batches, s["batch_size"]),
-                 "model": self.model_alone(s["batch_size"]), "e2e": self.end_to_end(batches, s["batch_size"])}
+                 "model": self.model_alone(s["batch_size"]), "e2e": self.end_to_end(loader, batches, s["batch_size"])}
             return {**r, "memory": peak_memory(self.cfg.device)}  # while the loader still holds its buffers
 
     def sweep_trial(self, s: dict) -> dict:
         """End to end at one --sweep setting, printed as a row when done."""
         with self.dali(s) as loader:
-            r = self.end_to_end(endless(loader), s["batch_size"])
+            r = self.end_to_end(loader, endless(loader), s["batch_size"])
         r = {"img_per_s": r["img_per_s"], "data_wait_frac": r["data_wait_frac"], "gpu_busy_frac": r.get("gpu_busy_frac")}
         print(trial_row({**s, **r}), flush=True)
         return r
