@@ -145,6 +145,9 @@ def check_workdir(cfg: Config, ctx: Context) -> dict | None:
     if found is None:
         raise UsageError(f"--resume: {workdir / 'checkpoints'} has no readable checkpoint; start without --resume")
     ckpt, path = found
+    if not isinstance(ckpt["loader"], list):  # one loader state per rank since DALI's own checkpoints hold them
+        raise UsageError(f"--resume: {path} was written by an older run.py, whose loader position this one cannot "
+                         f"continue exactly; evaluate it with --eval {path}, or train anew in another --workdir")
     changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and ckpt["config"].get(k) != v]
     if changed:
         was = ", ".join(f"--{k.replace('_', '-')} {ckpt['config'].get(k)}" for k in changed)
@@ -224,7 +227,10 @@ class Trainer:
         """Weights, optimiser, RNG states, history, and this rank's loader where it stood."""
         checkpoint.restore_training(ckpt, self.raw, self.optimizer, self.train_step.scaler)
         checkpoint.set_rng_state(ckpt["rng"][self.ctx.rank])
-        self.train_loader.load_state_dict(ckpt["loader"][self.ctx.rank])
+        try:
+            self.train_loader.load_state_dict(ckpt["loader"][self.ctx.rank])
+        except ValueError as e:  # e.g. --shards now names a folder sharded anew: other samples, other batches
+            raise UsageError(f"--resume: {e}") from None
         self.history, self.step, self.partial = ckpt["history"], ckpt["step"], ckpt["partial"]
         self.log(f"resumed at epoch {self.step // self.spe + 1}, step {self.step}")
 
@@ -377,7 +383,8 @@ def train(cfg: Config, ctx: Context, manifest, ckpt: dict | None, log) -> int:
 
 def evaluate_only(cfg: Config, ctx: Context, manifest, ckpt: dict, log) -> int:
     """--eval CHECKPOINT: centre-crop (and with --ten-crop, ten-crop) error of saved weights on the val split."""
-    saved = Config(**ckpt["config"])
+    known = {f.name for f in fields(Config)}  # a checkpoint of an older run.py may hold settings since renamed
+    saved = Config(**{k: v for k, v in ckpt["config"].items() if k in known})
     cfg = replace(cfg, divide_std=saved.divide_std)  # the inputs as the weights were trained on
     _, raw = build(Config(**{**asdict(saved), "model_parallel": cfg.model_parallel}), ctx, manifest.num_classes)
     raw.load_state_dict(ckpt["model"])

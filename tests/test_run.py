@@ -240,3 +240,33 @@ def test_bad_input_unknown_flag_from_the_shell():
                          text=True, timeout=120)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.splitlines() == ["run.py: unrecognized arguments: --epochz 3 (see python run.py --help)"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_an_older_run_py_evaluates_and_refuses_resume_in_one_line(one_run, demo_shards, tmp_path,
+                                                                                   capsys):
+    """Before one DALI pipeline per run: `num_threads` for `threads`, no decoder settings, one loader position."""
+    state = checkpoint.read(checkpoint.step_files(one_run / "checkpoints")[0])
+    config = {k: v for k, v in state["config"].items() if k not in ("threads", "hw_decoder_load", "prefetch")}
+    old = {**state, "config": {**config, "num_threads": 1}, "loader": {"epoch": 3, "step": 0, "seed": 0}}
+    workdir = tmp_path / "old"
+    path = checkpoint.save(workdir / "checkpoints", old, old["step"])
+    (workdir / "config.json").write_text(json.dumps(old["config"]))
+    assert run.main(["--eval", str(path), *MACHINE]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["center"]["samples"] == 24
+    assert train(demo_shards, workdir, "--epochs", "4", "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "written by an older run.py" in err and f"--eval {path}" in err
+
+
+@pytest.mark.slow
+def test_resume_on_shards_of_another_size_is_one_line(one_run, demo_shards, tmp_path, capsys):
+    shards = Path(shutil.copytree(demo_shards, tmp_path / "fewer"))
+    manifest = json.loads((shards / "manifest.json").read_text())
+    dropped = manifest["splits"]["train"]["shards"].pop()
+    manifest["splits"]["train"]["count"] -= dropped["count"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    workdir = Path(shutil.copytree(one_run, tmp_path / "run"))
+    assert train(shards, workdir, "--epochs", "4", "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resume: loader state has count 96, this loader 64" in err
