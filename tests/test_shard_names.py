@@ -126,6 +126,7 @@ def test_images_in_subfolders_belong_to_their_class_and_nothing_is_skipped_unlis
     photo(src / "train" / ".ipynb_checkpoints" / "e.jpg", "blue")  # beside the classes: not a class
     (src / "train" / "dogs" / "old").symlink_to(src / "train" / "dogs")  # a loop must not hang or duplicate
     os.mkfifo(src / "train" / "dogs" / "pipe.jpg")  # reading it would block forever
+    (src / "train" / "dogs" / "self.jpg").symlink_to("self.jpg")  # a link to itself: ELOOP on every look
     with deadline(60):
         manifest, samples = shard(src, tmp_path / "out")
     assert [c["wnid"] for c in manifest["classes"]] == ["cats", "dogs"]
@@ -136,7 +137,8 @@ def test_images_in_subfolders_belong_to_their_class_and_nothing_is_skipped_unlis
         "train/.ipynb_checkpoints/e.jpg": "in a hidden folder, not a class folder",
         "train/dogs/.DS_Store": "not an image",
         "train/dogs/old": "folder already included through another path (symbolic link)",
-        "train/dogs/pipe.jpg": "not a regular file"}
+        "train/dogs/pipe.jpg": "not a regular file",
+        "train/dogs/self.jpg": "unreadable (Too many levels of symbolic links)"}
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

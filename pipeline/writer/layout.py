@@ -102,12 +102,15 @@ def listing(src: Source, folder: str) -> tuple[list[tuple[str, os.stat_result]],
     files, dirs = [], []
     with os.scandir(folder) as found:
         for e in found:
-            if e.is_dir():
-                dirs.append(e.path)
-            elif e.is_file():
-                files.append((e.path, e.stat()))
-            else:  # a FIFO would block its reader forever; a dangling link has nothing to read
-                src.reject(e.path, "unreadable (broken symbolic link)" if e.is_symlink() else "not a regular file")
+            try:
+                if e.is_dir():
+                    dirs.append(e.path)
+                elif e.is_file():
+                    files.append((e.path, e.stat()))
+                else:  # a FIFO would block its reader forever; a dangling link has nothing to read
+                    src.reject(e.path, "unreadable (broken symbolic link)" if e.is_symlink() else "not a regular file")
+            except OSError as err:  # a link to itself (ELOOP) is one unreadable entry, not an unreadable folder
+                src.reject(e.path, f"unreadable ({err.strerror})")
     return files, sorted(dirs)
 
 
