@@ -25,6 +25,7 @@ from model.checkpoint import CheckpointError
 from model.parallel import Context, all_gather, all_sum, process_context
 from model.recipe import (AMP_DTYPES, INITS, LR, MOMENTUM, SCHEDULES, WEIGHT_DECAY, count_errors, initialise, lr_at,
                           make_train_step, scaled_lr, set_lr, sgd)
+from pipeline.augment import WINDOW_AUGMENTS
 from pipeline.manifest import ShardError, check_crop, load_manifest
 from pipeline.atomic import atomic_write
 from tools.demo import DEMO_PRESET, make_demo_data, report_demo
@@ -145,7 +146,7 @@ def check_workdir(cfg: Config, ctx: Context) -> dict | None:
     if found is None:
         raise UsageError(f"--resume: {workdir / 'checkpoints'} has no readable checkpoint; start without --resume")
     ckpt, path = found
-    if not isinstance(ckpt["loader"], list):  # one loader state per rank since DALI's own checkpoints hold them
+    if isinstance(ckpt.get("loader"), dict):  # one loader state per rank since DALI's own checkpoints hold them
         raise UsageError(f"--resume: {path} was written by an older run.py, whose loader position this one cannot "
                          f"continue exactly; evaluate it with --eval {path}, or train anew in another --workdir")
     changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and ckpt["config"].get(k) != v]
@@ -419,7 +420,7 @@ def main(argv=None) -> int:
             if cfg.demo:
                 make_demo_data(cfg, ctx.rank)
             manifest = load_manifest(cfg.shards)
-            crops = {"train": cfg.crop_size, "val": cfg.crop_size}
+            crops = {"val": cfg.crop_size, **({"train": cfg.crop_size} if cfg.augment in WINDOW_AUGMENTS else {})}
         for split, crop in crops.items():  # before anything is built or written
             check_crop(manifest, split, crop)
         log("config:\n" + "\n".join(f"  {k:<19}{v}" for k, v in asdict(cfg).items()))

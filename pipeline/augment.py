@@ -9,6 +9,9 @@ import numpy as np
 LIGHTING_STD = 0.1  # §4.1: alpha_i ~ N(0, 0.1), drawn once per image per training pass
 AUGMENTS = ("paper", "inception", "center", "tencrop")
 TRAIN_AUGMENTS = ("paper", "inception")
+# The augments that cut a crop x crop window out of the image as decoded, so need images at least that large;
+# inception resizes its random crop to the crop size instead.
+WINDOW_AUGMENTS = ("paper", "center", "tencrop")
 INCEPTION_AREA = (0.08, 1.0)  # random-resized crop (Szegedy et al. 2015): share of the image's area
 INCEPTION_ASPECT = (3 / 4, 4 / 3)
 # §4.1 test time: the four corner patches and the centre patch, then the same five mirrored;

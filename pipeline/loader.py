@@ -18,7 +18,8 @@ import torch
 from nvidia.dali import types
 
 from pipeline import dali
-from pipeline.augment import AUGMENTS, TENCROP_VIEWS, TRAIN_AUGMENTS, lighting_matrix, normalisation
+from pipeline.augment import (AUGMENTS, TENCROP_VIEWS, TRAIN_AUGMENTS, WINDOW_AUGMENTS, lighting_matrix,
+                              normalisation)
 from pipeline.failure import locate, reason, split_source
 from pipeline.manifest import FIX_HINT, MANIFEST, ShardError, check_crop, load_manifest
 from pipeline.sharding import dali_seeds, steps_per_epoch, valid_in_step
@@ -52,7 +53,8 @@ class DaliLoader:
         self.shards = manifest.shards(split)
         self.count = manifest.count(split)
         self.hint = FIX_HINT.format(dir=self.root)
-        check_crop(manifest, split, crop_size)
+        if augment in WINDOW_AUGMENTS:
+            check_crop(manifest, split, crop_size)
         self.rank, self.world_size, self.seed, self.dtype = rank, world_size, seed, dtype
         self.device = torch.device("cuda", device_id or 0) if device == "cuda" else torch.device("cpu")
         self._tars = {str(s.tar) for s in self.shards}

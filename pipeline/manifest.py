@@ -43,7 +43,7 @@ class Manifest:
     rgb_std: np.ndarray  # (3,), 0-255 pixel units
     eigval: np.ndarray  # (3,), covariance eigenvalues of RGB scaled to [0, 1] (paper §4.1)
     eigvec: np.ndarray  # (3, 3), column i is eigenvector p_i
-    min_side: dict[str, int | None]  # per split, the shortest image side; None when unknown (no resize, older tool)
+    min_side: dict[str, int | None]  # per split, the shortest side of its images; None for an empty split
     raw: dict
 
     @property
@@ -101,9 +101,7 @@ def _parse(root: Path, raw: dict, checksums: bool, hint: str) -> Manifest:
         if sum(s.count for s in shards) != entry["count"]:
             raise ShardError(f"{root / MANIFEST}: '{split}' shard counts do not add up to {entry['count']}; {hint}")
         splits[split] = shards
-        # Older manifests lack the measured side: the resize's short side bounds it then.
-        size = entry["min_side"] if "min_side" in entry else raw.get("preprocessing", {}).get("size")
-        min_side[split] = None if size is None else int(size)
+        min_side[split] = None if entry["min_side"] is None else int(entry["min_side"])
     stats = raw["stats"]
     return Manifest(root=root, classes=raw["classes"], splits=splits,
                     rgb_mean=np.asarray(stats["rgb_mean"], np.float64), rgb_std=np.asarray(stats["rgb_std"], np.float64),

@@ -236,8 +236,8 @@ def test_a_crop_larger_than_the_smallest_image_is_refused_up_front(demo_shards, 
     assert str(small / "manifest.json") in message
     with loader(small, "val", augment="center", crop_size=40) as ld:  # a crop that fits the split passes
         assert sum(len(y) for _, y in ld) == 24
-    with loader(small, "train") as ld:  # no min_side recorded: the resize's short side, 80
-        next(iter(ld))
+    with loader(small, "train", augment="inception", crop_size=96) as ld:  # resizes its crop: any image serves
+        assert next(iter(ld))[0].shape[-2:] == (96, 96)
 
 
 @pytest.mark.parametrize("bad", [{"augment": "random"}, {"device": "tpu"}, {"dtype": torch.int8}, {"rank": 2},
