@@ -57,9 +57,19 @@ def lrn_backward(x, g, size, alpha, beta, k, groups):
 def _fused():
     """The same maths compiled into one CUDA kernel each way, for models that run eagerly.
 
-    dynamic=False: lrn1 and lrn2 differ in shape, and by default the second shape would recompile both into
-    slower shape-generic kernels; static shapes give each layer its own specialised kernel, compiled once."""
-    return torch.compile(lrn_forward, dynamic=False), torch.compile(lrn_backward, dynamic=False)
+    Static shapes but the batch: lrn1 and lrn2 differ in channels and size, and by default the second layer would
+    recompile both into slower kernels generic in every dimension; fully static, every batch size (training, the
+    last evaluation batch, ten-crop's ten views) would compile anew, past dynamo's limit of 8 per function."""
+    def batch_dynamic(fn):
+        compiled = torch.compile(fn, dynamic=False)
+
+        def call(*args):
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    torch._dynamo.maybe_mark_dynamic(a, 0)
+            return compiled(*args)
+        return call
+    return batch_dynamic(lrn_forward), batch_dynamic(lrn_backward)
 
 
 def _maths(x):
