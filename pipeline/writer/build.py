@@ -137,8 +137,8 @@ def shard(cfg: ShardConfig) -> int:
         if complete:
             return already_complete(cfg, record, current)
         if record is not None and record.get("fingerprint") != current:
-            print(f"{out}: --src changed since the interrupted run (files added, removed or changed): "
-                  f"planning again; the shards written so far are discarded")
+            print(f"{out}: --src changed since the interrupted run (files added, removed or changed), or that run was "
+                  f"an older version of the sharder: planning again; the shards written so far are discarded")
             discard(out, cfg.splits)
         (out / PROGRESS).mkdir(parents=True, exist_ok=True)
         atomic_write(out / PROGRESS / "args.json", json.dumps({**run_record(cfg), "fingerprint": current}).encode())
