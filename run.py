@@ -329,7 +329,7 @@ class Trainer:
             raise self.diverged("the weights are not finite")
         state = {"config": asdict(self.cfg), "world_size": self.ctx.world, "step": self.step, "history": self.history,
                  **checkpoint.training_state(self.raw, self.optimizer, self.train_step.scaler),
-                 "rng": checkpoint.all_rng_states(self.ctx.world),
+                 "rng": checkpoint.every_rank(checkpoint.rng_state(), self.ctx.world),
                  "loader": checkpoint.every_rank(self.train_loader.state_dict(), self.ctx.world),
                  "partial": acc and {k: torch.as_tensor(v).cpu() for k, v in acc.items()}}
         if self.ctx.rank == 0:

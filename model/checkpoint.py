@@ -117,10 +117,6 @@ def every_rank(obj, world_size: int) -> list:
     return every
 
 
-def all_rng_states(world_size: int) -> list[dict]:
-    return every_rank(rng_state(), world_size)
-
-
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state:

@@ -85,5 +85,5 @@ def test_is_finite_and_rng_states():
     with torch.no_grad():
         model.bias[1] = float("nan")
     assert not checkpoint.is_finite(model, "cpu")
-    every = checkpoint.all_rng_states(1)
+    every = checkpoint.every_rank(checkpoint.rng_state(), 1)
     assert len(every) == 1 and torch.equal(every[0]["cpu"], torch.get_rng_state())
