@@ -3,10 +3,12 @@ import json
 import shutil
 from pathlib import PurePath
 
+import numpy as np
 import pytest
+import scipy.io as sio
 
 from pipeline.writer.synthetic import make_dataset, wnid
-from pipeline.writer.mat5 import read_mat, synsets, write_synsets
+from pipeline.writer.devkit import synsets, write_synsets
 from tools.shard_imagenet import main
 from pipeline.writer.tars import read_shard
 
@@ -117,34 +119,38 @@ def test_missing_val_labels_fail_with_one_line_naming_the_file(make, tmp_path, c
     assert "\n" not in err and named in err
 
 
-def test_mat5_reads_devkit_style_synsets_and_skips_non_leaves(tmp_path):
+def test_meta_mat_written_for_synthetic_data_reads_back_in_scipy_and_skips_non_leaves(tmp_path):
     write_synsets(tmp_path / "meta.mat", [(2, "n02119789", "kit fox, Vulpes macrotis", 0),
                                           (1, "n02100735", "English setter", 0), (1001, "n00001740", "entity", 2)])
     assert synsets(tmp_path / "meta.mat") == {2: ("n02119789", "kit fox, Vulpes macrotis"), 1: ("n02100735", "English setter")}
-    table = read_mat(tmp_path / "meta.mat")["synsets"]
-    assert [float(s["num_children"][0, 0]) for s in table] == [0.0, 0.0, 2.0] and table[0]["WNID"] == wnid(2119789)
+    table = sio.loadmat(tmp_path / "meta.mat")["synsets"]  # the layout MATLAB gives: a 3x1 struct array
+    assert table.shape == (3, 1) and [str(w[0]) for w in table["WNID"][:, 0]] == ["n02119789", "n02100735", "n00001740"]
 
 
-@pytest.mark.parametrize("compress", [True, False])
-def test_mat5_reads_what_scipy_writes(tmp_path, compress):
-    import numpy as np
-    import scipy.io as sio  # a test requirement only: the devkit reader itself does not need it
-    rows = np.array([(5, "n01440764", "tench, Tinca tinca", 0), (1003, "n00001740", "entity", 7)],
-                    dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
-    sio.savemat(tmp_path / "meta.mat", {"synsets": rows.reshape(2, 1)}, do_compression=compress)
-    assert synsets(tmp_path / "meta.mat") == {5: ("n01440764", "tench, Tinca tinca")}
+def test_meta_mat_with_every_devkit_field_reads_as_torchvision_would(tmp_path):
+    """The real file's struct has eight fields, children as arrays and one row per synset (1860 in all)."""
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+              "num_train_images"]
+    rows = np.array([(1, "n02119789", "kit fox", "a small fox", 0, np.zeros((1, 0)), 0, 1300),
+                     (2, "n02100735", "English setter", "a setter", 0, np.zeros((1, 0)), 0, 1300),
+                     (1001, "n00001740", "entity", "that which exists", 2, np.array([[1, 2]]), 19, 2600)],
+                    dtype=[(f, "O") for f in fields])
+    sio.savemat(tmp_path / "meta.mat", {"synsets": rows.reshape(-1, 1)})
+    meta = sio.loadmat(tmp_path / "meta.mat", squeeze_me=True)["synsets"]  # torchvision's parse_meta_mat, verbatim
+    leaves = [meta[i] for i, n in enumerate(meta["num_children"]) if n == 0]
+    expected = {int(s["ILSVRC2012_ID"]): (s["WNID"], s["words"]) for s in leaves}
+    assert synsets(tmp_path / "meta.mat") == expected == {1: ("n02119789", "kit fox"), 2: ("n02100735", "English setter")}
 
 
-def test_mat5_reads_files_matlab_wrote():
-    """scipy ships MAT files saved by MATLAB itself (v6 uncompressed, v7 compressed)."""
-    from pathlib import Path
-
-    import scipy.io as sio
-    data = Path(sio.__file__).parent / "matlab" / "tests" / "data"
-    files = [data / f"teststructarr_{v}_GLNX86.mat" for v in ("6.5.1", "7.4")]
-    for f in files:
-        one, two = read_mat(f)["teststructarr"]
-        assert (int(one["one"][0, 0]), int(one["two"][0, 0]), two["one"], two["two"]) == (1, 2, "number 1", "number 2")
+@pytest.mark.parametrize("content", [b"not a MAT file at all", b""])
+def test_unreadable_meta_mat_is_one_line_naming_it(make, tmp_path, capsys, content):
+    src = tmp_path / "src"
+    shutil.copytree(make("devkit"), src)
+    meta = src / "ILSVRC2012_devkit_t12" / "data" / "meta.mat"
+    meta.write_bytes(content)
+    assert main(["--src", str(src), "--out", str(tmp_path / "out"), *ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(meta) in err and "Traceback" not in err
 
 
 def test_val_image_without_a_label_row_is_rejected_not_guessed(kaggle, tmp_path):

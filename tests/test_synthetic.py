@@ -6,7 +6,7 @@ from PIL import Image
 
 from pipeline.writer.synthetic import QUIRKS, class_look, make_dataset, wnid
 from tools.make_demo_data import main
-from pipeline.writer.mat5 import synsets
+from pipeline.writer.devkit import synsets
 
 
 def files(folder):

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.writer.mat5 import MatError, synsets
+from pipeline.writer.devkit import DevkitError, synsets
 
 # Where each split's images live: <src>/<split>, or the Kaggle download's ILSVRC/Data/CLS-LOC/<split>.
 SPLIT_DIRS = ("{split}", "ILSVRC/Data/CLS-LOC/{split}")
@@ -197,7 +197,7 @@ def devkit_labels(root: Path, truth: Path) -> dict[str, str]:
         raise LayoutError(f"{truth}: needs the devkit's {DEVKIT_META} beside it to map ILSVRC2012_IDs to wnids")
     try:
         ids = synsets(meta)
-    except (MatError, OSError, KeyError, IndexError) as e:
+    except (DevkitError, OSError) as e:
         raise LayoutError(f"{meta}: unreadable ({e}); use the ILSVRC2012 devkit's data/{DEVKIT_META}") from None
     lines = truth.read_text().split()
     return {f"ILSVRC2012_val_{n:08d}": ids[int(i)][0] for n, i in enumerate(lines, start=1) if int(i) in ids}
@@ -212,7 +212,7 @@ def add_names(src: Source) -> None:
     elif meta:
         try:
             names = {w: words for w, words in synsets(meta).values()}
-        except (MatError, OSError, KeyError, IndexError):
+        except (DevkitError, OSError):
             names = {}
     for c in src.classes:
         c["name"] = names.get(c["wnid"], c["wnid"]).strip()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.writer.mat5 import write_synsets
+from pipeline.writer.devkit import write_synsets
 
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond", "bar", "frame")
 BANK = 6  # distinct noise textures per dataset; each image crops, flips and tints one
