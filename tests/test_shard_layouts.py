@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.io as sio
 
-from pipeline.writer.synthetic import make_dataset, wnid
+from pipeline.writer.synthetic import make_dataset
 from pipeline.writer.devkit import synsets, write_synsets
 from tools.shard_imagenet import main
 from pipeline.writer.tars import read_shard
