@@ -4,8 +4,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from pipeline.writer import images
 from pipeline.writer.images import Resize, draft_request, geometry, parse_resize, prepare, resample
 from pipeline.writer.synthetic import make_dataset
 from tools import profile_sharder
@@ -57,6 +60,23 @@ def test_resample_is_pillows_antialiased_bicubic(src, box, size):
     reference = np.asarray(im.crop(box).resize(size, Image.Resampling.BICUBIC)).astype(np.int64)
     diff = np.abs(resample(im, size, box).astype(np.int64) - reference)
     assert diff.max() <= 2 and diff.mean() < 0.01
+
+
+@pytest.mark.parametrize("src,box,size", [((1000, 750), (0, 0, 1000, 750), (341, 256)),
+                                          ((478, 375), (51, 0, 426, 375), (256, 256)), ((120, 90), (0, 0, 120, 90), (341, 256))])
+def test_private_resize_op_gives_the_public_apis_pixels_and_falls_back_to_it(monkeypatch, src, box, size):
+    """The private out= op stays for speed; F.interpolate(antialias=True) is the reference and the fallback."""
+    im = Image.fromarray(np.random.default_rng(1).integers(0, 256, (src[1], src[0], 3), dtype=np.uint8))
+    crop = torch.from_numpy(np.asarray(im.crop(box))).permute(2, 0, 1)[None]
+    public = F.interpolate(crop, size=(size[1], size[0]), mode="bicubic", antialias=True)[0].permute(1, 2, 0).numpy()
+    assert images.AA_OUT is not None  # this torch has it: the fast path is what the sharder runs
+    assert np.array_equal(resample(im, size, box), public)
+
+    def changed_signature(*a, **k):
+        raise RuntimeError("_upsample_bicubic2d_aa() got an unexpected keyword argument")
+    for private in (None, changed_signature):  # a torch without the op, or with another signature
+        monkeypatch.setattr(images, "AA_OUT", private)
+        assert np.array_equal(resample(im, size, box), public)
 
 
 @pytest.mark.parametrize("w,h", [(1200, 900), (700, 1000), (300, 200)])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from pipeline.writer.stats import moments, sample_pixels
@@ -116,17 +117,40 @@ def nchw(hwc: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(hwc).permute(2, 0, 1)[None]
 
 
+def private_aa_out():
+    """ATen's out= form of the antialiased bicubic resize, or None where this torch build lacks it."""
+    try:
+        return torch.ops.aten._upsample_bicubic2d_aa.out
+    except (AttributeError, RuntimeError):
+        return None
+
+
+AA_OUT = private_aa_out()
+
+
+def interpolate(src: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The public API's result (the same pixels): planar NCHW, re-packed to HxWx3."""
+    out = F.interpolate(nchw(src), size=(size[1], size[0]), mode="bicubic", antialias=True, align_corners=False)
+    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
+
+
 def resample(rgb: Image.Image, size: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
     """rgb's box resized to size (w, h) with Pillow's antialiased bicubic filter: HxWx3 uint8.
 
-    ATen's AVX2 port of that filter runs ~5x faster than Pillow's own and agrees with it to 1-2 levels."""
+    ATen's AVX2 port of that filter runs ~5x faster than Pillow's own and agrees with it to 1-2 levels. Its private
+    out= form writes straight into the HWC array: F.interpolate gives the same pixels but costs ~1.3 ms more per
+    256x256 image (planar output, then re-packed), 15% of the per-image time; it is the fallback."""
     src = np.asarray(rgb if box == (0, 0, *rgb.size) else rgb.crop(box))
-    out = np.empty((size[1], size[0], 3), np.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns that np.asarray's buffer is read-only; the kernel only reads it
-        # the out= form writes straight into the HWC array; the functional form would return planar NCHW to re-pack
-        torch.ops.aten._upsample_bicubic2d_aa.out(nchw(src), [size[1], size[0]], False, None, None, out=nchw(out))
-    return out
+        if AA_OUT is not None:
+            out = np.empty((size[1], size[0], 3), np.uint8)
+            try:
+                AA_OUT(nchw(src), [size[1], size[0]], False, None, None, out=nchw(out))
+                return out
+            except (RuntimeError, TypeError):  # the private op's signature changed in this torch: use the public one
+                pass
+        return interpolate(src, size)
 
 
 def encode(im: Image.Image, quality: int) -> bytes:
