@@ -1,9 +1,11 @@
 """One source file -> one RGB baseline JPEG (resized per policy), or the reason it was repaired or rejected."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import re
+import resource
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +15,18 @@ import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from pipeline.writer.colour import to_srgb
+from pipeline.writer.jpeg import PROGRESSIVE, structure
 from pipeline.writer.stats import moments, sample_pixels
 
 PAPER_SIZE = 256  # §2: shorter side rescaled to 256, then the central 256x256 patch
 JPEG_SUFFIXES = {".jpg", ".jpeg"}
 JPEG_MAX_SIDE = 65500  # libjpeg's JPEG_MAX_DIMENSION: the encoder refuses anything longer
+# The bomb rule: refuse an image when the pixels its decoder would produce exceed this (805 MB as RGB). Pillow's own
+# check counts the declared pixels, but a JPEG decodes at the scale the resize needs (down to 1/8 a side), so a
+# 200 MP photo decodes to 3 MP under paper; other formats decode whole, so a PNG declaring 40000x40000 is refused.
+MAX_DECODED_PIXELS = 1 << 28
+Image.MAX_IMAGE_PIXELS = None  # the rule above, applied in decode(), replaces Pillow's
 
 
 class Rejected(Exception):
@@ -49,6 +58,7 @@ class Prepared:
     rejected: str | None
     moments: dict | None  # pixel sums of a sample of the written pixels (before JPEG encoding), when asked for
     size: tuple[int, int] | None = None  # (width, height) written
+    peak_rss: int = 0  # bytes: the preparing process's peak resident memory so far
 
 
 def geometry(w: int, h: int, resize: Resize) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
@@ -82,9 +92,7 @@ def repair_reason(fmt: str | None, mode: str, suffix: str) -> str | None:
 
 def upright(im: Image.Image) -> tuple[Image.Image, str | None]:
     """The image as a viewer shows it (EXIF orientation applied), and the repair reason when it had to be turned."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Pillow warns on a corrupt EXIF block; a viewer shows such a photo as stored
-        orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+    orientation = im.getexif().get(ExifTags.Base.Orientation, 1)  # a corrupt EXIF block warns: prepare() hushes it
     if orientation not in range(2, 9):  # 1 is upright; other values are invalid and viewers ignore them
         return im, None
     return ImageOps.exif_transpose(im), f"EXIF orientation {orientation} applied: written upright"
@@ -160,16 +168,30 @@ def encode(im: Image.Image, quality: int) -> bytes:
 
 
 def decode(data: bytes, resize: Resize) -> Image.Image:
-    """The decoded image; a JPEG only as large as the policy needs (DCT-domain downscale). Raises on corrupt data."""
+    """The decoded image; a JPEG only as large as the policy needs (DCT-domain downscale). Raises on corrupt data,
+    and Rejected when the decoded pixels would exceed MAX_DECODED_PIXELS."""
     im = Image.open(io.BytesIO(data))
+    declared = im.size
     if resize.policy != "none" and im.format == "JPEG":
         im.draft("RGB", draft_request(*im.size, resize.size))
+    if im.width * im.height > MAX_DECODED_PIXELS:
+        at = "" if im.size == declared else f", {im.width}x{im.height} at the smallest scale --resize {resize} allows"
+        raise Rejected(f"{declared[0]}x{declared[1]} {im.format} would decode to {im.width * im.height / 1e6:.0f} MP"
+                       f"{at}: over the {MAX_DECODED_PIXELS / 1e6:.0f} MP limit for one image (a decompression bomb?)")
     im.load()
     return im
 
 
 def prepare(path: Path, key: str, resize: Resize, quality: int, stats_seed: int | None) -> Prepared:
     """Decode, repair, resize and encode one file; with stats_seed, also the moments of a pixel sample of the output."""
+    with warnings.catch_warnings():
+        # Library warnings (corrupt EXIF, odd palettes) would break the progress bar; what matters is in the reason.
+        warnings.simplefilter("ignore")
+        p = prepare_quietly(path, key, resize, quality, stats_seed)
+    return dataclasses.replace(p, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def prepare_quietly(path: Path, key: str, resize: Resize, quality: int, stats_seed: int | None) -> Prepared:
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -178,7 +200,13 @@ def prepare(path: Path, key: str, resize: Resize, quality: int, stats_seed: int 
         return Prepared(None, None, "empty file (0 bytes)", None)
     try:
         im = decode(data, resize)
+    except Rejected as e:
+        return Prepared(None, None, str(e), None)
     except UnidentifiedImageError:
+        jpeg = structure(data)
+        if jpeg.frame is not None and jpeg.precision != 8:  # libjpeg as Pillow builds it reads 8-bit samples only
+            return Prepared(None, None, f"{jpeg.precision}-bit {jpeg.kind} JPEG: not decodable here; convert it to "
+                                        f"8 bits", None)
         return Prepared(None, None, "not an image", None)
     except Exception as e:  # Pillow raises many types on corrupt data; every one means "cannot decode"
         return Prepared(None, None, f"undecodable ({type(e).__name__}: {e})", None)
@@ -188,23 +216,39 @@ def prepare(path: Path, key: str, resize: Resize, quality: int, stats_seed: int 
         return Prepared(None, None, str(e), None)
 
 
+def jpeg_repairs(data: bytes) -> tuple[list[str], bytes | None]:
+    """--resize none: why a JPEG must be re-encoded (none when it is 8-bit Huffman baseline with an end-of-image
+    marker), and the bytes to keep otherwise: the file, less any bytes after the end-of-image marker."""
+    jpeg = structure(data)
+    if jpeg.frame == PROGRESSIVE and jpeg.precision == 8:
+        return ["progressive JPEG re-encoded as baseline"], None
+    if not jpeg.kept_by_every_decoder():
+        return [f"{jpeg.precision}-bit {jpeg.kind} JPEG re-encoded as 8-bit baseline"], None
+    if jpeg.end is None:
+        return ["JPEG without an end-of-image marker re-encoded"], None
+    return [], data[:jpeg.end] if data[jpeg.end:].strip(b"\0") else data  # zero padding is harmless and kept
+
+
 def write(data: bytes, im: Image.Image, suffix: str, key: str, resize: Resize, quality: int,
           stats_seed: int | None) -> Prepared:
-    """The decoded image upright, in 8-bit RGB, resized and encoded; raises Rejected."""
-    reasons = [repair_reason(im.format, im.mode, suffix)]
+    """The decoded image upright, in 8-bit sRGB, resized and encoded; raises Rejected."""
+    reasons, kept = [repair_reason(im.format, im.mode, suffix)], None
     if resize.policy == "none" and im.format == "JPEG":
-        if im.info.get("progressive") or im.info.get("progression"):
-            reasons.append("progressive JPEG re-encoded as baseline")
-        if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
-            reasons.append("JPEG without an end-of-image marker re-encoded")
+        found, kept = jpeg_repairs(data)
+        reasons += found
+    icc = im.info.get("icc_profile")
     im, turned = upright(im)
     im = to_8bit(im)  # after upright: the 8-bit copy has no EXIF
-    reasons = [r for r in reasons + [turned] if r]
-    rgb = im if im.mode == "RGB" else im.convert("RGB")
+    rgb, converted = to_srgb(im, icc)
+    reasons = [r for r in reasons + [turned, converted] if r]
     if resize.policy == "none":
         check_size(*rgb.size, rgb.size, resize)
         written = rgb
-        out = encode(rgb, quality) if reasons else data
+        if kept is not None and len(kept) < len(data) and not reasons:
+            reasons.append(f"{len(data) - len(kept)} bytes after the end-of-image marker dropped (not re-encoded)")
+            out = kept
+        else:
+            out = encode(rgb, quality) if reasons else data
     else:
         size, box = geometry(*rgb.size, resize)
         check_size(*rgb.size, size, resize)
