@@ -38,7 +38,7 @@ def test_quirks_are_repaired_and_broken_files_rejected_each_with_a_reason(quirky
     rc, _, manifest, _ = quirky_run
     assert rc == 0
     assert {r["file"] for r in manifest["repaired"]} == expected("repaired")
-    assert {r["file"] for r in manifest["rejected"]} == expected("rejected") | {f"train/{wnid(2)}"}
+    assert {r["file"] for r in manifest["rejected"]} == expected("rejected")
     reasons = {r["file"]: r["reason"] for r in manifest["repaired"] + manifest["rejected"]}
     why = {q: reasons[f"train/{wnid(0)}/{wnid(0)}_{q}.JPEG"] for q in QUIRKS if q != "notes"}
     assert why["cmyk"] == "CMYK JPEG converted to RGB"
@@ -48,8 +48,8 @@ def test_quirks_are_repaired_and_broken_files_rejected_each_with_a_reason(quirky
     assert why["corrupt"].startswith("undecodable")
     assert why["empty"] == "empty file (0 bytes)"
     assert why["unreadable"].startswith("unreadable")
-    assert reasons[f"train/{wnid(0)}/notes.txt"] == "not an image"
-    assert {r["reason"] for r in manifest["rejected"] if r["file"] == f"train/{wnid(2)}"} == {"empty class folder"}
+    assert manifest["skipped"] == [{"file": f"train/{wnid(0)}/notes.txt", "reason": "not an image file (.txt)"}]
+    assert manifest["empty_classes"] == [f"train/{wnid(2)}"]
 
 
 def test_everything_written_decodes_as_rgb_baseline_jpeg_and_repaired_files_are_kept(quirky_run):
@@ -71,7 +71,8 @@ def test_summary_lists_every_repaired_and_rejected_file(quirky_run):
         assert f"repaired: {r['file']}: {r['reason']}" in stdout
     for r in manifest["rejected"]:
         assert f"rejected: {r['file']}: {r['reason']}" in stdout
-    assert "17 images written (train 13 in 3 shards, val 4 in 1 shards)" in stdout and "3 repaired, 6 rejected" in stdout
+    assert "17 images written (train 13 in 2 shards, val 4 in 1 shards)" in stdout and "3 repaired, 4 rejected" in stdout
+    assert "skipped, not images: 1 (1 .txt), listed in manifest.json" in stdout
 
 
 def test_none_policy_repairs_too(quirky, tmp_path):
@@ -83,7 +84,7 @@ def test_none_policy_repairs_too(quirky, tmp_path):
 
 def test_strict_turns_rejections_into_a_failure(quirky, tmp_path, capsys):
     assert main(["--src", str(quirky), "--out", str(tmp_path), *ARGS, "--strict"]) == 1
-    assert "--strict: 6 files rejected" in capsys.readouterr().err
+    assert "--strict: 4 images rejected, 1 class folders without a usable image" in capsys.readouterr().err
 
 
 def test_files_with_the_same_stem_are_both_kept(tmp_path):

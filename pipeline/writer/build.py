@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from pipeline.atomic import atomic_write
 from pipeline.manifest import FORMAT_VERSION, MANIFEST, sha256_file
 from pipeline.writer import stats
 from pipeline.writer.images import Resize, parse_resize, prepare
-from pipeline.writer.layout import Entry, scan
+from pipeline.writer.layout import Entry, empty_classes, scan
 from pipeline.writer.plan import fingerprint, plan, shown
 from pipeline.writer.pool import ordered_map
 from pipeline.writer.tars import Sample, write_shard
@@ -131,6 +132,8 @@ def shard(cfg: ShardConfig) -> int:
         record, complete = previous(cfg)
         check_writable(out)
         src = scan(cfg.src.resolve(), list(cfg.splits))
+        for w in src.warnings:
+            print(f"warning: {w}", file=sys.stderr)
         current = fingerprint(src)
         for stale in out.glob(".*.tmp"):  # left by a crash inside atomic_write
             stale.unlink()
@@ -193,25 +196,30 @@ def write_all(cfg: ShardConfig, src, resize: Resize) -> int:
     manifest = build_manifest(cfg, src, resize, shards, records, stats_split)
     atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     shutil.rmtree(out / PROGRESS)
-    summarize(manifest, len(tasks), elapsed, sum(records[s]["bytes_written"] for _, s, _ in todo))
+    summarize(manifest, len(tasks), elapsed, sum(records[s]["bytes_written"] for _, s, _ in todo),
+              max((records[s].get("peak_rss", 0) for _, s, _ in todo), default=0))
     return strict_status(cfg, manifest)
 
 
 def strict_status(cfg: ShardConfig, manifest: dict) -> int:
-    """--strict: exit 1 whenever the shards were made with rejections, on the first run and on every rerun."""
-    if cfg.strict and manifest["rejected"]:
-        print(f"--strict: {len(manifest['rejected'])} files rejected (listed in {cfg.out / MANIFEST}); repair or "
-              f"remove them in --src, then delete {cfg.out} and rerun", file=sys.stderr)
+    """--strict: exit 1 whenever the shards were made with rejected images or a class without images, on the first run
+    and on every rerun. Skipped files (not images) never fail it."""
+    empty = manifest.get("empty_classes", [])
+    if cfg.strict and (manifest["rejected"] or empty):
+        print(f"--strict: {len(manifest['rejected'])} images rejected, {len(empty)} class folders without a usable "
+              f"image (listed in {cfg.out / MANIFEST}); repair or remove them in --src, then delete {cfg.out} and "
+              f"rerun", file=sys.stderr)
         return 1
     return 0
 
 
 def write_one(out: Path, stem: str, samples: list[tuple[str, Entry]], results, bar) -> dict:
     """Collect one shard's prepared images (in plan order), write tar + index, then its progress record."""
-    written, repaired, rejected, moments, sides = [], [], [], stats.ZERO, []
+    written, repaired, rejected, moments, sides, peak = [], [], [], stats.ZERO, [], 0
     for key, e in samples:
         r = next(results)
         bar.update()
+        peak = max(peak, r.peak_rss)
         if r.rejected:
             rejected.append({"file": e.rel, "reason": r.rejected})
             continue
@@ -223,7 +231,8 @@ def write_one(out: Path, stem: str, samples: list[tuple[str, Entry]], results, b
         sides.append(min(r.size))
     record = asdict(write_shard(out, stem, written)) if written else None
     rec = {"shard": record, "repaired": repaired, "rejected": rejected, "moments": moments,
-           "min_side": min(sides, default=None), "bytes_written": record["tar_bytes"] if record else 0}
+           "min_side": min(sides, default=None), "bytes_written": record["tar_bytes"] if record else 0,
+           "peak_rss": peak}
     atomic_write(out / PROGRESS / f"{stem}.json", json.dumps(rec).encode())
     return rec
 
@@ -243,20 +252,31 @@ def build_manifest(cfg, src, resize: Resize, shards, records, stats_split: str) 
         rejected += rec["rejected"]
     for split in cfg.splits:
         splits.setdefault(split, {"count": 0, "shards": [], "min_side": None})
+    rejected = sorted(rejected, key=lambda r: r["file"])
     return {"format_version": FORMAT_VERSION, "tool": TOOL, **run_record(cfg), "fingerprint": fingerprint(src),
             "layout": src.layout,
             "preprocessing": {"resize": cfg.resize, "size": resize.size, "quality": cfg.quality,
                               "resample": "bicubic", "chroma_subsampling": "4:2:0", "stats_split": stats_split},
             "classes": src.classes, "splits": splits, "stats": stats.finish(moments),
-            "repaired": sorted(repaired, key=lambda r: r["file"]), "rejected": sorted(rejected, key=lambda r: r["file"])}
+            "repaired": sorted(repaired, key=lambda r: r["file"]), "rejected": rejected,
+            "skipped": sorted(src.skipped, key=lambda r: r["file"]),
+            "empty_classes": empty_classes(src, {r["file"] for r in rejected})}
 
 
-def summarize(manifest: dict, processed: int, elapsed: float, nbytes: int) -> None:
+def summarize(manifest: dict, processed: int, elapsed: float, nbytes: int, peak_rss: int) -> None:
     for kind in ("repaired", "rejected"):
         for r in manifest[kind]:
             print(f"{kind}: {shown(r['file'])}: {r['reason']}")
+    if manifest["skipped"]:
+        kinds = Counter(os.path.splitext(r["file"])[1].lower() or os.path.basename(r["file"])
+                        if r["reason"] != "hidden file" else "hidden" for r in manifest["skipped"])
+        print(f"skipped, not images: {len(manifest['skipped'])} "
+              f"({', '.join(f'{n} {shown(k)}' for k, n in kinds.most_common())}), listed in manifest.json")
+    for folder in manifest["empty_classes"]:
+        print(f"warning: class folder {shown(folder)} has no usable image: its class keeps its index with 0 samples; "
+              f"add images or remove the folder", file=sys.stderr)
     counts = ", ".join(f"{s} {v['count']} in {len(v['shards'])} shards" for s, v in manifest["splits"].items())
     written = sum(v["count"] for v in manifest["splits"].values())
     print(f"done: {written} images written ({counts}); {len(manifest['repaired'])} repaired, "
           f"{len(manifest['rejected'])} rejected; this run {processed} images, {nbytes / 1e6:.1f} MB, "
-          f"{processed / max(elapsed, 1e-9):.0f} images/s")
+          f"{processed / max(elapsed, 1e-9):.0f} images/s; peak memory per worker {peak_rss / 2**20:.0f} MiB")

@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import csv
 import os
+import unicodedata
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from PIL import Image
 
 from pipeline.writer.devkit import DevkitError, synsets
 
@@ -14,6 +19,12 @@ SPLIT_DIRS = ("{split}", "ILSVRC/Data/CLS-LOC/{split}")
 LABEL_DIRS = (".", "ILSVRC2012_devkit_t12/data", "ILSVRC2012_devkit_t12", "devkit/data")
 KAGGLE_CSV, SYNSET_TXT = "LOC_val_solution.csv", "LOC_synset_mapping.txt"
 DEVKIT_TRUTH, DEVKIT_META = "ILSVRC2012_validation_ground_truth.txt", "meta.mat"
+# What counts as an image: torchvision ImageFolder's extensions, plus GIF and the photo formats a phone saves (HEIC,
+# AVIF: listed as rejected where Pillow has no decoder for them, not skipped). Files without an extension are images
+# if Pillow recognises their content. Anything else (.xmp, .json, .txt, Thumbs.db) and hidden files (.DS_Store,
+# macOS's ._IMG_0001.jpg) are skipped: listed in the manifest apart from the rejected images, never a sample.
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif", ".heic",
+                    ".heif", ".avif"}
 
 
 class LayoutError(Exception):
@@ -36,9 +47,15 @@ class Source:
     layout: dict[str, str] = field(default_factory=dict)
     samples: dict[str, list[Entry]] = field(default_factory=dict)
     rejected: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # files that are not images: not samples, not rejections
+    folders: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # per split: (wnid, folder) found
+    warnings: list[str] = field(default_factory=list)  # one line each, printed by the program
 
     def reject(self, path: str, reason: str) -> None:
         self.rejected.append({"file": os.path.relpath(path, self.root), "reason": reason})
+
+    def skip(self, path: str, reason: str) -> None:
+        self.skipped.append({"file": os.path.relpath(path, self.root), "reason": reason})
 
     def entry(self, path: str, st: os.stat_result, label: int) -> Entry:
         # Every path the scan finds starts with the root, so slicing gives what os.path.relpath would, ten times faster.
@@ -51,6 +68,23 @@ def find(root: Path, name: str, dirs=LABEL_DIRS) -> Path | None:
 
 def split_dir(root: Path, split: str) -> Path | None:
     return next((root / d.format(split=split) for d in SPLIT_DIRS if (root / d.format(split=split)).is_dir()), None)
+
+
+def not_an_image(path: str) -> str | None:
+    """Why a file is skipped as not an image, by the rule of IMAGE_EXTENSIONS; None for an image."""
+    name = os.path.basename(path)
+    if name.startswith("."):
+        return "hidden file"
+    ext = os.path.splitext(name)[1].lower()
+    if ext:
+        return None if ext in IMAGE_EXTENSIONS else f"not an image file ({ext})"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Image.open(path).close()  # reads the header only
+        return None
+    except Exception:  # Pillow raises many types on content it does not recognise; all mean "not an image"
+        return "no extension, and not an image by its content"
 
 
 def class_folders(folder: Path) -> list[str]:
@@ -73,11 +107,12 @@ def scan_splits(root: Path, splits: list[str]) -> Source:
             raise LayoutError(f"{root}: no {split}/ folder (expected {root / split} or {root / SPLIT_DIRS[1].format(split=split)})")
     wnids = load_wnids(root, dirs)
     src = Source(root, [{"index": i, "wnid": w, "name": w} for i, w in enumerate(wnids)])
+    src.warnings += normalisation_twins(wnids)
     index = {w: i for i, w in enumerate(wnids)}
     for split, d in dirs.items():
         if class_folders(d):
             src.layout[split] = "class_folders"
-            src.samples[split] = scan_class_folders(src, d, index)
+            src.samples[split] = scan_class_folders(src, split, d, index)
         else:
             src.samples[split] = scan_flat(src, split, d, index)
     add_names(src)
@@ -106,7 +141,11 @@ def listing(src: Source, folder: str) -> tuple[list[tuple[str, os.stat_result]],
                 if e.is_dir():
                     dirs.append(e.path)
                 elif e.is_file():
-                    files.append((e.path, e.stat()))
+                    why = not_an_image(e.path)
+                    if why:
+                        src.skip(e.path, why)
+                    else:
+                        files.append((e.path, e.stat()))
                 else:  # a FIFO would block its reader forever; a dangling link has nothing to read
                     src.reject(e.path, "unreadable (broken symbolic link)" if e.is_symlink() else "not a regular file")
             except OSError as err:  # a link to itself (ELOOP) is one unreadable entry, not an unreadable folder
@@ -137,7 +176,7 @@ def reject_hidden(src: Source, folders: list[str]) -> None:
             src.reject(p, "in a hidden folder, not a class folder")
 
 
-def scan_class_folders(src: Source, folder: Path, index: dict[str, int]) -> list[Entry]:
+def scan_class_folders(src: Source, split: str, folder: Path, index: dict[str, int]) -> list[Entry]:
     files, dirs = listing(src, os.fspath(folder))
     for p, _ in files:
         src.reject(p, "not in a class folder (no label)")
@@ -150,11 +189,26 @@ def scan_class_folders(src: Source, folder: Path, index: dict[str, int]) -> list
             continue
         if wnid not in index:
             raise LayoutError(f"{d}: class not among the train classes; remove it or add train/{wnid}/")
-        found = walk(src, d)
-        if not found:
-            src.reject(d, "empty class folder")
-        entries += [src.entry(p, st, index[wnid]) for p, st in found]
+        src.folders.setdefault(split, []).append((wnid, os.path.relpath(d, src.root)))
+        entries += [src.entry(p, st, index[wnid]) for p, st in walk(src, d)]
     return entries
+
+
+def normalisation_twins(wnids: list[str]) -> list[str]:
+    """A warning for each set of class names that differ only in Unicode normalisation (café typed on macOS is NFD):
+    they look the same and are two classes."""
+    same = Counter(unicodedata.normalize("NFC", w) for w in wnids)
+    return [f"class folders {', '.join(ascii(w) for w in wnids if unicodedata.normalize('NFC', w) == n)} differ only "
+            f"in Unicode normalisation (NFC vs NFD): they are {k} classes; rename them to one form (NFC)"
+            for n, k in same.items() if k > 1]
+
+
+def empty_classes(src: Source, rejected: set[str]) -> list[str]:
+    """Each class folder (relative to the root) without a usable image: none found, or every one rejected."""
+    usable = Counter((split, e.label) for split, entries in src.samples.items() for e in entries
+                     if e.rel not in rejected)
+    index = {c["wnid"]: c["index"] for c in src.classes}
+    return [rel for split, found in src.folders.items() for w, rel in found if not usable[(split, index[w])]]
 
 
 def scan_flat(src: Source, split: str, folder: Path, index: dict[str, int]) -> list[Entry]:

@@ -17,7 +17,7 @@ BANK = 6  # distinct noise textures per dataset; each image crops, flips and tin
 # File name suffix -> how shard_imagenet must treat it. The first three are the real train set's quirks
 # (22 CMYK JPEGs, n02105855_2933 is a PNG saved as .JPEG, grayscale JPEGs); the rest are broken files.
 QUIRKS = {"cmyk": "repaired", "png": "repaired", "gray": "repaired", "truncated": "rejected",
-          "corrupt": "rejected", "empty": "rejected", "notes": "rejected", "unreadable": "rejected"}
+          "corrupt": "rejected", "empty": "rejected", "notes": "skipped", "unreadable": "rejected"}
 
 
 def wnid(k: int) -> str:
