@@ -67,8 +67,9 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def load_manifest(shards_dir: str | Path, checksums: bool = False) -> Manifest:
-    """Read DIR/manifest.json and check every shard and index it names: present, index intact (tars too, with checksums)."""
+def load_manifest(shards_dir: str | Path, checksums: bool = False, check_shards: bool = True) -> Manifest:
+    """Read DIR/manifest.json and check every shard and index it names: present, index intact (tars too, with checksums).
+    --verify passes check_shards=False and checks each shard itself, to name every damaged one."""
     root = Path(shards_dir)
     hint = FIX_HINT.format(dir=root)
     if not root.is_dir():
@@ -84,19 +85,20 @@ def load_manifest(shards_dir: str | Path, checksums: bool = False) -> Manifest:
         raise ShardError(f"{path}: format version {raw.get('format_version')!r}, this code reads {FORMAT_VERSION}; "
                          f"re-shard with tools/shard_imagenet.py")
     try:
-        return _parse(root, raw, checksums, hint)
+        return _parse(root, raw, checksums if check_shards else None, hint)
     except (KeyError, TypeError, ValueError) as e:
         raise ShardError(f"{path}: malformed ({type(e).__name__}: {e}); {hint}") from None
 
 
-def _parse(root: Path, raw: dict, checksums: bool, hint: str) -> Manifest:
+def _parse(root: Path, raw: dict, checksums: bool | None, hint: str) -> Manifest:
     splits, min_side = {}, {}
     for split, entry in raw["splits"].items():
         shards = []
         for s in entry["shards"]:
             shard = Shard(root / s["tar"], root / s["index"], int(s["count"]), int(s["tar_bytes"]),
                           s["tar_sha256"], s["index_sha256"])
-            _check_shard(shard, checksums, hint)
+            if checksums is not None:
+                check_shard(shard, checksums, hint)
             shards.append(shard)
         if sum(s.count for s in shards) != entry["count"]:
             raise ShardError(f"{root / MANIFEST}: '{split}' shard counts do not add up to {entry['count']}; {hint}")
@@ -119,7 +121,7 @@ def check_crop(manifest: Manifest, split: str, crop_size: int) -> None:
                          f"tools/shard_imagenet.py --resize short:{crop_size}")
 
 
-def _check_shard(shard: Shard, checksums: bool, hint: str) -> None:
+def check_shard(shard: Shard, checksums: bool, hint: str) -> None:
     for f in (shard.tar, shard.index):
         if not f.is_file():
             raise ShardError(f"{f}: missing; {hint}")
