@@ -271,7 +271,8 @@ def summarize(manifest: dict, processed: int, elapsed: float, nbytes: int, peak_
         kinds = Counter(os.path.splitext(r["file"])[1].lower() or os.path.basename(r["file"])
                         if r["reason"] != "hidden file" else "hidden" for r in manifest["skipped"])
         print(f"skipped, not images: {len(manifest['skipped'])} "
-              f"({', '.join(f'{n} {shown(k)}' for k, n in kinds.most_common())}), listed in manifest.json")
+              f"({', '.join(f'{n} {shown(k)}' for k, n in sorted(kinds.items(), key=lambda kn: (-kn[1], kn[0])))}), "
+              f"listed in manifest.json")
     for folder in manifest["empty_classes"]:
         print(f"warning: class folder {shown(folder)} has no usable image: its class keeps its index with 0 samples; "
               f"add images or remove the folder", file=sys.stderr)
