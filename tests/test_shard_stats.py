@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.writer.images import decode, geometry, parse_resize, resample
-from pipeline.writer.stats import PIXELS_PER_IMAGE, add, finish, moments, sample_pixels
+from pipeline.writer.stats import PIXELS_PER_IMAGE, add, finish, moments, sample_image, sample_pixels
 from pipeline.writer.tars import read_shard
 
 
@@ -72,6 +72,12 @@ def test_sample_positions_depend_on_key_and_seed_only():
     assert np.array_equal(a, sample_pixels(rgb.copy(), "n01440764_1", 0))
     assert not np.array_equal(a, sample_pixels(rgb, "n01440764_2", 0))
     assert not np.array_equal(a, sample_pixels(rgb, "n01440764_1", 1))
+
+
+def test_sampling_an_image_without_its_array_gives_the_same_pixels():
+    """--resize none samples the decoded image in place: a 200 MP photo's array would be another 600 MB."""
+    rgb = np.random.default_rng(2).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    assert np.array_equal(sample_image(Image.fromarray(rgb), "k", 3), sample_pixels(rgb, "k", 3))
 
 
 def test_integer_sums_make_the_result_independent_of_order():

@@ -17,7 +17,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from pipeline.writer.colour import to_srgb
 from pipeline.writer.jpeg import PROGRESSIVE, structure
-from pipeline.writer.stats import moments, sample_pixels
+from pipeline.writer.stats import moments, sample_image, sample_pixels
 
 PAPER_SIZE = 256  # §2: shorter side rescaled to 256, then the central 256x256 patch
 JPEG_SUFFIXES = {".jpg", ".jpeg"}
@@ -259,5 +259,5 @@ def write(data: bytes, im: Image.Image, suffix: str, key: str, resize: Resize, q
         return Prepared(out, repaired, None, None, written.size)
     # Sampled before encoding: decoding the JPEG again would cost a fifth of the time per image, and the JPEG's loss
     # moves the mean < 0.1 level and the spread ~1% (tests/test_shard_stats.py)
-    pixels = np.asarray(written) if resize.policy == "none" else pixels
-    return Prepared(out, repaired, None, moments(sample_pixels(pixels, key, stats_seed)), written.size)
+    sample = sample_image(written, key, stats_seed) if resize.policy == "none" else sample_pixels(pixels, key, stats_seed)
+    return Prepared(out, repaired, None, moments(sample), written.size)
