@@ -221,6 +221,10 @@ def test_a_photo_folder_with_sidecars_and_system_files_passes_strict(tmp_path, c
     assert [line for line in out.splitlines() if "skipped" in line] == [
         "skipped, not images: 11 (4 hidden, 3 .xmp, 1 .db, 1 .ini, 1 .json, 1 notes), listed in manifest.json"]
     assert main(["--verify", str(tmp_path / "out")]) == 0
+    put(folder / "IMG_0004.HEIC", b"\0\0\0\x18ftypheic\0\0\0\0mif1heic")  # a photo: never skipped unseen
+    rc, manifest, _ = shard(tmp_path / "src", tmp_path / "heic", "--strict")
+    assert rc == 1 and list(reasons(manifest, "rejected")) == ["train/holiday/IMG_0004.HEIC"]
+    assert "pillow-heif" in manifest["rejected"][0]["reason"]
 
 
 def test_a_class_folder_without_a_usable_image_is_warned_and_fails_strict(tmp_path, capsys):

@@ -207,6 +207,9 @@ def prepare_quietly(path: Path, key: str, resize: Resize, quality: int, stats_se
         if jpeg.frame is not None and jpeg.precision != 8:  # libjpeg as Pillow builds it reads 8-bit samples only
             return Prepared(None, None, f"{jpeg.precision}-bit {jpeg.kind} JPEG: not decodable here; convert it to "
                                         f"8 bits", None)
+        if path.suffix.lower() in (".heic", ".heif"):  # an iPhone's photos; Pillow reads them through a plugin
+            return Prepared(None, None, "HEIC photo that Pillow cannot decode here: pip install pillow-heif, or "
+                                        "convert it to JPEG", None)
         return Prepared(None, None, "not an image", None)
     except Exception as e:  # Pillow raises many types on corrupt data; every one means "cannot decode"
         return Prepared(None, None, f"undecodable ({type(e).__name__}: {e})", None)
