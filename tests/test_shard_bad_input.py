@@ -71,7 +71,8 @@ def test_summary_lists_every_repaired_and_rejected_file(quirky_run):
         assert f"repaired: {r['file']}: {r['reason']}" in stdout
     for r in manifest["rejected"]:
         assert f"rejected: {r['file']}: {r['reason']}" in stdout
-    assert "17 images written (train 13 in 2 shards, val 4 in 1 shards)" in stdout and "3 repaired, 4 rejected" in stdout
+    assert "17 images written (train 13 in 2 shards, val 4 in 1 shards)" in stdout
+    assert "3 repaired, 4 rejected" in stdout
     assert "skipped, not images: 1 (1 .txt), listed in manifest.json" in stdout
 
 

@@ -139,7 +139,8 @@ def test_meta_mat_with_every_devkit_field_reads_as_torchvision_would(tmp_path):
     meta = sio.loadmat(tmp_path / "meta.mat", squeeze_me=True)["synsets"]  # torchvision's parse_meta_mat, verbatim
     leaves = [meta[i] for i, n in enumerate(meta["num_children"]) if n == 0]
     expected = {int(s["ILSVRC2012_ID"]): (s["WNID"], s["words"]) for s in leaves}
-    assert synsets(tmp_path / "meta.mat") == expected == {1: ("n02119789", "kit fox"), 2: ("n02100735", "English setter")}
+    assert synsets(tmp_path / "meta.mat") == expected
+    assert expected == {1: ("n02119789", "kit fox"), 2: ("n02100735", "English setter")}
 
 
 @pytest.mark.parametrize("content", [b"not a MAT file at all", b""])

@@ -63,7 +63,8 @@ def test_resample_is_pillows_antialiased_bicubic(src, box, size):
 
 
 @pytest.mark.parametrize("src,box,size", [((1000, 750), (0, 0, 1000, 750), (341, 256)),
-                                          ((478, 375), (51, 0, 426, 375), (256, 256)), ((120, 90), (0, 0, 120, 90), (341, 256))])
+                                          ((478, 375), (51, 0, 426, 375), (256, 256)),
+                                          ((120, 90), (0, 0, 120, 90), (341, 256))])
 def test_private_resize_op_gives_the_public_apis_pixels_and_falls_back_to_it(monkeypatch, src, box, size):
     """The private out= op stays for speed; F.interpolate(antialias=True) is the reference and the fallback."""
     im = Image.fromarray(np.random.default_rng(1).integers(0, 256, (src[1], src[0], 3), dtype=np.uint8))

@@ -262,5 +262,8 @@ def write(data: bytes, im: Image.Image, suffix: str, key: str, resize: Resize, q
         return Prepared(out, repaired, None, None, written.size)
     # Sampled before encoding: decoding the JPEG again would cost a fifth of the time per image, and the JPEG's loss
     # moves the mean < 0.1 level and the spread ~1% (tests/test_shard_stats.py)
-    sample = sample_image(written, key, stats_seed) if resize.policy == "none" else sample_pixels(pixels, key, stats_seed)
+    if resize.policy == "none":
+        sample = sample_image(written, key, stats_seed)  # in place: a 200 MP photo's array would be another 600 MB
+    else:
+        sample = sample_pixels(pixels, key, stats_seed)
     return Prepared(out, repaired, None, moments(sample), written.size)
