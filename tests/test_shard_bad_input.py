@@ -85,7 +85,7 @@ def test_none_policy_repairs_too(quirky, tmp_path):
 
 def test_strict_turns_rejections_into_a_failure(quirky, tmp_path, capsys):
     assert main(["--src", str(quirky), "--out", str(tmp_path), *ARGS, "--strict"]) == 1
-    assert "--strict: 4 images rejected, 1 class folders without a usable image" in capsys.readouterr().err
+    assert "--strict: 4 files rejected, 1 class folders without a usable image" in capsys.readouterr().err
 
 
 def test_files_with_the_same_stem_are_both_kept(tmp_path):

@@ -206,7 +206,7 @@ def strict_status(cfg: ShardConfig, manifest: dict) -> int:
     and on every rerun. Skipped files (not images) never fail it."""
     empty = manifest.get("empty_classes", [])
     if cfg.strict and (manifest["rejected"] or empty):
-        print(f"--strict: {len(manifest['rejected'])} images rejected, {len(empty)} class folders without a usable "
+        print(f"--strict: {len(manifest['rejected'])} files rejected, {len(empty)} class folders without a usable "
               f"image (listed in {cfg.out / MANIFEST}); repair or remove them in --src, then delete {cfg.out} and "
               f"rerun", file=sys.stderr)
         return 1
