@@ -174,6 +174,18 @@ def test_an_adobe_rgb_photo_is_converted_to_srgb_under_every_resize(tmp_path, re
         assert samples["train/a/srgb.jpg"] == original
 
 
+def test_a_damaged_colour_profile_is_ignored_as_viewers_do(tmp_path):
+    flat = np.full((48, 64, 3), (200, 60, 40), np.uint8)
+    no_curves = bytearray(matrix_profile(ADOBE_D50, 563 / 256, b"no tone curves"))
+    no_curves[128:132] = struct.pack(">I", 5)  # the three TRC tags dropped: LittleCMS reads it, cannot transform
+    put(tmp_path / "src" / "train" / "a" / "no-curves.jpg", jpeg(flat, icc_profile=bytes(no_curves)))
+    put(tmp_path / "src" / "train" / "a" / "garbage.jpg", jpeg(flat, icc_profile=b"not a profile" * 20))
+    rc, manifest, samples = shard(tmp_path / "src", tmp_path / "out", "--resize", "short:32")
+    assert rc == 0 and manifest["rejected"] == manifest["repaired"] == [] and len(samples) == 2
+    for data in samples.values():
+        assert np.abs(np.asarray(Image.open(io.BytesIO(data))).reshape(-1, 3).mean(0) - (200, 60, 40)).max() < 2.5
+
+
 def test_none_keeps_only_8_bit_huffman_baseline_jpegs(tmp_path):
     base = jpeg(gradient(32, 24))
     twelve = bytearray(base)
@@ -199,6 +211,10 @@ def test_bytes_after_the_end_of_image_are_dropped_without_a_re_encode(tmp_path):
     assert reasons(manifest, "repaired") == {
         "train/a/trailer.jpg": "300 bytes after the end-of-image marker dropped (not re-encoded)"}
     assert samples["train/a/padded.jpg"] == photo + b"\0" * 64
+    gap = photo.index(b"\xff\xdb")  # junk between two segments, which libjpeg skips: not a reason to re-encode
+    put(tmp_path / "src" / "train" / "a" / "junk.jpg", junk := photo[:gap] + b"junk" + photo[gap:])
+    rc, manifest, samples = shard(tmp_path / "src", tmp_path / "junk", "--resize", "none")
+    assert samples["train/a/junk.jpg"] == junk and "train/a/junk.jpg" not in reasons(manifest, "repaired")
     assert shard(tmp_path / "src", tmp_path / "paper")[1]["repaired"] == []
 
 

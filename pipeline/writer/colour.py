@@ -40,5 +40,9 @@ def to_srgb(im: Image.Image, icc: bytes | None) -> tuple[Image.Image, str | None
     if mode is None or im.mode not in DESCRIBES[mode] or is_srgb(profile):
         return (im if im.mode == "RGB" else im.convert("RGB")), None
     src = im if im.mode == mode else im.convert(mode)
+    try:
+        converted = ImageCms.profileToProfile(src, profile, SRGB, outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):  # a profile LittleCMS reads but cannot build a transform from
+        return (im if im.mode == "RGB" else im.convert("RGB")), None
     name = (ImageCms.getProfileDescription(profile) or "unnamed").strip()
-    return ImageCms.profileToProfile(src, profile, SRGB, outputMode="RGB"), f"{name} ICC profile converted to sRGB"
+    return converted, f"{name} ICC profile converted to sRGB"

@@ -36,8 +36,11 @@ def structure(data: bytes) -> Structure:
     frame = precision = None
     pos = 2 if data[:2] == b"\xff\xd8" else len(data)
     while pos + 1 < len(data):
-        if data[pos] != 0xFF:
-            return Structure(frame, precision, None)  # not a marker where one must be: damaged, no usable end
+        if data[pos] != 0xFF:  # stray bytes where a marker belongs: libjpeg skips to the next marker, and so do we
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                break
+            continue
         marker = data[pos + 1]
         if marker == 0xFF:  # fill bytes before a marker
             pos += 1
