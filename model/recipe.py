@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.settings import above, at_least, between, option
 
 REFERENCE_BATCH = 128  # §5: the paper's batch; --lr is the rate at this global batch
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4  # §5
@@ -152,3 +155,40 @@ def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp: str
 
     step.scaler = scaler
     return step
+
+
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
+@dataclass
+class ComputeSettings:
+    """Where and how the training step runs"""
+
+    device: str = option("auto", "cuda when there is one", choices=("auto", "cuda", "cpu"))
+    amp: str = option("auto", "autocast: bf16 on cuda, off on the cpu", choices=("auto", *AMP_DTYPES))
+    compile: str = option("off", "torch.compile mode (bare --compile: default; reduce-overhead: CUDA graphs)",
+                          choices=COMPILE_MODES, const="default")
+    seed: int = option(0, "random seed")
+
+    def resolved(self) -> dict:
+        """device and amp with "auto" decided for this machine."""
+        device = self.device if self.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+        return {"device": device, "amp": self.amp if self.amp != "auto" else "bf16" if device == "cuda" else "off"}
+
+
+@dataclass
+class RecipeSettings:
+    """The optimisation recipe (§5)"""
+
+    epochs: int = option(90, "passes over the training set (§5: roughly 90)", check=at_least(1))
+    lr: float = option(LR, f"learning rate at a global batch of {REFERENCE_BATCH} (§5)", check=above(0))
+    lr_scaling: str = option("linear", "linear: the rate grows with the global batch (Goyal et al. 2017)",
+                             choices=("linear", "none"))
+    schedule: str = option("paper", "paper: /10 when val error stops improving (§5); step; cosine",
+                           choices=SCHEDULES)
+    warmup_epochs: float = option(0.0, "linear warm-up (none in the paper; useful for large batches)",
+                                  check=at_least(0))
+    momentum: float = option(MOMENTUM, "SGD momentum (§5)", check=between(0.0, 1.0))
+    weight_decay: float = option(WEIGHT_DECAY, "on weights, not biases (§5)", check=at_least(0))
+    init: str = option("paper", "paper: weights N(0, 0.01), some biases 1 (§5); kaiming: He et al. 2015",
+                       choices=INITS)

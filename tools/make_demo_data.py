@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass
@@ -12,39 +11,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.settings import at_least, between, option, parse, show  # noqa: E402
 from pipeline.writer.synthetic import make_dataset  # noqa: E402
 
 
 @dataclass
 class DemoConfig:
-    out: Path
-    classes: int = 4
-    per_class: int = 50
-    val_per_class: int = 10
-    val_layout: str = "kaggle"  # kaggle: flat + LOC_val_solution.csv; devkit: flat + ground truth + meta.mat; folders
-    quirks: bool = False
-    size_range: tuple[int, int] = (300, 640)  # ImageNet's typical sides
-    quality: int = 94  # ~100 KB at ImageNet sizes, like the real files
-    seed: int = 0
-    workers: int = os.cpu_count() or 1
+    """The synthetic set"""
+
+    out: Path = option(help="folder to create (must be new or empty)")
+    classes: int = option(4, "class folders", check=at_least(1))
+    per_class: int = option(50, "training images per class", check=at_least(1))
+    val_per_class: int = option(10, "validation images per class", check=at_least(0))
+    val_layout: str = option("kaggle", "kaggle: flat + LOC_val_solution.csv; devkit: flat + ground truth + meta.mat; "
+                             "folders: class folders", choices=("kaggle", "devkit", "folders"))
+    quirks: bool = option(False, "add CMYK/PNG/grayscale files and broken ones")
+    size_range: tuple[int, int] = option((300, 640), "MIN MAX: image sides, ImageNet's typical ones by default")
+    quality: int = option(94, "JPEG quality: ~100 KB at ImageNet sizes, like the real files", check=between(1, 100))
+    seed: int = option(0, "random seed")
+    workers: int = option(os.cpu_count() or 1, "processes", check=at_least(1))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--classes", type=int, default=DemoConfig.classes)
-    p.add_argument("--per-class", type=int, default=DemoConfig.per_class)
-    p.add_argument("--val-per-class", type=int, default=DemoConfig.val_per_class)
-    p.add_argument("--val-layout", choices=("kaggle", "devkit", "folders"), default=DemoConfig.val_layout)
-    p.add_argument("--quirks", action="store_true", help="add CMYK/PNG/grayscale files and broken ones")
-    p.add_argument("--size-range", type=int, nargs=2, default=DemoConfig.size_range, metavar=("MIN", "MAX"))
-    p.add_argument("--quality", type=int, default=DemoConfig.quality)
-    p.add_argument("--seed", type=int, default=DemoConfig.seed)
-    p.add_argument("--workers", type=int, default=DemoConfig.workers)
-    a = p.parse_args(argv)
-    cfg = DemoConfig(a.out, a.classes, a.per_class, a.val_per_class, a.val_layout, a.quirks, tuple(a.size_range),
-                     a.quality, a.seed, a.workers)
-    print(cfg)
+    cfg, parser = parse(DemoConfig, argv, prog="make_demo_data.py", description=__doc__)
+    if not 1 <= cfg.size_range[0] <= cfg.size_range[1]:
+        parser.error(f"--size-range {cfg.size_range[0]} {cfg.size_range[1]}: give MIN <= MAX, both at least 1")
+    print(show(cfg))
     if cfg.out.exists() and any(cfg.out.iterdir()):
         print(f"{cfg.out}: exists and is not empty; pick a new --out", file=sys.stderr)
         return 2
