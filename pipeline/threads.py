@@ -18,4 +18,4 @@ def dali_threads(cores: int, processes: int) -> int:
 
 def default_threads() -> int:
     """dali_threads for this process: the cores it may run on, shared by torchrun's processes on this node."""
-    return dali_threads(len(os.sched_getaffinity(0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return dali_threads(len(os.sched_getaffinity(0)), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
