@@ -55,7 +55,9 @@ def table(report: dict) -> str:
     mem = report["memory"]
     gpu = (f"GPU {mem['gpu_used_gib']:.1f} GiB in use (torch's pool at most {mem['gpu_torch_gib']:.1f}, DALI and CUDA "
            f"{mem['gpu_other_gib']:.1f}), " if "gpu_used_gib" in mem else "")
-    rows.append(f"peak memory after end to end: {gpu}host RSS {mem['host_rss_gib']:.2f} GiB")
+    sweep = " (after --sweep: GPU pools released first, the host peak includes the trials)" if mem.get(
+        "after_sweep") else ""
+    rows.append(f"peak memory after end to end: {gpu}host RSS {mem['host_rss_gib']:.2f} GiB{sweep}")
     rows.append(f"overlap = end to end / min(loader, model) = {report['overlap']:.2f}")
     rows.append(f"end to end vs baseline = {report['speedup_vs_baseline']:.2f}x   "
                 f"(loader vs baseline = {report['loader_vs_baseline']:.2f}x)")
