@@ -6,8 +6,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from nvidia.dali import fn, pipeline_def, types
 
 from pipeline import DaliLoader, load_manifest
 from pipeline.sharding import rank_range
@@ -37,15 +39,57 @@ def test_gpu_ranks_cover_the_split_once(demo_shards, world):
     assert len(seen) == count and set(seen.values()) == {1}
 
 
-def test_gpu_center_crops_match_the_cpu_graph(demo_shards):
-    """nvJPEG (hardware or CUDA) and libjpeg-turbo may round pixels differently, never by much on average."""
+def decode_val(shards_dir, **decode) -> list[np.ndarray]:
+    """Every validation image decoded whole by a bare DALI pipeline with these decoder arguments, in file order."""
+    shards = load_manifest(shards_dir).shards("val")
+    total = sum(s.count for s in shards)
+
+    @pipeline_def(batch_size=total, num_threads=1, device_id=0, seed=0)
+    def whole():
+        jpegs, _ = fn.readers.webdataset(paths=[str(s.tar) for s in shards], index_paths=[str(s.index) for s in shards],
+                                         ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT32])
+        return fn.decoders.image(jpegs, **decode)
+
+    pipe = whole()
+    pipe.build()
+    (images,) = pipe.run()
+    images = images.as_cpu() if decode["device"] == "mixed" else images
+    return [np.asarray(images[i]).astype(np.int16) for i in range(total)]
+
+
+def mean_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return float(np.mean([np.abs(x - y).mean() for x, y in zip(a, b, strict=True)]))
+
+
+def test_gpu_fancy_upsampling_is_what_brings_nvjpeg_to_libjpeg_turbo(demo_shards):
+    """DALI's own flag, on the same JPEGs: interpolated chroma (as the CPU decoder and Pillow do) is far closer to
+    the CPU decode than nvJPEG's default replication, whichever of its decoders runs."""
+    cpu = decode_val(demo_shards, device="cpu")
+    for hw in (0.0, 1.0):
+        fancy = mean_abs_diff(decode_val(demo_shards, device="mixed", hw_decoder_load=hw, jpeg_fancy_upsampling=True),
+                              cpu)
+        plain = mean_abs_diff(decode_val(demo_shards, device="mixed", hw_decoder_load=hw), cpu)
+        print(f"hw_decoder_load {hw}: mean |mixed - cpu| {fancy:.3f} fancy, {plain:.3f} replicated chroma")
+        assert fancy < plain / 2, (hw, fancy, plain)
+
+
+@pytest.mark.parametrize("hw", [0.0, 1.0])
+def test_gpu_center_crops_match_the_cpu_graph(demo_shards, hw):
+    """With fancy upsampling on both, the mixed decoder (CUDA at hw 0, the hardware engine at 1) and libjpeg-turbo
+    differ only in IDCT rounding: a level or two in Y, Cb, Cr, a few in RGB after the colour transform.
+
+    The bounds are provisional, to be set from the first measurement (printed here): mean 0.5 and max 12 are several
+    times what IDCT rounding alone should give, and well under what replicated chroma gave (a max near 48 at the
+    synthetic images' sharp colour edges, hence the old bound), so a decoder that loses the flag fails."""
     out = {}
     for device in ("cpu", "cuda"):
-        with DaliLoader(demo_shards, "val", 8, augment="center", crop_size=CROP, device=device,
+        with DaliLoader(demo_shards, "val", 8, augment="center", crop_size=CROP, device=device, hw_decoder_load=hw,
                         device_id=None if device == "cpu" else 0, dtype=torch.float32) as ld:
             out[device] = torch.cat([images.cpu() for images, _ in ld])
+    assert out["cpu"].shape == out["cuda"].shape
     diff = (out["cuda"] - out["cpu"]).abs()
-    assert out["cpu"].shape == out["cuda"].shape and diff.mean() < 1.0 and diff.max() < 48
+    print(f"hw_decoder_load {hw}: |cuda - cpu| mean {diff.mean():.3f}, max {diff.max():.1f} (pixel levels)")
+    assert diff.mean() < 0.5 and diff.max() <= 12
 
 
 def run_py(*args, timeout=600):
