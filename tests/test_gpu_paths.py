@@ -117,3 +117,40 @@ def test_run_py_on_the_gpu_compiled_bf16_stops_resumes_and_evaluates(demo_shards
     best = min(r["val_top1_err"] for r in rows)
     assert abs(result["center"]["top1_err"] - best) <= 1 / 24 + 1e-9  # bf16 may flip one close call
     assert 0 <= result["tencrop"]["top1_err"] <= 1
+
+
+def test_gpu_loader_never_synchronises_the_host(demo_shards):
+    """The real DaliLoader on the GPU, two epochs (the boundary too), under CUDA's sync debug mode, which raises on
+    any host synchronisation torch makes: the training thread would stall there every batch."""
+    with DaliLoader(demo_shards, "train", 8, crop_size=CROP, device="cuda", device_id=0, seed=4,
+                    dtype=torch.bfloat16) as ld:
+        sums = []
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for epoch in range(2):
+                ld.set_epoch(epoch)
+                for images, labels in ld:
+                    sums.append(images.float().sum() + labels.sum())  # queued only, as a training step would
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert len(sums) == 2 * len(ld) and torch.isfinite(torch.stack(sums)).all()
+
+
+def test_gpu_resumed_run_equals_an_uninterrupted_one(demo_shards, tmp_path):
+    """Stopped inside epoch 2 and resumed: the same batches, dropout draws and updates as one run, so the same
+    losses and errors. fp32 eager: cuDNN's and cuBLAS's atomics leave only rounding-level noise (a wrong batch order
+    or RNG state moves an epoch's loss by percent); the bound 1e-3 is to be set from the first measurement."""
+    common = ["--shards", demo_shards, "--device", "cuda", "--amp", "off", "--batch-size", "16", "--crop-size", CROP,
+              "--epochs", "3", "--lr", "0.02", "--lr-scaling", "none", "--init", "kaiming", "--divide-std",
+              "--warmup-epochs", "0.5", "--log-interval", "2"]
+    run_py(*common, "--workdir", tmp_path / "whole")
+    run_py(*common, "--workdir", tmp_path / "cut", "--max-steps", "8")  # 6 steps per epoch
+    assert "resumed at epoch 2, step 8" in run_py(*common, "--workdir", tmp_path / "cut", "--resume").stdout
+    whole, cut = ([json.loads(line) for line in (tmp_path / w / "metrics.jsonl").read_text().splitlines()]
+                  for w in ("whole", "cut"))
+    assert [r["epoch"] for r in whole] == [r["epoch"] for r in cut] == [1, 2, 3]
+    for a, b in zip(whole, cut):
+        print(f"epoch {a['epoch']}: train loss {a['train_loss']:.6f} vs {b['train_loss']:.6f}")
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+        assert (b["val_top1_err"], b["val_top5_err"]) == (a["val_top1_err"], a["val_top5_err"])
