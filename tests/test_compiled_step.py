@@ -14,7 +14,8 @@ def compiled_steps(monkeypatch, device, amp, backend, steps=4, batch=4, crop=64)
     """Losses of `steps` steps on one batch with lr 0, so only dropout changes them; make_train_step's own
     torch.compile call is made with fullgraph=True, so any graph break raises."""
     real = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: real(fn, mode=mode, fullgraph=True, backend=backend))
+    fullgraph = {"fullgraph": True, "backend": backend}
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real(fn, mode=mode, **fullgraph, **kw))
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
