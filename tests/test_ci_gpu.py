@@ -3,6 +3,7 @@ unseen: every phase, the same files, the summary last, a failing phase recorded 
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,12 @@ def rehearse(out: Path, data: Path, **env) -> subprocess.CompletedProcess:
     env = {**os.environ, "OUT": str(out), "GPU_DATA": str(data), **env}
     return subprocess.run(["bash", str(ROOT / ".ci" / "gpu"), "--rehearse"], capture_output=True, text=True, env=env,
                           timeout=900)
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a container without an init may keep those)."""
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def phases(summary: str) -> dict[str, str]:
@@ -42,7 +49,7 @@ def test_rehearsal_runs_every_phase_and_writes_the_files(tmp_path):
                    "peak memory", "sweep: hw_decoder_load 0.0"):
         assert figure in summary
     pid = int((tmp_path / "data" / "pid").read_text())
-    assert not Path(f"/proc/{pid}").exists()  # the background generator finished; nothing left running
+    assert not running(pid)  # the background generator finished; nothing left running
 
 
 def test_a_failing_phase_is_recorded_and_the_rest_still_run(tmp_path):
@@ -56,3 +63,31 @@ def test_a_failing_phase_is_recorded_and_the_rest_still_run(tmp_path):
     status = phases(summary)
     assert status["data"].startswith("failed") and status["bench"] == status["sweep"] == "skipped: no data"
     assert status["resume"] == "ok"
+
+
+def test_data_is_started_once_reused_when_done_and_restarted_when_its_generator_died(tmp_path):
+    data = tmp_path / "data"
+
+    def data_call() -> str:
+        run = subprocess.run(["bash", str(ROOT / ".ci" / "gpu"), "--rehearse", "data"], capture_output=True, text=True,
+                             env={**os.environ, "GPU_DATA": str(data)}, timeout=60)
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    def wait_done(pid: int) -> None:
+        while running(pid):
+            time.sleep(0.5)
+        assert (data / "done").exists(), (data / "log").read_text()[-2000:]
+
+    assert "started" in data_call()
+    pid = int((data / "pid").read_text())
+    again = data_call()  # the second staging call, while the first's generator runs (or just finished)
+    assert "being generated" in again or "ready" in again
+    assert int((data / "pid").read_text()) == pid
+    wait_done(pid)
+    assert "ready" in data_call()
+    # A machine that went cold mid-way, or a killed generator: a dead pid and no done mark start it anew.
+    (data / "done").unlink()
+    assert "started" in data_call() and int((data / "pid").read_text()) != pid
+    wait_done(int((data / "pid").read_text()))
+    assert (data / "shards" / "manifest.json").exists()
