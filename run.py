@@ -10,7 +10,6 @@ import argparse
 import inspect
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -28,6 +27,7 @@ from model.recipe import (AMP_DTYPES, INITS, LR, MOMENTUM, SCHEDULES, WEIGHT_DEC
 from pipeline.augment import WINDOW_AUGMENTS
 from pipeline.manifest import ShardError, check_crop, load_manifest
 from pipeline.atomic import atomic_write
+from pipeline.threads import default_threads
 from tools.demo import DEMO_PRESET, make_demo_data, report_demo
 
 
@@ -58,7 +58,7 @@ class Config:
     compile: str = "off"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     seed: int = 0
     # the loader (tools/bench_io.py --sweep prints the fastest setting as these flags)
-    threads: int = 0  # DALI CPU threads per process; 0: the node's cores shared by its processes, at most 16
+    threads: int = 0  # DALI CPU threads per process; 0: pipeline.threads.default_threads (cores left free, at most 8)
     hw_decoder_load: float = 0.65  # share of JPEGs for the GPU's hardware decoder (0.65: fastest on an H100)
     prefetch: int = 2  # batches DALI prepares ahead
     log_interval: int = 50  # steps between progress lines (the only host syncs of the loop)
@@ -78,10 +78,6 @@ HELP = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.
 # Settings a --resume may change; anything else must match the run being continued.
 RESUMABLE = {"shards", "workdir", "lr", "epochs", "max_steps", "resume", "log_interval", "checkpoint_minutes", "keep",
              "ten_crop", "compile", "eval", "threads", "prefetch"}
-# Measured with DALI's loader alone on one H100 (../shared/device/anchor_numbers.md, 2026-11-22): hw_decoder_load
-# 0.65 / 1.0 / 0.0 fed 26,014 / 24,029 / 21,727 img/s (256x256 shards, random 224 crops, 16 threads); on full-size
-# shards 8 threads fed as much as 16 (22,455 and 22,225 img/s), so more threads per process only add contention.
-MAX_THREADS = 16
 
 
 class UsageError(Exception):
@@ -91,11 +87,6 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"run.py: {message} (see python run.py --help)\n")
-
-
-def dali_threads(cores: int, processes: int) -> int:
-    """DALI threads per process: the cores this process may use, shared with the node's other processes, capped."""
-    return max(1, min(MAX_THREADS, cores // processes))
 
 
 def parse(argv=None) -> Config:
@@ -121,8 +112,8 @@ def parse(argv=None) -> Config:
         cfg.amp = "bf16" if device == "cuda" else "off"
     if cfg.threads < 0 or cfg.prefetch < 1 or not 0.0 <= cfg.hw_decoder_load <= 1.0:
         p.error("--threads must be 0 (automatic) or more, --prefetch at least 1, --hw-decoder-load between 0 and 1")
-    if cfg.threads == 0:  # torchrun says how many processes share this node's cores
-        cfg.threads = dali_threads(len(os.sched_getaffinity(0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if cfg.threads == 0:
+        cfg.threads = default_threads()
     return cfg
 
 

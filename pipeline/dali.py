@@ -79,8 +79,11 @@ def augment_pipeline(files, index_files, *, augment: str, crop: int, decoder: st
     jpegs, labels = read_shards(files, index_files, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
                                 seed=reader_seed)
     source = fn.get_property(jpegs, key="source_info")
-    # The share of JPEGs that the hardware decoder takes (the rest go to CUDA cores); "mixed" only.
-    decode = {"device": decoder, **({"hw_decoder_load": hw_decoder_load} if decoder == "mixed" else {})}
+    # "mixed" only: the share of JPEGs that the hardware decoder takes (the rest go to CUDA cores), and libjpeg-turbo's
+    # "fancy" (interpolating) chroma upsampling, which DALI's CPU decoder and Pillow (the dataset's statistics) use;
+    # without it the GPU upsamples chroma by replication and GPU and CPU runs train on different pixels.
+    mixed = {"hw_decoder_load": hw_decoder_load, "jpeg_fancy_upsampling": True}
+    decode = {"device": decoder, **(mixed if decoder == "mixed" else {})}
     normalise = {"std": std.tolist(), "dtype": dtype, "output_layout": "HWC"}
     if augment == "paper":
         images, draws = paper(jpegs, crop=crop, decode=decode, normalise=normalise, mean=mean, lighting=lighting)

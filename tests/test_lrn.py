@@ -120,3 +120,28 @@ def test_cuda_fast_lrn_matches_reference(compile):
     expect.backward(g.double())
     torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(lrn(x).double(), expect.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_eager_lrn_compiles_inside_the_function_both_ways_once_per_layer():
+    """The eager model's path: _LRN.forward compiles on the calling thread, its backward on autograd's CUDA worker
+    thread. Each of the paper's two LRN layers (96 maps; 256 in two towers) gets one forward and one backward graph,
+    whatever the batch, and both match the plain formula."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    for batch in (4, 3, 4):
+        for channels, size, groups in ((96, 27, 1), (256, 13, 2)):
+            x = activations((batch, channels, size, size), seed=channels + batch, dtype=torch.float32).cuda()
+            x = x.to(memory_format=torch.channels_last).requires_grad_()
+            ref = x.detach().double().requires_grad_()
+            g = torch.randn_like(x)
+            y = fast_local_response_norm(x, groups=groups)
+            y.backward(g)
+            want = torch.cat([local_response_norm(half) for half in ref.chunk(groups, 1)], 1)
+            want.backward(g.double())
+            torch.testing.assert_close(y.double(), want.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(x.grad.double(), ref.grad, rtol=1e-4, atol=1e-6)
+    assert lrn._maths(x) is lrn._fused()  # the compiled pair ran, not the plain maths
+    assert counters["stats"]["unique_graphs"] == 4

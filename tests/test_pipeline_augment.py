@@ -24,7 +24,9 @@ def decoded_whole(shards_dir, split, device="cpu") -> dict:
     def whole():
         jpegs, _ = fn.readers.webdataset(paths=[str(s.tar) for s in shards], index_paths=[str(s.index) for s in shards],
                                          ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT32])
-        images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu")
+        # the loader's mixed decoder upsamples chroma as libjpeg-turbo does (pipeline/dali.py); so must the reference
+        decode = {"device": "mixed", "jpeg_fancy_upsampling": True} if device == "gpu" else {"device": "cpu"}
+        images = fn.decoders.image(jpegs, **decode)
         return images, fn.get_property(jpegs, key="source_info")
 
     pipe, out = whole(), {}

@@ -3,13 +3,14 @@
     python tools/bench_io.py --shards DIR [--batch-size B] [--crop-size S] [--threads N] [--hw-decoder-load F]
                              [--prefetch N] [--workers N] [--steps N] [--windows N] [--warmup N] [--amp bf16|fp16|off]
                              [--compile MODE] [--device cuda|cpu] [--divide-std] [--tower-convs LIST] [--sweep]
-                             [--quick] [--json FILE] [--plot FILE]
+                             [--sweep-values KNOB=V,V ...] [--quick] [--json FILE] [--plot FILE]
 
 Modes, all on the same shards: `loader` (DaliLoader alone, then on across its next epoch boundary: up to an epoch,
 ~1 minute of ImageNet on an H100), `model` (run.py's training step on synthetic
 batches already on the device: the compute ceiling), `e2e` (that step fed by that loader) and `baseline`
 (torch DataLoader + webdataset + Pillow workers doing the same augmentation, pipeline/baseline.py).
-Each figure is the median images/s of --windows timed windows of --steps steps, after --warmup steps.
+Each figure is the median images/s of --windows back-to-back windows of --steps steps, after --warmup steps; on a GPU
+the windows are CUDA events on the training stream, so DALI's prefetch keeps running across them.
 The JSON holds `machine`, `config`, `data`, `setting` (the DALI setting timed, after --sweep the best one), one
 object per mode and the derived `overlap`, `speedup_vs_baseline`, `loader_vs_baseline` (and `sweep`). With
 --tower-convs dense,grouped,split the model alone is also timed with each other way of running the towers
@@ -36,9 +37,11 @@ from pipeline import DaliLoader  # noqa: E402
 from pipeline.manifest import Manifest, ShardError, load_manifest  # noqa: E402
 from pipeline.baseline import baseline_loader, device_batches  # noqa: E402
 from pipeline.bench.report import derive, table, write_json, write_plot  # noqa: E402
-from pipeline.bench.sweep import HEADER, SWEPT, best_line, coordinate_search, sweep_grid, trial_row  # noqa: E402
-from pipeline.bench.timing import (CpuMeter, boundary_stall, describe_machine, device_sync, peak_memory,  # noqa: E402
-                                   summarise, time_windows, warm_up)
+from pipeline.bench.sweep import (HEADER, SWEPT, best_line, coordinate_search, parse_values, sweep_grid,  # noqa: E402
+                                  trial_row)
+from pipeline.bench.timing import (Clock, CpuMeter, boundary_stall, describe_machine, peak_memory,  # noqa: E402
+                                   release_pools, summarise, time_windows, warm_up)
+from pipeline.threads import default_threads  # noqa: E402
 
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 # --quick: about a minute on a 2-core CPU, where one training step of the 60M-parameter model takes seconds
@@ -51,7 +54,7 @@ class BenchConfig:
     shards: str
     batch_size: int = 128  # §5: the paper's batch
     crop_size: int = 224  # §4.1: 224x224 patches of the 256x256 images
-    threads: int = 4  # DALI CPU threads
+    threads: int = field(default_factory=default_threads)  # DALI CPU threads, as run.py
     hw_decoder_load: float = 0.65  # share of JPEGs for the GPU's hardware decoder (the rest on the SMs)
     prefetch: int = 2  # batches DALI keeps in flight
     workers: int = field(default_factory=psutil.cpu_count)  # baseline DataLoader processes: one per core
@@ -64,6 +67,7 @@ class BenchConfig:
     divide_std: bool = False  # §2 subtracts the mean only; also divide by the per-channel std (as run.py --divide-std)
     tower_convs: tuple[str, ...] = ("dense",)  # how the towers run (model.alexnet.TowerConv); the first for every mode
     sweep: bool = False
+    sweep_values: dict | None = None  # knob -> values: the sweep's grid (default: sweep.sweep_grid around the start)
     quick: bool = False
     seed: int = 0
     json: str | None = None
@@ -97,10 +101,17 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
                    help=f"comma-separated, of {', '.join(TOWER_CONVS)}: the model alone timed with each "
                         f"(default {','.join(d.tower_convs)})")
     p.add_argument("--sweep", action="store_true", help="tune batch size, threads, hw_decoder_load, prefetch first")
+    p.add_argument("--sweep-values", action="append", metavar="KNOB=V,V", help="sweep only these values of KNOB "
+                   f"(one of {', '.join(SWEPT)}; repeatable; implies --sweep), e.g. hw_decoder_load=1,0.65,0")
     p.add_argument("--quick", action="store_true", help="short windows; on the CPU also a small batch and crop")
     p.add_argument("--json", help="write every figure and the machine here")
     p.add_argument("--plot", help="write a PNG bar chart here")
     a = vars(p.parse_args(argv))
+    if "sweep_values" in a:
+        try:
+            a["sweep_values"], a["sweep"] = dict(parse_values(v) for v in a["sweep_values"]), True
+        except ValueError as e:
+            p.error(f"--sweep-values {e}")
     device = a.get("device", d.device)
     preset = {**QUICK, **(QUICK_CPU if device == "cpu" else {})} if a.get("quick") else {}
     cfg = BenchConfig(**{**asdict(d), "amp": "bf16" if device == "cuda" else "off", **preset, **a})
@@ -136,7 +147,7 @@ class Bench:
     def __init__(self, cfg: BenchConfig, manifest: Manifest):
         self.cfg, self.manifest = cfg, manifest
         self.cuda = cfg.device == "cuda"
-        self.sync = device_sync(cfg.device)
+        self.clock = Clock(cfg.device)
         self.dtype = AMP_DTYPES[cfg.amp] or torch.float32
         self._steps = {}
         if self.cuda:
@@ -145,6 +156,11 @@ class Bench:
     def train_step(self, batch_size: int, tower_convs: str | None = None):
         key = (batch_size, tower_convs or self.cfg.tower_convs[0])
         if key not in self._steps:
+            if self.cfg.compile != "off":
+                # Each new step would otherwise recompile the one code object (make_train_step's loss) that the
+                # others compiled: later batch sizes get dynamic-batch kernels, and past 8 it falls back to eager.
+                torch._dynamo.reset()
+                self._steps.clear()
             torch.manual_seed(self.cfg.seed)
             model = AlexNet(num_classes=self.manifest.num_classes, tower_convs=key[1])
             model = model.to(self.cfg.device, memory_format=torch.channels_last)
@@ -161,10 +177,10 @@ class Bench:
 
     def measure(self, name: str, step: Callable[[], None], batch_size: int, reset=lambda: None) -> dict:
         """Warm up, then time the windows with CPU use recorded; `reset` clears counters warm-up touched."""
-        warm_up(step, self.cfg.warmup, self.sync)
+        warm_up(step, self.cfg.warmup)
         reset()
         with tqdm(total=self.cfg.windows, desc=f"{name:<8}", unit="window", leave=False) as bar, CpuMeter() as cpu:
-            seconds = time_windows(step, self.cfg.windows, self.cfg.steps, self.sync, bar.update)
+            seconds = time_windows(step, self.cfg.windows, self.cfg.steps, self.clock, bar.update)
         r = summarise(seconds, batch_size * self.cfg.steps)
         # Per core of CPU time this process tree used: comparable across loaders on a machine others load too.
         r["img_per_s_per_core"] = r["img_per_s"] / max(cpu.result["cores_used"], 1e-9)
@@ -175,16 +191,14 @@ class Bench:
         return {**r, "epoch_boundary": self.epoch_boundary(loader, batches)}
 
     def epoch_boundary(self, loader: DaliLoader, batches: Iterator, after: int = 3) -> dict:
-        """Each step's wall time (device synchronised) on to `after` steps past the next epoch boundary: the longest
-        step around the boundary, in median steps (the training thread's stall there)."""
+        """Each step's time (marks on the stream, prefetch left running) on to `after` steps past the next epoch
+        boundary: the longest step around the boundary, in median steps (the training thread's stall there)."""
         first = len(loader) - loader.step  # the next epoch's first batch is this many steps ahead
-        seconds = []
+        marks = [self.clock.mark()]
         for _ in tqdm(range(first + after), desc="boundary", unit="step", leave=False):
-            start = time.perf_counter()
             next(batches)
-            self.sync()
-            seconds.append(time.perf_counter() - start)
-        return boundary_stall(seconds, first)
+            marks.append(self.clock.mark())
+        return boundary_stall(self.clock.seconds(marks), first)
 
     def model_alone(self, batch_size: int, tower_convs: str | None = None) -> dict:
         c = self.cfg
@@ -238,10 +252,14 @@ class Bench:
             return {**r, "memory": peak_memory(self.cfg.device)}  # while the loader still holds its buffers
 
     def sweep_trial(self, s: dict) -> dict:
-        """End to end at one --sweep setting, printed as a row when done."""
+        """The loader alone (which shows whether the hardware decoder takes part), then end to end, at one --sweep
+        setting; printed as a row when done."""
         with self.dali(s) as loader:
-            r = self.end_to_end(loader, endless(loader), s["batch_size"])
-        r = {"img_per_s": r["img_per_s"], "data_wait_frac": r["data_wait_frac"], "gpu_busy_frac": r.get("gpu_busy_frac")}
+            batches = endless(loader)
+            alone = self.measure("loader", lambda: next(batches), s["batch_size"])
+            r = self.end_to_end(loader, batches, s["batch_size"])
+        r = {"img_per_s": r["img_per_s"], "loader_img_per_s": alone["img_per_s"], "data_wait_frac": r["data_wait_frac"],
+             "gpu_busy_frac": r.get("gpu_busy_frac")}
         print(trial_row({**s, **r}), flush=True)
         return r
 
@@ -266,13 +284,15 @@ def run(cfg: BenchConfig, manifest: Manifest) -> dict:
     # The baseline forks its workers first, before DALI's threads exist in this process.
     report["baseline"] = bench.baseline()
     if cfg.sweep:
-        grid = sweep_grid(setting, psutil.cpu_count(), bench.cuda)
+        grid = cfg.sweep_values or sweep_grid(setting, psutil.cpu_count(), bench.cuda)
         print(HEADER, flush=True)
         setting, trials = coordinate_search(grid, setting, bench.sweep_trial)
         print(best_line(setting))
         report["sweep"] = {"grid": grid, "trials": trials, "best": setting}
+        release_pools(cfg.device)  # the memory figure below is then the best setting's, not the largest trial's
     report["setting"] = setting
     report.update(bench.dali_modes(setting))
+    report["memory"]["after_sweep"] = cfg.sweep
     if len(cfg.tower_convs) > 1:
         report["towers"] = {cfg.tower_convs[0]: report["model"],
                             **{t: bench.model_alone(setting["batch_size"], t) for t in cfg.tower_convs[1:]}}

@@ -55,7 +55,9 @@ def table(report: dict) -> str:
     mem = report["memory"]
     gpu = (f"GPU {mem['gpu_used_gib']:.1f} GiB in use (torch's pool at most {mem['gpu_torch_gib']:.1f}, DALI and CUDA "
            f"{mem['gpu_other_gib']:.1f}), " if "gpu_used_gib" in mem else "")
-    rows.append(f"peak memory after end to end: {gpu}host RSS {mem['host_rss_gib']:.2f} GiB")
+    sweep = " (after --sweep: GPU pools released first, the host peak includes the trials)" if mem.get(
+        "after_sweep") else ""
+    rows.append(f"peak memory after end to end: {gpu}host RSS {mem['host_rss_gib']:.2f} GiB{sweep}")
     rows.append(f"overlap = end to end / min(loader, model) = {report['overlap']:.2f}")
     rows.append(f"end to end vs baseline = {report['speedup_vs_baseline']:.2f}x   "
                 f"(loader vs baseline = {report['loader_vs_baseline']:.2f}x)")
@@ -94,3 +96,32 @@ def write_plot(path: Path, report: dict) -> None:
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     atomic_write(path, buf.getvalue())
+
+
+GB = 1e9  # the goals are in GB; bench_io's figures in GiB
+
+
+def goals(bench: dict, sweep: dict | None = None) -> str:
+    """Issue 14's goal table filled from a bench_io JSON (and the sweep's trials when there is one)."""
+    rate = {m: bench[m]["img_per_s"] for m in MODES}
+    mem, stall = bench["memory"], bench["loader"]["epoch_boundary"]["stall_steps"]
+    gpu_gb = mem["gpu_used_gib"] * 2**30 / GB if "gpu_used_gib" in mem else None
+    host_gb = mem["host_rss_gib"] * 2**30 / GB
+    towers = ", ".join(f"{t} {_rate(r['img_per_s'])}" for t, r in bench.get("towers", {}).items())
+    rows = [("model alone", _rate(rate["model"]) + (f" ({towers})" if towers else ""), "≥ 25,000 img/s",
+             rate["model"] >= 25_000),
+            ("loader alone", _rate(rate["loader"]), "≥ 35,000 img/s", rate["loader"] >= 35_000),
+            ("end to end", f"{_rate(rate['e2e'])} = {bench['overlap']:.0%} of the lesser",
+             "≥ 90 % and ≥ 22,000 img/s", bench["overlap"] >= 0.9 and rate["e2e"] >= 22_000),
+            ("vs DataLoader + Pillow", f"{bench['speedup_vs_baseline']:.1f}x", "≥ 8x",
+             bench["speedup_vs_baseline"] >= 8),
+            ("epoch boundary", f"{stall:.1f} steps", "≤ 2 steps", stall <= 2),
+            ("peak memory", ("" if gpu_gb is None else f"{gpu_gb:.1f} GB GPU, ") + f"{host_gb:.1f} GB host",
+             "≤ 8 GB GPU, ≤ 4 GB host", (gpu_gb or 0) <= 8 and host_gb <= 4)]
+    lines = [f"{'figure':<24} {'measured':<44} {'goal':<26} met"]
+    lines += [f"{f:<24} {m:<44} {g:<26} {'yes' if ok else 'NO'}" for f, m, g, ok in rows]
+    for t in (sweep or {}).get("sweep", {}).get("trials", []):
+        lines.append(f"sweep: hw_decoder_load {t['hw_decoder_load']:<4} threads {t['threads']:<3} batch "
+                     f"{t['batch_size']:<4} loader {_rate(t['loader_img_per_s']):>8} img/s, end to end "
+                     f"{_rate(t['img_per_s']):>8} img/s, data wait {_pct(t['data_wait_frac'])}")
+    return "\n".join(lines)

@@ -4,6 +4,19 @@ from __future__ import annotations
 from typing import Callable
 
 SWEPT = ("batch_size", "threads", "hw_decoder_load", "prefetch")
+KINDS = {"batch_size": int, "threads": int, "hw_decoder_load": float, "prefetch": int}
+
+
+def parse_values(spec: str) -> tuple[str, list]:
+    """"hw_decoder_load=1,0.65,0" -> ("hw_decoder_load", [1.0, 0.65, 0.0]): one knob's values for a chosen grid."""
+    name, _, values = spec.partition("=")
+    name = name.strip().replace("-", "_")
+    if name not in KINDS or not values:
+        raise ValueError(f"{spec!r}: write KNOB=V[,V...] with KNOB one of {', '.join(SWEPT)}")
+    try:
+        return name, [KINDS[name](v) for v in values.split(",")]
+    except ValueError:
+        raise ValueError(f"{spec!r}: {name} takes {KINDS[name].__name__} values") from None
 
 
 def sweep_grid(start: dict, cores: int, cuda: bool) -> dict[str, list]:
@@ -36,12 +49,13 @@ def coordinate_search(grid: dict[str, list], start: dict, measure: Callable[[dic
     return best, trials
 
 
-HEADER = f"{'batch':>6} {'threads':>7} {'hw load':>7} {'prefetch':>8} {'e2e img/s':>10} {'data wait':>9}"
+HEADER = (f"{'batch':>6} {'threads':>7} {'hw load':>7} {'prefetch':>8} {'loader img/s':>12} {'e2e img/s':>10} "
+          f"{'data wait':>9}")
 
 
 def trial_row(t: dict) -> str:
     return (f"{t['batch_size']:>6} {t['threads']:>7} {t['hw_decoder_load']:>7.2f} {t['prefetch']:>8} "
-            f"{t['img_per_s']:>10,.1f} {100 * t['data_wait_frac']:>7.0f} %")
+            f"{t['loader_img_per_s']:>12,.1f} {t['img_per_s']:>10,.1f} {100 * t['data_wait_frac']:>7.0f} %")
 
 
 def best_line(best: dict) -> str:

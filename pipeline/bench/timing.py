@@ -1,5 +1,5 @@
-"""How bench_io times: warm-up excluded, device synchronised, median of windows; the epoch-boundary stall; CPU use;
-the machine measured."""
+"""How bench_io times: warm-up excluded, windows marked on the stream (CUDA events), median of windows; the
+epoch-boundary stall; CPU use; the memory held; the machine measured."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+from itertools import pairwise
 from pathlib import Path
 from typing import Callable
 
@@ -18,30 +19,44 @@ import psutil
 import torch
 
 
-def device_sync(device: str) -> Callable[[], None]:
-    """What to call before reading the clock: queued GPU work must be finished to be counted."""
-    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+class Clock:
+    """Marks on the training stream's timeline: CUDA events on a GPU, read once at the end, so no window ends with
+    a device-wide sync that would also drain DALI's prefetch (and hide how far input and compute overlap);
+    perf_counter on the CPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, marks: list) -> list[float]:
+        """The time between consecutive marks; on a GPU this waits for the last one."""
+        if not self.cuda:
+            return [b - a for a, b in pairwise(marks)]
+        marks[-1].synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in pairwise(marks)]
 
 
-def warm_up(step: Callable[[], None], steps: int, sync: Callable[[], None]) -> None:
+def warm_up(step: Callable[[], None], steps: int) -> None:
     for _ in range(steps):
         step()
-    sync()
 
 
-def time_windows(step: Callable[[], None], windows: int, steps: int, sync: Callable[[], None],
+def time_windows(step: Callable[[], None], windows: int, steps: int, clock: Clock,
                  on_window: Callable[[], object] = lambda: None) -> list[float]:
-    """Wall seconds of each of `windows` runs of `steps` calls, the device drained before each clock read."""
-    seconds = []
-    sync()
+    """Seconds of each of `windows` back-to-back runs of `steps` calls, from one mark to the next."""
+    marks = [clock.mark()]
     for _ in range(windows):
-        start = time.perf_counter()
         for _ in range(steps):
             step()
-        sync()
-        seconds.append(time.perf_counter() - start)
+        marks.append(clock.mark())
         on_window()
-    return seconds
+    return clock.seconds(marks)
 
 
 def summarise(seconds: list[float], images_per_window: int) -> dict:
@@ -87,6 +102,18 @@ class CpuMeter:
                 continue
             total += t.user + t.system
         return total
+
+
+def release_pools(device: str) -> None:
+    """Hand back what DALI's and torch's pools hold unused, and restart torch's peak, so that a later peak_memory
+    reading belongs to what runs after (pools otherwise keep the size an earlier, larger pipeline grew them to)."""
+    if device != "cuda":
+        return
+    from nvidia.dali.backend import ReleaseUnusedMemory
+
+    ReleaseUnusedMemory()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
 
 
 def peak_memory(device: str) -> dict:
