@@ -29,7 +29,7 @@ def keys_of_epoch(ld) -> list[str]:
 def test_gpu_ranks_cover_the_split_once(demo_shards, world):
     count, seen = load_manifest(demo_shards).count("train"), Counter()
     for rank in range(world):
-        with DaliLoader(demo_shards, "train", 8, crop_size=CROP, rank=rank, world_size=world, seed=3) as ld:
+        with DaliLoader(load_manifest(demo_shards), "train", 8, crop_size=CROP, rank=rank, world_size=world, seed=3) as ld:
             start, stop = rank_range(count, rank, world)
             keys = keys_of_epoch(ld)
             assert len(keys) == len(ld) * 8 and set(keys[stop - start:]) <= set(keys[:stop - start])
@@ -41,7 +41,7 @@ def test_gpu_center_crops_match_the_cpu_graph(demo_shards):
     """nvJPEG (hardware or CUDA) and libjpeg-turbo may round pixels differently, never by much on average."""
     out = {}
     for device in ("cpu", "cuda"):
-        with DaliLoader(demo_shards, "val", 8, augment="center", crop_size=CROP, device=device,
+        with DaliLoader(load_manifest(demo_shards), "val", 8, augment="center", crop_size=CROP, device=device,
                         device_id=None if device == "cpu" else 0, dtype=torch.float32) as ld:
             out[device] = torch.cat([images.cpu() for images, _ in ld])
     diff = (out["cuda"] - out["cpu"]).abs()

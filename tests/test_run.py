@@ -13,6 +13,7 @@ import torch
 import run
 from model import checkpoint
 from pipeline.bench.sweep import best_line
+from pipeline.manifest import load_manifest
 from tools import demo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +147,7 @@ def test_inputs_are_mean_subtracted_only_unless_divide_std(demo_shards):
     for extra in ([], ["--divide-std"]):
         cfg = run.parse(["--shards", str(demo_shards), *MACHINE, *extra])
         assert cfg.divide_std == bool(extra)
-        with run.make_loader(cfg, ctx, cfg.shards, "val", "center", cfg.crop_size) as loader:
+        with run.make_loader(cfg, ctx, load_manifest(cfg.shards), "val", "center", cfg.crop_size) as loader:
             spread[cfg.divide_std] = float(next(iter(loader))[0].float().std())
     assert spread[False] > 10 and spread[True] < 3  # 0-255 pixel units against units of one std
     assert run.parse(["--demo", "--device", "cpu"]).divide_std
