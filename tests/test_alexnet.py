@@ -1,4 +1,6 @@
 """AlexNet (§3, Figure 2): layer shapes, parameter count, §5 initialisation, towers, speed habits."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,9 +18,15 @@ PAPER_SHAPES = {  # Figure 2, per image, towers together
 
 
 @pytest.fixture(scope="module")
-def paper():
+def built_once():
     torch.manual_seed(0)
     return AlexNet().eval()
+
+
+@pytest.fixture
+def paper(built_once):
+    """The paper's model in eval mode, each test its own copy: tests change weights, mode and memory format."""
+    return copy.deepcopy(built_once)
 
 
 def layer_outputs(net, x):
@@ -106,10 +114,8 @@ def test_towers_do_not_talk_before_conv3(paper):
     x = torch.randn(1, 3, 64, 64)
     before = layer_output(paper, x, "pool2")
     with torch.no_grad():
-        saved = paper.conv1[1].weight.clone()
         paper.conv1[1].weight.mul_(3.0)
-        after = layer_output(paper, x, "pool2")
-        paper.conv1[1].weight.copy_(saved)
+    after = layer_output(paper, x, "pool2")
     assert torch.equal(before[:, :128], after[:, :128])
     assert not torch.allclose(before[:, 128:], after[:, 128:])
 
@@ -130,14 +136,12 @@ def test_dropout_only_in_training(paper):
     with torch.no_grad():
         evaluated = paper(x)
         paper.train()
-        try:
-            torch.manual_seed(2)
-            a = paper(x)
-            torch.manual_seed(2)
-            b = paper(x)
-            c = paper(x)
-        finally:
-            paper.eval()
+        torch.manual_seed(2)
+        a = paper(x)
+        torch.manual_seed(2)
+        b = paper(x)
+        c = paper(x)
+        paper.eval()
         assert torch.equal(evaluated, paper(x))
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.allclose(a, evaluated)
 
@@ -148,16 +152,11 @@ def test_dropout_drops_the_outputs_of_fc6_and_fc7(paper):
     hooks = [getattr(paper, n).register_forward_hook(
         lambda _m, args, out, n=n: seen.update({n: (args[0].clone(), out.clone())})) for n in ("fc6", "fc7", "fc8")]
     x = torch.randn(2, 3, 64, 64)
-    try:
-        with torch.no_grad():
-            paper(x)
-            fc6_input_eval = seen["fc6"][0]
-            paper.train()
-            paper(x)
-    finally:
-        paper.eval()
-        for hook in hooks:
-            hook.remove()
+    with torch.no_grad():
+        paper(x)
+        fc6_input_eval = seen["fc6"][0]
+        paper.train()
+        paper(x)
     assert torch.equal(seen["fc6"][0], fc6_input_eval)
     for layer, following in (("fc6", "fc7"), ("fc7", "fc8")):
         hidden, dropped = F.relu(seen[layer][1]), seen[following][0]
@@ -175,13 +174,8 @@ def test_channels_last_bf16_keeps_layout_through_every_layer(paper):
         for n in layers]
     net_input = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     paper.to(memory_format=torch.channels_last)
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = paper(net_input)
-    finally:
-        paper.to(memory_format=torch.contiguous_format)
-        for hook in hooks:
-            hook.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = paper(net_input)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert seen == [(n, True) for n in layers]
 
