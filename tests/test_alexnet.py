@@ -149,8 +149,9 @@ def test_dropout_only_in_training(paper):
 def test_dropout_drops_the_outputs_of_fc6_and_fc7(paper):
     """§4.2: hidden neurons of fc6 and fc7 are zeroed with p = 0.5 (kept ones scaled by 2); fc6's input is not."""
     seen = {}
-    hooks = [getattr(paper, n).register_forward_hook(
-        lambda _m, args, out, n=n: seen.update({n: (args[0].clone(), out.clone())})) for n in ("fc6", "fc7", "fc8")]
+    for n in ("fc6", "fc7", "fc8"):  # on this test's own model: no need to remove them
+        getattr(paper, n).register_forward_hook(
+            lambda _m, args, out, n=n: seen.update({n: (args[0].clone(), out.clone())}))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         paper(x)
@@ -169,9 +170,9 @@ def test_channels_last_bf16_keeps_layout_through_every_layer(paper):
     """Every conv, LRN and pool sees channels-last input under bf16 autocast: no hidden conversions."""
     seen = []
     layers = [n for n in PAPER_SHAPES if not n.startswith("fc")]
-    hooks = [getattr(paper, n).register_forward_pre_hook(
-        lambda _m, args, n=n: seen.append((n, args[0].is_contiguous(memory_format=torch.channels_last))))
-        for n in layers]
+    for n in layers:
+        getattr(paper, n).register_forward_pre_hook(
+            lambda _m, args, n=n: seen.append((n, args[0].is_contiguous(memory_format=torch.channels_last))))
     net_input = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     paper.to(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):

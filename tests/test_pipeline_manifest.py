@@ -29,7 +29,7 @@ def test_the_loader_reads_the_manifest_it_is_given(demo_shards, tmp_path):
     (folder / "manifest.json").unlink()  # a loader that read the folder again would fail here
     with DaliLoader(manifest, "val", 8, augment="center", crop_size=48, device="cpu", num_threads=1) as ld:
         assert sum(len(labels) for _, labels in ld) == 24
-    with pytest.raises(TypeError, match="takes a Manifest.*pass pipeline.load_manifest"):
+    with pytest.raises(TypeError, match=r"takes a Manifest.*pass pipeline\.load_manifest"):
         DaliLoader(folder, "val", 8, device="cpu")
 
 
