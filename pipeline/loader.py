@@ -19,14 +19,12 @@ import torch
 from pipeline import dali
 from pipeline.augment import TENCROP_VIEWS, TRAIN_AUGMENTS
 from pipeline.failure import locate
-from pipeline.holdback import HOLD, HoldBack
+from pipeline.holdback import HoldBack
 from pipeline.manifest import Manifest
 from pipeline.position import Position
 from pipeline.provenance import batch_info
 from pipeline.sharding import steps_per_epoch, valid_in_step
 from pipeline.spec import PipelineSpec, check_args
-
-__all__ = ["DaliLoader", "HOLD"]
 
 
 class DaliLoader:

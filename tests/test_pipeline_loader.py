@@ -15,7 +15,7 @@ import torch
 from conftest import one_line
 
 from pipeline import DaliLoader, ShardError, load_manifest
-from pipeline.loader import HOLD
+from pipeline.holdback import HOLD
 from pipeline.sharding import rank_range
 from pipeline.writer.tars import Sample, read_shard, write_shard
 
