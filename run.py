@@ -211,11 +211,12 @@ class Trainer:
     def __init__(self, cfg: Config, ctx: Context, manifest, log):
         torch.manual_seed(cfg.seed + ctx.rank)
         self.cfg, self.ctx, self.manifest, self.log, self.dev = cfg, ctx, manifest, log, ctx.devices[0]
+        # The loaders first: they check the settings against the shards (crop size) before the model is built.
+        self.train_loader = make_loader(cfg, ctx, manifest, "train", cfg.augment, cfg.crop_size)
+        self.val_loader = make_loader(cfg, ctx, manifest, "val", "center", cfg.crop_size)
         self.model, self.raw = build(cfg, ctx, manifest.num_classes)
         self.optimizer = sgd(self.raw, cfg.lr, cfg.momentum, cfg.weight_decay)
         self.train_step = make_train_step(self.model, self.optimizer, cfg.amp, cfg.compile != "off" and cfg.compile)
-        self.train_loader = make_loader(cfg, ctx, manifest, "train", cfg.augment, cfg.crop_size)
-        self.val_loader = make_loader(cfg, ctx, manifest, "val", "center", cfg.crop_size)
         self.spe, self.global_batch = len(self.train_loader), cfg.batch_size * ctx.world
         self.base_lr = scaled_lr(cfg.lr, self.global_batch) if cfg.lr_scaling == "linear" else cfg.lr
         self.workdir, self.history, self.step, self.partial, self.lr = Path(cfg.workdir), [], 0, None, self.base_lr

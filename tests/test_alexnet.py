@@ -90,6 +90,7 @@ def test_tower_convs_are_grouped_and_cross_convs_are_dense(impl):
     torch.testing.assert_close(cross(x), F.conv2d(x, w, b, padding=1), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["grouped", "split"])
 def test_every_tower_conv_is_the_same_network(impl):
     """Outputs and every gradient of the grouped and split forms equal the dense block-diagonal one."""
@@ -181,6 +182,7 @@ def test_channels_last_bf16_keeps_layout_through_every_layer(paper):
     assert seen == [(n, True) for n in layers]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile unavailable here")
 def test_compiles_without_graph_breaks(paper):
     explain = torch._dynamo.explain(paper)(torch.randn(1, 3, 64, 64))

@@ -110,6 +110,7 @@ def batches(ld, n):
     return [(images.clone(), labels.clone()) for images, labels in islice(ld, n)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world,rank", [(1, 0), (2, 1)])
 def test_resume_mid_epoch_and_at_the_boundary_gives_the_same_batches(demo_shards, world, rank):
     def run(ld, epochs):
@@ -273,6 +274,7 @@ def read_on(folder, state, epochs=3):
                 pass
 
 
+@pytest.mark.slow
 def test_a_broken_jpeg_mid_epoch_names_its_shard(demo_shards, tmp_path):
     broken, name, in_epoch_1 = break_a_jpeg(demo_shards, tmp_path / "broken")
     gc.collect()
@@ -286,6 +288,7 @@ def test_a_broken_jpeg_mid_epoch_names_its_shard(demo_shards, tmp_path):
     assert psutil.Process().num_threads() == threads  # the failed pipelines and the ones that found the JPEG are gone
 
 
+@pytest.mark.slow
 def test_a_dali_whose_checkpoints_were_not_tested_still_gets_one_line(demo_shards, tmp_path, monkeypatch):
     """The replay from a checkpoint edits DALI's private checkpoint format, known for DALI 2.4.x only."""
     broken, name, in_epoch_1 = break_a_jpeg(demo_shards, tmp_path / "broken")

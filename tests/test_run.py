@@ -236,6 +236,7 @@ def test_bad_input_loader_settings(flag, capsys):
     assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_bad_input_unknown_flag_from_the_shell():
     out = subprocess.run([sys.executable, "run.py", "--shards", "x", "--epochz", "3"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
