@@ -52,7 +52,8 @@ def test_labels_match_the_shards(demo_shards, split, augment):
 
 
 # (5, 19): ranks of 19 samples take a whole batch of padding to keep step with the rank of 20.
-@pytest.mark.parametrize("world,batch", [(1, 7), (2, 7), (3, 7), (5, 19)])
+@pytest.mark.parametrize("world,batch", [(1, 7), (2, 7), pytest.param(3, 7, marks=pytest.mark.slow),
+                                         pytest.param(5, 19, marks=pytest.mark.slow)])
 def test_train_epochs_cover_the_split_once_over_the_ranks(demo_shards, world, batch):
     count, epochs = load_manifest(demo_shards).count("train"), 3
     everything, steps = [Counter() for _ in range(epochs)], set()
