@@ -24,8 +24,7 @@ from model.checkpoint import CheckpointError
 from model.parallel import Context, all_gather, all_sum, process_context
 from model.recipe import (AMP_DTYPES, INITS, LR, MOMENTUM, SCHEDULES, WEIGHT_DECAY, count_errors, initialise, lr_at,
                           make_train_step, scaled_lr, set_lr, sgd)
-from pipeline.augment import WINDOW_AUGMENTS
-from pipeline.manifest import ShardError, check_crop, load_manifest
+from pipeline.manifest import ShardError, load_manifest
 from pipeline.atomic import atomic_write
 from pipeline.threads import default_threads
 from tools.demo import DEMO_PRESET, make_demo_data, report_demo
@@ -165,11 +164,11 @@ def build(cfg: Config, ctx: Context, num_classes: int):
     return torch.nn.parallel.DistributedDataParallel(raw, device_ids=ids), raw
 
 
-def make_loader(cfg: Config, ctx: Context, shards: str, split: str, augment: str, crop_size: int):
+def make_loader(cfg: Config, ctx: Context, manifest, split: str, augment: str, crop_size: int):
     from pipeline import DaliLoader
 
     dev = ctx.devices[0]
-    return DaliLoader(shards, split, cfg.batch_size, augment=augment, crop_size=crop_size, device=dev.type,
+    return DaliLoader(manifest, split, cfg.batch_size, augment=augment, crop_size=crop_size, device=dev.type,
                       device_id=dev.index if dev.type == "cuda" else None, rank=ctx.rank, world_size=ctx.world,
                       seed=cfg.seed, num_threads=cfg.threads, hw_decoder_load=cfg.hw_decoder_load,
                       prefetch=cfg.prefetch, dtype=AMP_DTYPES[cfg.amp] or torch.float32, divide_std=cfg.divide_std)
@@ -203,11 +202,12 @@ class Trainer:
     def __init__(self, cfg: Config, ctx: Context, manifest, log):
         torch.manual_seed(cfg.seed + ctx.rank)
         self.cfg, self.ctx, self.manifest, self.log, self.dev = cfg, ctx, manifest, log, ctx.devices[0]
+        # The loaders first: they check the settings against the shards (crop size) before the model is built.
+        self.train_loader = make_loader(cfg, ctx, manifest, "train", cfg.augment, cfg.crop_size)
+        self.val_loader = make_loader(cfg, ctx, manifest, "val", "center", cfg.crop_size)
         self.model, self.raw = build(cfg, ctx, manifest.num_classes)
         self.optimizer = sgd(self.raw, cfg.lr, cfg.momentum, cfg.weight_decay)
         self.train_step = make_train_step(self.model, self.optimizer, cfg.amp, cfg.compile != "off" and cfg.compile)
-        self.train_loader = make_loader(cfg, ctx, cfg.shards, "train", cfg.augment, cfg.crop_size)
-        self.val_loader = make_loader(cfg, ctx, cfg.shards, "val", "center", cfg.crop_size)
         self.spe, self.global_batch = len(self.train_loader), cfg.batch_size * ctx.world
         self.base_lr = scaled_lr(cfg.lr, self.global_batch) if cfg.lr_scaling == "linear" else cfg.lr
         self.workdir, self.history, self.step, self.partial, self.lr = Path(cfg.workdir), [], 0, None, self.base_lr
@@ -307,7 +307,7 @@ class Trainer:
              "device": cfg.device, "amp": cfg.amp, "wall_s": sum(r["epoch_s"] for r in self.history)}
         if cfg.ten_crop:
             t0 = time.perf_counter()
-            with make_loader(cfg, self.ctx, cfg.shards, "val", "tencrop", cfg.crop_size) as tencrop:
+            with make_loader(cfg, self.ctx, self.manifest, "val", "tencrop", cfg.crop_size) as tencrop:
                 ten = evaluate(self.raw, tencrop, cfg.amp, self.ctx, views=10)
             s.update(val_top1_err_10crop=ten["top1_err"], val_top5_err_10crop=ten["top5_err"])
             s["wall_s"] += time.perf_counter() - t0
@@ -382,7 +382,7 @@ def evaluate_only(cfg: Config, ctx: Context, manifest, ckpt: dict, log) -> int:
     raw.load_state_dict(ckpt["model"])
     result = {"checkpoint": cfg.eval, "step": ckpt["step"], "num_classes": manifest.num_classes}
     for augment, views in [("center", 1)] + [("tencrop", 10)] * cfg.ten_crop:
-        with make_loader(cfg, ctx, str(manifest.root), "val", augment, saved.crop_size) as loader:
+        with make_loader(cfg, ctx, manifest, "val", augment, saved.crop_size) as loader:
             errs = evaluate(raw, loader, cfg.amp, ctx, views)
         result[augment] = errs
         log(f"{augment}: val top-1 error {errs['top1_err']:.2%}, top-5 error {errs['top5_err']:.2%} "
@@ -402,7 +402,6 @@ def main(argv=None) -> int:
         if cfg.eval:
             ckpt = checkpoint.read(cfg.eval)
             manifest = load_manifest(cfg.shards or ckpt["config"]["shards"])
-            crops = {"val": ckpt["config"]["crop_size"]}
         else:
             if not cfg.shards:
                 raise UsageError("--shards DIR is required: a folder written by tools/shard_imagenet.py "
@@ -411,9 +410,6 @@ def main(argv=None) -> int:
             if cfg.demo:
                 make_demo_data(cfg, ctx.rank)
             manifest = load_manifest(cfg.shards)
-            crops = {"val": cfg.crop_size, **({"train": cfg.crop_size} if cfg.augment in WINDOW_AUGMENTS else {})}
-        for split, crop in crops.items():  # before anything is built or written
-            check_crop(manifest, split, crop)
         log("config:\n" + "\n".join(f"  {k:<19}{v}" for k, v in asdict(cfg).items()))
         if cfg.device == "cuda":
             torch.cuda.set_device(ctx.devices[0])

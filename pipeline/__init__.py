@@ -1,4 +1,5 @@
-"""The input pipeline: shards written by pipeline.writer, read by `DaliLoader(shards_dir, split, batch_size, ...)`."""
+"""The input pipeline: shards written by pipeline.writer, read by
+`DaliLoader(load_manifest(shards_dir), split, batch_size, ...)`."""
 from pipeline.manifest import ShardError, load_manifest
 
 __all__ = ["DaliLoader", "ShardError", "load_manifest"]

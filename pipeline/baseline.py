@@ -8,14 +8,13 @@ workers and made channels-last on the device.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from pipeline.augment import LIGHTING_STD, crop_anchor, lighting_offset, normalisation
-from pipeline.manifest import load_manifest
+from pipeline.manifest import Manifest
 
 SHUFFLE_BUFFER = 1000  # samples each worker mixes, webdataset's usual order of magnitude
 
@@ -54,12 +53,11 @@ class _Transform:
         return torch.from_numpy(augment(image, self.rng, *self.args)), int(cls)
 
 
-def baseline_loader(shards_dir: str | Path, batch_size: int, *, crop_size: int = 224, workers: int = 4,
+def baseline_loader(m: Manifest, batch_size: int, *, crop_size: int = 224, workers: int = 4,
                     seed: int = 0, divide_std: bool = False, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """An endless DataLoader over the training shards (shards resampled, samples shuffled in each worker)."""
+    """An endless DataLoader over the manifest's training shards (shards resampled, samples shuffled in each worker)."""
     import webdataset as wds
 
-    m = load_manifest(shards_dir)
     paths = [str(s.tar) for s in m.shards("train")]
     transform = _Transform(crop_size, *normalisation(m.rgb_mean, m.rgb_std, divide_std), m.eigval, m.eigvec)
     # Not wds.WebDataset: it opens a shard at urlparse(path).path, so a '#' in a folder name cuts the path short.

@@ -7,27 +7,18 @@ position). That checkpoint holds every operator's state; the reader-only pipelin
 from __future__ import annotations
 
 import io
-import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
+import nvidia.dali
 from PIL import Image
 
 from pipeline.dali import READER
 from pipeline.manifest import ShardError
+from pipeline.provenance import split_source
 
-OFFSET = re.compile(r":(\d+):")
-
-
-def split_source(source: str, tars) -> tuple[str, str]:
-    """(tar, member) of a webdataset sample's source_info "TAR:OFFSET:MEMBER", TAR being one of `tars`.
-
-    Paths and member names may hold ':' themselves, so the split is where what comes before is a tar that was read.
-    """
-    for m in OFFSET.finditer(source):
-        if source[:m.start()] in tars:
-            return source[:m.start()], source[m.end():]
-    raise ValueError(f"source_info {source!r} names none of the shards read")
+# The DALI releases whose checkpoint format with_reader_state was tested on: the format is DALI's own, not an API.
+TESTED_DALI = "2.4."
 
 
 def reason(error: Exception) -> str:
@@ -73,7 +64,11 @@ def with_reader_state(base: bytes, donor: bytes) -> bytes:
 
     A DALI checkpoint is a protobuf message: field 1 repeated, one entry per operator whose field 1 is the operator's
     name; field 2, the pipeline's iteration. Restoring asks for an entry per operator of the pipeline and no other.
+    That layout is DALI's private format, read here as DALI TESTED_DALI* writes it; another DALI is refused.
     """
+    if not nvidia.dali.__version__.startswith(TESTED_DALI):
+        raise ValueError(f"this replay reads DALI {TESTED_DALI}x's checkpoints, not DALI {nvidia.dali.__version__}'s; "
+                         f"install nvidia-dali {TESTED_DALI}x (requirements.txt) to have the sample named")
     reader = [raw for field, body, raw in _fields(donor) if field == 1 and _name(body) == READER]
     context = [raw for field, _, raw in _fields(donor) if field == 2]
     out = []

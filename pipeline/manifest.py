@@ -68,8 +68,9 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def load_manifest(shards_dir: str | Path, checksums: bool = False, check_shards: bool = True) -> Manifest:
-    """Read DIR/manifest.json and check every shard and index it names: present, index intact (tars too, with checksums).
-    --verify passes check_shards=False and checks each shard itself, to name every damaged one."""
+    """Read DIR/manifest.json and check every shard and index it names: present, index intact (tars too, with
+    checksums). Once per run: the loaders take the Manifest. --verify passes check_shards=False and checks each shard
+    itself, to name every damaged one."""
     root = Path(shards_dir)
     hint = FIX_HINT.format(dir=root)
     if not root.is_dir():
@@ -106,7 +107,8 @@ def _parse(root: Path, raw: dict, checksums: bool | None, hint: str) -> Manifest
         min_side[split] = None if entry["min_side"] is None else int(entry["min_side"])
     stats = raw["stats"]
     return Manifest(root=root, classes=raw["classes"], splits=splits,
-                    rgb_mean=np.asarray(stats["rgb_mean"], np.float64), rgb_std=np.asarray(stats["rgb_std"], np.float64),
+                    rgb_mean=np.asarray(stats["rgb_mean"], np.float64),
+                    rgb_std=np.asarray(stats["rgb_std"], np.float64),
                     eigval=np.asarray(stats["eigval"], np.float64), eigvec=np.asarray(stats["eigvec"], np.float64),
                     min_side=min_side, raw=raw)
 

@@ -1,4 +1,6 @@
 """AlexNet (§3, Figure 2): layer shapes, parameter count, §5 initialisation, towers, speed habits."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,9 +18,29 @@ PAPER_SHAPES = {  # Figure 2, per image, towers together
 
 
 @pytest.fixture(scope="module")
-def paper():
+def built_once():
     torch.manual_seed(0)
     return AlexNet().eval()
+
+
+def fingerprint(net) -> tuple:
+    """Weights, mode and memory format: what a test could change in place."""
+    return [p.sum().item() for p in net.parameters()], [p.stride() for p in net.parameters()], \
+        [m.training for m in net.modules()]
+
+
+@pytest.fixture
+def paper(built_once):
+    """The paper's model in eval mode, shared by the tests that only read it: one that changed it fails here."""
+    before = fingerprint(built_once)
+    yield built_once
+    assert fingerprint(built_once) == before, "this test changed the shared model: give it own_paper"
+
+
+@pytest.fixture
+def own_paper(built_once):
+    """A copy of the paper's model of its own, for a test that changes weights, mode or memory format."""
+    return copy.deepcopy(built_once)
 
 
 def layer_outputs(net, x):
@@ -43,7 +65,7 @@ def layer_output(net, x, name):
     return out[0]
 
 
-@pytest.mark.parametrize("towers", [2, 1])
+@pytest.mark.parametrize("towers", [2, pytest.param(1, marks=pytest.mark.slow)])
 def test_layer_shapes_at_224(paper, towers):
     net = paper if towers == 2 else AlexNet(towers=1).eval()
     assert layer_outputs(net, torch.randn(1, 3, 224, 224)) == PAPER_SHAPES
@@ -53,8 +75,9 @@ def test_parameter_counts(paper):
     assert sum(p.numel() for p in paper.parameters()) == 60_965_224
     # One tower: conv2, conv4 and conv5 see all of the previous layer's maps.
     extra = 256 * 48 * 5 * 5 + 384 * 192 * 3 * 3 + 256 * 192 * 3 * 3
-    assert sum(p.numel() for p in AlexNet(towers=1).parameters()) == 60_965_224 + extra
-    assert sum(p.numel() for p in AlexNet(num_classes=10).parameters()) == 60_965_224 - 990 * 4097
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        assert sum(p.numel() for p in AlexNet(towers=1).parameters()) == 60_965_224 + extra
+        assert sum(p.numel() for p in AlexNet(num_classes=10).parameters()) == 60_965_224 - 990 * 4097
 
 
 def test_initialisation_follows_section_5(paper):
@@ -82,6 +105,7 @@ def test_tower_convs_are_grouped_and_cross_convs_are_dense(impl):
     torch.testing.assert_close(cross(x), F.conv2d(x, w, b, padding=1), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["grouped", "split"])
 def test_every_tower_conv_is_the_same_network(impl):
     """Outputs and every gradient of the grouped and split forms equal the dense block-diagonal one."""
@@ -101,15 +125,13 @@ def test_unknown_tower_conv_is_refused():
         AlexNet(tower_convs="sparse")
 
 
-def test_towers_do_not_talk_before_conv3(paper):
+def test_towers_do_not_talk_before_conv3(own_paper):
     """Changing tower B's conv1 filters leaves tower A's maps up to pool2 untouched (§3.2)."""
     x = torch.randn(1, 3, 64, 64)
-    before = layer_output(paper, x, "pool2")
+    before = layer_output(own_paper, x, "pool2")
     with torch.no_grad():
-        saved = paper.conv1[1].weight.clone()
-        paper.conv1[1].weight.mul_(3.0)
-        after = layer_output(paper, x, "pool2")
-        paper.conv1[1].weight.copy_(saved)
+        own_paper.conv1[1].weight.mul_(3.0)
+    after = layer_output(own_paper, x, "pool2")
     assert torch.equal(before[:, :128], after[:, :128])
     assert not torch.allclose(before[:, 128:], after[:, 128:])
 
@@ -125,39 +147,33 @@ def test_small_crops_pool_to_6x6_and_224_does_not(paper, monkeypatch):
     assert len(calls) == 1
 
 
-def test_dropout_only_in_training(paper):
+def test_dropout_only_in_training(own_paper):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        evaluated = paper(x)
-        paper.train()
-        try:
-            torch.manual_seed(2)
-            a = paper(x)
-            torch.manual_seed(2)
-            b = paper(x)
-            c = paper(x)
-        finally:
-            paper.eval()
-        assert torch.equal(evaluated, paper(x))
+        evaluated = own_paper(x)
+        own_paper.train()
+        torch.manual_seed(2)
+        a = own_paper(x)
+        torch.manual_seed(2)
+        b = own_paper(x)
+        c = own_paper(x)
+        own_paper.eval()
+        assert torch.equal(evaluated, own_paper(x))
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.allclose(a, evaluated)
 
 
-def test_dropout_drops_the_outputs_of_fc6_and_fc7(paper):
+def test_dropout_drops_the_outputs_of_fc6_and_fc7(own_paper):
     """§4.2: hidden neurons of fc6 and fc7 are zeroed with p = 0.5 (kept ones scaled by 2); fc6's input is not."""
     seen = {}
-    hooks = [getattr(paper, n).register_forward_hook(
-        lambda _m, args, out, n=n: seen.update({n: (args[0].clone(), out.clone())})) for n in ("fc6", "fc7", "fc8")]
+    for n in ("fc6", "fc7", "fc8"):  # on this test's own model: no need to remove them
+        getattr(own_paper, n).register_forward_hook(
+            lambda _m, args, out, n=n: seen.update({n: (args[0].clone(), out.clone())}))
     x = torch.randn(2, 3, 64, 64)
-    try:
-        with torch.no_grad():
-            paper(x)
-            fc6_input_eval = seen["fc6"][0]
-            paper.train()
-            paper(x)
-    finally:
-        paper.eval()
-        for hook in hooks:
-            hook.remove()
+    with torch.no_grad():
+        own_paper(x)
+        fc6_input_eval = seen["fc6"][0]
+        own_paper.train()
+        own_paper(x)
     assert torch.equal(seen["fc6"][0], fc6_input_eval)
     for layer, following in (("fc6", "fc7"), ("fc7", "fc8")):
         hidden, dropped = F.relu(seen[layer][1]), seen[following][0]
@@ -166,26 +182,22 @@ def test_dropout_drops_the_outputs_of_fc6_and_fc7(paper):
         torch.testing.assert_close(dropped[kept], 2 * hidden[kept])
 
 
-def test_channels_last_bf16_keeps_layout_through_every_layer(paper):
+def test_channels_last_bf16_keeps_layout_through_every_layer(own_paper):
     """Every conv, LRN and pool sees channels-last input under bf16 autocast: no hidden conversions."""
     seen = []
     layers = [n for n in PAPER_SHAPES if not n.startswith("fc")]
-    hooks = [getattr(paper, n).register_forward_pre_hook(
-        lambda _m, args, n=n: seen.append((n, args[0].is_contiguous(memory_format=torch.channels_last))))
-        for n in layers]
+    for n in layers:
+        getattr(own_paper, n).register_forward_pre_hook(
+            lambda _m, args, n=n: seen.append((n, args[0].is_contiguous(memory_format=torch.channels_last))))
     net_input = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    paper.to(memory_format=torch.channels_last)
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = paper(net_input)
-    finally:
-        paper.to(memory_format=torch.contiguous_format)
-        for hook in hooks:
-            hook.remove()
+    own_paper.to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = own_paper(net_input)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert seen == [(n, True) for n in layers]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile unavailable here")
 def test_compiles_without_graph_breaks(paper):
     explain = torch._dynamo.explain(paper)(torch.randn(1, 3, 64, 64))

@@ -17,6 +17,7 @@ from pipeline.baseline import augment, baseline_loader, device_batches
 from pipeline.bench.report import MODES, derive, overlap, speedup
 from pipeline.bench.sweep import coordinate_search, parse_values, sweep_grid
 from pipeline.bench.timing import Clock, boundary_stall, summarise, time_windows
+from pipeline.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,7 +169,7 @@ def first_batch(loader, device, dtype):
 
 def test_baseline_batches_look_like_the_dali_loaders(demo_shards):
     manifest = json.loads((demo_shards / "manifest.json").read_text())
-    loader = baseline_loader(demo_shards, 8, crop_size=48, workers=1, seed=0, divide_std=True)
+    loader = baseline_loader(load_manifest(demo_shards), 8, crop_size=48, workers=1, seed=0, divide_std=True)
     images, labels = first_batch(loader, "cpu", torch.float16)
     assert images.shape == (8, 3, 48, 48) and images.dtype == torch.float16
     assert images.is_contiguous(memory_format=torch.channels_last)
@@ -177,14 +178,15 @@ def test_baseline_batches_look_like_the_dali_loaders(demo_shards):
 
 
 def test_baseline_default_subtracts_the_mean_only(demo_shards):
-    images, _ = first_batch(baseline_loader(demo_shards, 8, crop_size=48, workers=1, seed=0), "cpu", torch.float32)
+    loader = baseline_loader(load_manifest(demo_shards), 8, crop_size=48, workers=1, seed=0)
+    images, _ = first_batch(loader, "cpu", torch.float32)
     # §2: centred 0-255 pixels, a spread of tens of units; divided by the std it would be about one.
     assert abs(images.mean()) < 30 and images.std() > 10
 
 
 @pytest.mark.gpu
 def test_baseline_batches_land_on_the_gpu(demo_shards):
-    loader = baseline_loader(demo_shards, 8, crop_size=48, workers=1, seed=0, pin_memory=True)
+    loader = baseline_loader(load_manifest(demo_shards), 8, crop_size=48, workers=1, seed=0, pin_memory=True)
     images, labels = first_batch(loader, "cuda", torch.bfloat16)
     assert images.is_cuda and labels.is_cuda and images.dtype == torch.bfloat16
     assert images.is_contiguous(memory_format=torch.channels_last)

@@ -31,7 +31,7 @@ def keys_of_epoch(ld) -> list[str]:
 def test_gpu_ranks_cover_the_split_once(demo_shards, world):
     count, seen = load_manifest(demo_shards).count("train"), Counter()
     for rank in range(world):
-        with DaliLoader(demo_shards, "train", 8, crop_size=CROP, rank=rank, world_size=world, seed=3) as ld:
+        with DaliLoader(load_manifest(demo_shards), "train", 8, crop_size=CROP, rank=rank, world_size=world, seed=3) as ld:
             start, stop = rank_range(count, rank, world)
             keys = keys_of_epoch(ld)
             assert len(keys) == len(ld) * 8 and set(keys[stop - start:]) <= set(keys[:stop - start])
@@ -83,8 +83,8 @@ def test_gpu_center_crops_match_the_cpu_graph(demo_shards, hw):
     synthetic images' sharp colour edges, hence the old bound), so a decoder that loses the flag fails."""
     out = {}
     for device in ("cpu", "cuda"):
-        with DaliLoader(demo_shards, "val", 8, augment="center", crop_size=CROP, device=device, hw_decoder_load=hw,
-                        device_id=None if device == "cpu" else 0, dtype=torch.float32) as ld:
+        with DaliLoader(load_manifest(demo_shards), "val", 8, augment="center", crop_size=CROP, device=device,
+                        hw_decoder_load=hw, device_id=None if device == "cpu" else 0, dtype=torch.float32) as ld:
             out[device] = torch.cat([images.cpu() for images, _ in ld])
     assert out["cpu"].shape == out["cuda"].shape
     diff = (out["cuda"] - out["cpu"]).abs()

@@ -83,6 +83,7 @@ def test_even_window_is_rejected():
         fast_local_response_norm(torch.ones(1, 4, 2, 2), size=4)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile unavailable here")
 def test_traces_whole_through_aot_autograd():
     compiled = torch.compile(lambda t: fast_local_response_norm(t, groups=2), backend="aot_eager", fullgraph=True)
@@ -93,6 +94,7 @@ def test_traces_whole_through_aot_autograd():
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile unavailable here")
 def test_fused_kernels_are_static_but_for_the_batch():
     """One kernel per layer shape, whatever the batch: fully static would compile 5 graphs here, the default's

@@ -34,6 +34,7 @@ def assert_same_step(single, parallel, x, labels, device0="cpu"):
     return out_s
 
 
+@pytest.mark.slow
 def test_state_dicts_are_interchangeable(pair):
     single, parallel = pair
     assert {k: v.shape for k, v in single.state_dict().items()} == \
@@ -44,6 +45,7 @@ def test_state_dicts_are_interchangeable(pair):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_outputs_and_gradients_equal_in_eval(pair):
     single, parallel = pair
     single.eval(), parallel.eval()
@@ -51,6 +53,7 @@ def test_outputs_and_gradients_equal_in_eval(pair):
     assert_same_step(single, parallel, x, torch.tensor([1, 7]))
 
 
+@pytest.mark.slow
 def test_outputs_and_gradients_equal_with_dropout(pair):
     """Both draw their dropout masks from the same generator in the same order, so training mode compares too."""
     single, parallel = pair

@@ -62,7 +62,7 @@ def paper_reference(image, info, i, crop, manifest, shift=0, with_lighting=True)
 def check_paper_batches(shards_dir, whole, device):
     """Per sample: max and mean |loader - NumPy reference|, the same without lighting, and one column off."""
     manifest = load_manifest(shards_dir)
-    loader = DaliLoader(shards_dir, "train", 16, augment="paper", crop_size=CROP, device=device, num_threads=2,
+    loader = DaliLoader(load_manifest(shards_dir), "train", 16, augment="paper", crop_size=CROP, device=device, num_threads=2,
                         dtype=torch.float32, divide_std=True)
     with loader:
         batches = [(images, labels, loader.info) for images, labels in islice(loader, 3)]
@@ -99,7 +99,7 @@ def test_center_crop_normalisation_formula(demo_shards, whole, divide_std):
     manifest = load_manifest(demo_shards)
     std = manifest.rgb_std if divide_std else 1.0
     asked = {"divide_std": True} if divide_std else {}  # the default is §2's: the mean subtracted, no std
-    with DaliLoader(demo_shards, "val", 8, augment="center", crop_size=CROP, device="cpu", num_threads=2,
+    with DaliLoader(load_manifest(demo_shards), "val", 8, augment="center", crop_size=CROP, device="cpu", num_threads=2,
                     dtype=torch.float32, **asked) as loader:
         for images, _ in loader:
             for i, key in enumerate(loader.info["key"]):
@@ -111,7 +111,7 @@ def test_center_crop_normalisation_formula(demo_shards, whole, divide_std):
 
 def test_tencrop_yields_the_ten_views_sample_major(demo_shards, whole):
     manifest = load_manifest(demo_shards)
-    with DaliLoader(demo_shards, "val", 5, augment="tencrop", crop_size=CROP, device="cpu", num_threads=2,
+    with DaliLoader(load_manifest(demo_shards), "val", 5, augment="tencrop", crop_size=CROP, device="cpu", num_threads=2,
                     dtype=torch.float32, divide_std=False) as loader:
         images, labels = next(iter(loader))
         keys = loader.info["key"]
@@ -129,7 +129,7 @@ def test_tencrop_yields_the_ten_views_sample_major(demo_shards, whole):
 
 
 def test_inception_gives_resized_random_crops(demo_shards):
-    with DaliLoader(demo_shards, "train", 16, augment="inception", crop_size=48, device="cpu", num_threads=2) as loader:
+    with DaliLoader(load_manifest(demo_shards), "train", 16, augment="inception", crop_size=48, device="cpu", num_threads=2) as loader:
         images, labels = next(iter(loader))
         mirror = loader.info["mirror"]
     assert images.shape == (16, 3, 48, 48) and images.dtype == torch.float16 and labels.shape == (16,)
@@ -140,7 +140,7 @@ def test_inception_gives_resized_random_crops(demo_shards):
 def test_output_layout_and_dtypes(demo_shards):
     out = {}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        with DaliLoader(demo_shards, "train", 8, augment="paper", crop_size=CROP, device="cpu", num_threads=2,
+        with DaliLoader(load_manifest(demo_shards), "train", 8, augment="paper", crop_size=CROP, device="cpu", num_threads=2,
                         dtype=dtype, divide_std=True) as loader:
             images, labels = next(iter(loader))
         assert images.dtype == dtype and images.shape == (8, 3, CROP, CROP)
@@ -162,7 +162,7 @@ def test_float16_is_the_nearest_to_the_float32_result_by_default(demo_shards):
     # from zero, torch's .half() to even, so here each value is held to half a unit in the last place instead.
     out = {}
     for dtype in (torch.float32, torch.float16):
-        with DaliLoader(demo_shards, "train", 8, augment="paper", crop_size=CROP, device="cpu", num_threads=2,
+        with DaliLoader(load_manifest(demo_shards), "train", 8, augment="paper", crop_size=CROP, device="cpu", num_threads=2,
                         dtype=dtype) as loader:
             out[dtype] = next(iter(loader))[0]
     exact, got = out[torch.float32], out[torch.float16].float()
@@ -177,7 +177,7 @@ def test_gpu_batches_are_on_the_gpu_and_match_numpy(demo_shards):
     # differently, so here the crops are held to a mean error well under the one a one-pixel shift makes.
     _, means, _, shifted, _ = check_paper_batches(demo_shards, decoded_whole(demo_shards, "train", "gpu"), "cuda")
     assert means.max() < 0.02 and shifted.min() > 0.05
-    with DaliLoader(demo_shards, "val", 8, augment="tencrop", crop_size=CROP, device="cuda",
+    with DaliLoader(load_manifest(demo_shards), "val", 8, augment="tencrop", crop_size=CROP, device="cuda",
                     dtype=torch.bfloat16) as loader:
         images, labels = next(iter(loader))
     assert images.is_cuda and labels.is_cuda and images.dtype == torch.bfloat16 and labels.dtype == torch.int64

@@ -1,4 +1,9 @@
 """The pipeline's pure maths: DALI's crop placement, PCA lighting, normalisation, samples split over ranks."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -65,4 +70,8 @@ def test_dali_seeds_share_the_reader_and_split_the_draws():
     assert all(0 <= s < 2**31 for pair in seeds for s in pair)
     assert len({reader for reader, _ in seeds[:4]}) == 1  # one file order for every rank of a run
     assert len({reader for reader, _ in seeds}) == 3 and len({draws for _, draws in seeds}) == 12
-    assert dali_seeds(7, 2) == dali_seeds(7, 2)
+    # A resumed run is another process: its seeds must not hang on anything of the process (hash seed, time, pid).
+    fresh = subprocess.run([sys.executable, "-c", "from pipeline.sharding import dali_seeds; print(dali_seeds(7, 2))"],
+                           capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "1"},
+                           cwd=Path(__file__).resolve().parents[1]).stdout
+    assert fresh.strip() == str(dali_seeds(7, 2)) == "(1201125462, 2032283795)"  # as saved positions were drawn

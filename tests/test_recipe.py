@@ -91,6 +91,7 @@ def test_train_step_matches_a_hand_written_sgd_step():
     assert step.scaler is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp", ["off", "bf16"])
 def test_train_step_learns(amp):
     model = _tiny()

@@ -13,6 +13,7 @@ import torch
 import run
 from model import checkpoint
 from pipeline.bench.sweep import best_line
+from pipeline.manifest import load_manifest
 from pipeline.threads import dali_threads
 from tools import demo
 
@@ -147,7 +148,7 @@ def test_inputs_are_mean_subtracted_only_unless_divide_std(demo_shards):
     for extra in ([], ["--divide-std"]):
         cfg = run.parse(["--shards", str(demo_shards), *MACHINE, *extra])
         assert cfg.divide_std == bool(extra)
-        with run.make_loader(cfg, ctx, cfg.shards, "val", "center", cfg.crop_size) as loader:
+        with run.make_loader(cfg, ctx, load_manifest(cfg.shards), "val", "center", cfg.crop_size) as loader:
             spread[cfg.divide_std] = float(next(iter(loader))[0].float().std())
     assert spread[False] > 10 and spread[True] < 3  # 0-255 pixel units against units of one std
     assert run.parse(["--demo", "--device", "cpu"]).divide_std
@@ -235,6 +236,7 @@ def test_bad_input_loader_settings(flag, capsys):
     assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_bad_input_unknown_flag_from_the_shell():
     out = subprocess.run([sys.executable, "run.py", "--shards", "x", "--epochz", "3"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)

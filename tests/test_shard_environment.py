@@ -115,8 +115,9 @@ def test_kaggle_csv_saved_by_a_spreadsheet_with_a_byte_order_mark(src, tmp_path)
 
 def test_baseline_loader_reads_shards_under_a_folder_with_a_hash_in_its_name(demo_shards, tmp_path):
     from pipeline.baseline import baseline_loader
+    from pipeline.manifest import load_manifest
     shards = Path(shutil.copytree(demo_shards, tmp_path / "run #1" / "shards"))
-    images, labels = next(iter(baseline_loader(shards, 4, crop_size=48, workers=0)))
+    images, labels = next(iter(baseline_loader(load_manifest(shards), 4, crop_size=48, workers=0)))
     assert images.shape == (4, 3, 48, 48) and labels.shape == (4,)
 
 

@@ -21,6 +21,7 @@ from tools.shard_imagenet import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--resize", "short:40", "--shard-size", "16", "--seed", "3"]
+pytestmark = pytest.mark.slow  # each test runs the sharder, most in processes they interrupt
 
 
 def tree(folder: Path) -> dict[str, bytes]:

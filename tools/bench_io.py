@@ -170,7 +170,7 @@ class Bench:
 
     def dali(self, s: dict) -> DaliLoader:
         c = self.cfg
-        return DaliLoader(c.shards, "train", s["batch_size"], augment="paper", crop_size=c.crop_size,
+        return DaliLoader(self.manifest, "train", s["batch_size"], augment="paper", crop_size=c.crop_size,
                           device=c.device, device_id=0 if self.cuda else None, seed=c.seed, num_threads=s["threads"],
                           hw_decoder_load=s["hw_decoder_load"], prefetch=s["prefetch"], dtype=self.dtype,
                           divide_std=c.divide_std)
@@ -265,7 +265,7 @@ class Bench:
 
     def baseline(self) -> dict:
         c = self.cfg
-        loader = baseline_loader(c.shards, c.batch_size, crop_size=c.crop_size, workers=c.workers, seed=c.seed,
+        loader = baseline_loader(self.manifest, c.batch_size, crop_size=c.crop_size, workers=c.workers, seed=c.seed,
                                  divide_std=c.divide_std, pin_memory=self.cuda)
         batches = device_batches(loader, c.device, self.dtype)
         try:
