@@ -170,7 +170,7 @@ class ComputeSettings:
                           choices=COMPILE_MODES, const="default")
     seed: int = option(0, "random seed")
 
-    def resolved(self) -> dict:
+    def resolve_device(self) -> dict:
         """device and amp with "auto" decided for this machine."""
         device = self.device if self.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
         return {"device": device, "amp": self.amp if self.amp != "auto" else "bf16" if device == "cuda" else "off"}

@@ -52,10 +52,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def sections(cls) -> list[tuple[type, list[dataclasses.Field]]]:
-    """The dataclasses `cls` is composed of, base sections first, each with the fields it declares itself."""
+    """The dataclasses `cls` is composed of, itself first, each with the fields it declares itself."""
     by_name = {f.name: f for f in dataclasses.fields(cls)}
     out = []
-    for base in reversed(cls.__mro__):
+    for base in cls.__mro__:
         own = [by_name[n] for n in base.__dict__.get("__annotations__", {}) if n in by_name]
         if dataclasses.is_dataclass(base) and own:
             out.append((base, own))
@@ -92,7 +92,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def _shown(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def build_parser(cls, prog: str, description: str) -> Parser:
@@ -109,17 +109,15 @@ def build_parser(cls, prog: str, description: str) -> Parser:
             kind, meta = _unwrap(hints[f.name]), f.metadata
             default = _default(f)
             note = " (required)" if default is dataclasses.MISSING else "" if default is None or default is False \
-                or default == "" else f" (default: {_shown(default)})"
+                or default in ("", ()) else f" (default: {_shown(default)})"
             kw = {"dest": f.name, "help": meta.get("help", "") + note}
             if kind is bool:
                 group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
-            elif typing.get_origin(kind) is tuple:
+            elif typing.get_origin(kind) is tuple:  # --tower-convs dense grouped; --size-range 300 640
                 args = typing.get_args(kind)
-                if args[-1] is Ellipsis:  # a list, given comma-separated: --tower-convs dense,grouped
-                    group.add_argument(flag(f.name), metavar="A,B", **kw,
-                                       type=lambda s, t=args[0]: tuple(t(x) for x in s.split(",") if x))
-                else:
-                    group.add_argument(flag(f.name), nargs=len(args), type=args[0], metavar="N", **kw)
+                many = args[-1] is Ellipsis
+                group.add_argument(flag(f.name), nargs="+" if many else len(args), type=args[0],
+                                   choices=meta.get("choices"), metavar="N" if args[0] is int else None, **kw)
             else:
                 extra = {"nargs": "?", "const": meta["const"]} if meta.get("const") is not None else {}
                 metavar = {int: "N", float: "X", Path: "PATH"}.get(kind)
@@ -153,7 +151,8 @@ def validate(cfg, parser: Parser) -> None:
     """Each value against its declaration: one line naming the flag and what it must be."""
     for f in dataclasses.fields(cfg):
         value, meta = getattr(cfg, f.name), f.metadata
-        if meta.get("choices") and value not in meta["choices"]:
+        each = value if isinstance(value, tuple) else (value,)
+        if meta.get("choices") and (not each or any(v not in meta["choices"] for v in each)):
             parser.error(f"{flag(f.name)} {_shown(value)}: choose from {', '.join(map(str, meta['choices']))}")
         if meta.get("check") and value is not None and not meta["check"][0](value):
             parser.error(f"{flag(f.name)} {_shown(value)}: must be {meta['check'][1]}")
@@ -185,7 +184,8 @@ def to_json(cfg) -> dict:
 
 def show(cfg) -> str:
     """One setting per line, for the start of a run's log."""
-    return "config:\n" + "\n".join(f"  {k:<19}{_shown(v)}" for k, v in dataclasses.asdict(cfg).items())
+    return "config:\n" + "\n".join(f"  {f.name:<19}{_shown(getattr(cfg, f.name))}"
+                                    for _, own in sections(type(cfg)) for f in own)
 
 
 @dataclass

@@ -108,8 +108,9 @@ def test_parse_values_reads_a_grid_and_rejects_bad_knobs():
 
 def test_sweep_values_set_the_grid_and_imply_sweep(demo_shards, capsys):
     cfg = bench_io.parse_args(["--shards", str(demo_shards), "--sweep-values", "hw_decoder_load=1,0.65,0",
-                               "--sweep-values", "threads=16"])
-    assert cfg.sweep and cfg.sweep_values == {"hw_decoder_load": [1.0, 0.65, 0.0], "threads": [16]}
+                               "threads=16"])
+    grid = dict(map(parse_values, cfg.sweep_values))
+    assert cfg.sweep and grid == {"hw_decoder_load": [1.0, 0.65, 0.0], "threads": [16]}
     with pytest.raises(SystemExit) as e:
         bench_io.parse_args(["--shards", str(demo_shards), "--sweep-values", "threads=x"])
     assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
@@ -216,7 +217,7 @@ def test_quick_run_writes_every_mode_and_a_plot(demo_shards, tmp_path):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     argv = [sys.executable, str(ROOT / "tools" / "bench_io.py"), "--shards", str(demo_shards), "--quick",
             "--batch-size", "32", "--crop-size", "64",  # the CPU preset, on a GPU as well
-            "--tower-convs", "dense,split", "--json", str(out_json), "--plot", str(out_png)]
+            "--tower-convs", "dense", "split", "--json", str(out_json), "--plot", str(out_png)]
     run, peak_kib = run_with_peak_rss(argv, tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(out_json.read_text())
@@ -260,11 +261,21 @@ def test_missing_shards_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_usage_errors_are_one_line_and_exit_2(demo_shards, tmp_path, capsys):
     for argv in (["--batch-size", "0"], ["--hw-decoder-load", "1.5"], ["--json", str(tmp_path / "no" / "x.json")],
-                 ["--threads", "many"], ["--tower-convs", "dense,sparse"]):
+                 ["--threads", "many"], ["--tower-convs", "dense", "sparse"]):
         with pytest.raises(SystemExit) as e:
             bench_io.parse_args(["--shards", str(demo_shards), *argv])
         assert e.value.code == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1, argv
+
+
+def test_a_training_run_s_config_sets_the_loader_and_flags_win(demo_shards, tmp_path, capsys):
+    saved = {"shards": str(demo_shards), "batch_size": 8, "threads": 1, "hw_decoder_load": 0.3, "prefetch": 3,
+             "divide_std": True, "lr": 0.1, "epochs": 2}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    cfg = bench_io.parse_args(["--config", str(tmp_path / "config.json"), "--prefetch", "1"])
+    assert (cfg.shards, cfg.batch_size, cfg.threads, cfg.hw_decoder_load, cfg.prefetch, cfg.divide_std) == (
+        str(demo_shards), 8, 1, 0.3, 1, True)
+    assert "left out: epochs, lr" in capsys.readouterr().out
 
 
 def test_quick_preset_and_explicit_flags(demo_shards):

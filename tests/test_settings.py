@@ -48,7 +48,7 @@ def fails(argv, capsys, **kw) -> str:
 
 def test_defaults_flags_and_types():
     assert run([]) == Program()
-    cfg = run(["--batch-size", "7", "--no-flip", "--out", "x", "--mode", "--towers", "a,b", "--size", "5", "6"])
+    cfg = run(["--batch-size", "7", "--no-flip", "--out", "x", "--mode", "--towers", "a", "b", "--size", "5", "6"])
     assert cfg == Program(batch_size=7, flip=False, out=Path("x"), mode="default", towers=("a", "b"), size=(5, 6))
     assert run(["--mode", "max"]).mode == "max"
 
@@ -62,7 +62,7 @@ def test_precedence_default_preset_config_flag(tmp_path):
 
 
 def test_saved_settings_rerun_the_same(tmp_path):
-    cfg = run(["--batch-size", "9", "--no-flip", "--towers", "a,b", "--size", "1", "2", "--note", "hi"])
+    cfg = run(["--batch-size", "9", "--no-flip", "--towers", "a", "b", "--size", "1", "2", "--note", "hi"])
     (tmp_path / "config.json").write_text(json.dumps(to_json(cfg)))
     assert run(["--config", str(tmp_path / "config.json")]) == cfg
     assert run(["--config", str(tmp_path / "config.json"), "--flip"]).flip is True
@@ -97,8 +97,8 @@ def test_bad_config_files_are_one_line(tmp_path, capsys):
 
 
 def test_show_prints_every_setting():
-    lines = show(run(["--towers", "a,b"])).splitlines()
-    assert lines[0] == "config:" and len(lines) == 1 + 8 and "  towers             a,b" in lines
+    lines = show(run(["--towers", "a", "b"])).splitlines()
+    assert lines[0] == "config:" and len(lines) == 1 + 8 and "  towers             a b" in lines
 
 
 def test_help_groups_sections_and_shows_defaults():

@@ -1,9 +1,7 @@
 """Will the GPU wait on data? The DALI loader, the training step, both together, and plain PyTorch, in one run.
 
-    python tools/bench_io.py --shards DIR [--batch-size B] [--crop-size S] [--threads N] [--hw-decoder-load F]
-                             [--prefetch N] [--workers N] [--steps N] [--windows N] [--warmup N] [--amp bf16|fp16|off]
-                             [--compile MODE] [--device cuda|cpu] [--divide-std] [--tower-convs LIST] [--sweep]
-                             [--sweep-values KNOB=V,V ...] [--quick] [--json FILE] [--plot FILE]
+    python tools/bench_io.py --shards DIR [--batch-size 256 --compile] [--sweep] [--json FILE] [--plot FILE]
+    python tools/bench_io.py --config runs/alexnet/config.json --shards DIR     the loader setting of a training run
 
 Modes, all on the same shards: `loader` (DaliLoader alone, then on across its next epoch boundary: up to an epoch,
 ~1 minute of ImageNet on an H100), `model` (run.py's training step on synthetic
@@ -13,15 +11,14 @@ Each figure is the median images/s of --windows back-to-back windows of --steps 
 the windows are CUDA events on the training stream, so DALI's prefetch keeps running across them.
 The JSON holds `machine`, `config`, `data`, `setting` (the DALI setting timed, after --sweep the best one), one
 object per mode and the derived `overlap`, `speedup_vs_baseline`, `loader_vs_baseline` (and `sweep`). With
---tower-convs dense,grouped,split the model alone is also timed with each other way of running the towers
+--tower-convs dense grouped split the model alone is also timed with each other way of running the towers
 (`towers`); the first one named is the one every mode uses.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -32,7 +29,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import AlexNet  # noqa: E402
 from model.alexnet import TOWER_CONVS  # noqa: E402
-from model.recipe import AMP_DTYPES, make_train_step, sgd  # noqa: E402
+from model.recipe import AMP_DTYPES, ComputeSettings, make_train_step, sgd  # noqa: E402
 from pipeline import DaliLoader  # noqa: E402
 from pipeline.manifest import Manifest, ShardError, load_manifest  # noqa: E402
 from pipeline.baseline import baseline_loader, device_batches  # noqa: E402
@@ -41,94 +38,58 @@ from pipeline.bench.sweep import (HEADER, SWEPT, best_line, coordinate_search, p
                                   trial_row)
 from pipeline.bench.timing import (Clock, CpuMeter, boundary_stall, describe_machine, peak_memory,  # noqa: E402
                                    release_pools, summarise, time_windows, warm_up)
+from pipeline.settings import LoaderSettings, at_least, option, parse, show, to_json  # noqa: E402
 from pipeline.threads import default_threads  # noqa: E402
 
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 # --quick: about a minute on a 2-core CPU, where one training step of the 60M-parameter model takes seconds
 QUICK = {"steps": 2, "windows": 3, "warmup": 1}
 QUICK_CPU = {"batch_size": 32, "crop_size": 64}
 
 
-@dataclass
-class BenchConfig:
-    shards: str
-    batch_size: int = 128  # §5: the paper's batch
-    crop_size: int = 224  # §4.1: 224x224 patches of the 256x256 images
-    threads: int = field(default_factory=default_threads)  # DALI CPU threads, as run.py
-    hw_decoder_load: float = 0.65  # share of JPEGs for the GPU's hardware decoder (the rest on the SMs)
-    prefetch: int = 2  # batches DALI keeps in flight
-    workers: int = field(default_factory=psutil.cpu_count)  # baseline DataLoader processes: one per core
-    steps: int = 20  # steps per timed window
-    windows: int = 5  # timed windows per figure; the median is reported
-    warmup: int = 10  # untimed steps first (cudnn autotuning, compilation, worker start-up, DALI prefetch)
-    amp: str = "bf16" if torch.cuda.is_available() else "off"  # as run.py: bf16 autocast on a GPU, off on the CPU
-    compile: str = "off"  # torch.compile mode, as run.py --compile: off | default | reduce-overhead | max-autotune
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    divide_std: bool = False  # §2 subtracts the mean only; also divide by the per-channel std (as run.py --divide-std)
-    tower_convs: tuple[str, ...] = ("dense",)  # how the towers run (model.alexnet.TowerConv); the first for every mode
-    sweep: bool = False
-    sweep_values: dict | None = None  # knob -> values: the sweep's grid (default: sweep.sweep_grid around the start)
-    quick: bool = False
-    seed: int = 0
-    json: str | None = None
-    plot: str | None = None
+def writable(path) -> bool:
+    return Path(path).resolve().parent.is_dir()
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"bench_io.py: {message} (see python tools/bench_io.py --help)\n")
+@dataclass(kw_only=True)
+class BenchConfig(LoaderSettings, ComputeSettings):
+    """What is timed, and how"""
+
+    shards: str = option(help="shard folder written by tools/shard_imagenet.py")
+    workers: int = option(help="baseline DataLoader processes: one per core", check=at_least(1),
+                          default_factory=psutil.cpu_count)
+    steps: int = option(20, "steps per timed window", check=at_least(1))
+    windows: int = option(5, "timed windows per figure; the median is reported", check=at_least(1))
+    warmup: int = option(10, "untimed steps first (cudnn autotuning, compilation, worker start-up, DALI prefetch)",
+                         check=at_least(0))
+    tower_convs: tuple[str, ...] = option(("dense",), "the model alone timed with each way of running the towers "
+                                          "(model.alexnet.TowerConv); the first is the one every mode uses",
+                                          choices=TOWER_CONVS)
+    sweep: bool = option(False, "tune batch size, threads, hw_decoder_load and prefetch first")
+    sweep_values: tuple[str, ...] = option((), f"KNOB=V,V ...: sweep only these values (KNOB one of "
+                                           f"{', '.join(SWEPT)}; implies --sweep), e.g. hw_decoder_load=1,0.65,0")
+    quick: bool = option(False, "short windows: 2 steps, 3 windows, 1 warm-up step; on the CPU also batch 32, crop 64")
+    json: str | None = option(None, "write every figure and the machine here", check=(writable, "in a folder "
+                              "that exists; create it or pick another path"))
+    plot: str | None = option(None, "write a PNG bar chart here", check=(writable, "in a folder that exists; "
+                              "create it or pick another path"))
+
+
+def quick_preset(given: dict) -> dict:
+    device = ComputeSettings(device=given.get("device", "auto")).resolve_device()["device"]
+    return {**QUICK, **(QUICK_CPU if device == "cpu" else {})} if given.get("quick") else {}
 
 
 def parse_args(argv: list[str] | None) -> BenchConfig:
-    """Defaults from BenchConfig, then the --quick preset, then whatever was given on the command line."""
-    d = BenchConfig(shards="")
-    p = Parser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
-    p.add_argument("--shards", required=True, help="shard folder written by tools/shard_imagenet.py")
-    for name, kind, what in (("batch_size", int, "images per step"), ("crop_size", int, "training crop side"),
-                             ("threads", int, "DALI CPU threads"), ("hw_decoder_load", float, "DALI hw_decoder_load"),
-                             ("prefetch", int, "DALI prefetch depth"), ("workers", int, "baseline worker processes"),
-                             ("steps", int, "steps per timed window"), ("windows", int, "timed windows per figure"),
-                             ("warmup", int, "untimed steps first"), ("seed", int, "random seed")):
-        preset = (f", {QUICK[name]} with --quick" if name in QUICK else
-                  f", {QUICK_CPU[name]} with --quick on the CPU" if name in QUICK_CPU else "")
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{what} (default {getattr(d, name)}{preset})")
-    p.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast, as run.py (default bf16 on a GPU, off on the CPU)")
-    p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile mode, as run.py (default off)")
-    p.add_argument("--device", choices=("cuda", "cpu"), help=f"default {d.device}")
-    p.add_argument("--divide-std", action="store_true", help="also divide by the per-channel std, as run.py "
-                   "--divide-std (default: the mean subtracted only, §2)")
-    p.add_argument("--tower-convs", type=lambda s: tuple(x for x in s.split(",") if x),
-                   help=f"comma-separated, of {', '.join(TOWER_CONVS)}: the model alone timed with each "
-                        f"(default {','.join(d.tower_convs)})")
-    p.add_argument("--sweep", action="store_true", help="tune batch size, threads, hw_decoder_load, prefetch first")
-    p.add_argument("--sweep-values", action="append", metavar="KNOB=V,V", help="sweep only these values of KNOB "
-                   f"(one of {', '.join(SWEPT)}; repeatable; implies --sweep), e.g. hw_decoder_load=1,0.65,0")
-    p.add_argument("--quick", action="store_true", help="short windows; on the CPU also a small batch and crop")
-    p.add_argument("--json", help="write every figure and the machine here")
-    p.add_argument("--plot", help="write a PNG bar chart here")
-    a = vars(p.parse_args(argv))
-    if "sweep_values" in a:
-        try:
-            a["sweep_values"], a["sweep"] = dict(parse_values(v) for v in a["sweep_values"]), True
-        except ValueError as e:
-            p.error(f"--sweep-values {e}")
-    device = a.get("device", d.device)
-    preset = {**QUICK, **(QUICK_CPU if device == "cpu" else {})} if a.get("quick") else {}
-    cfg = BenchConfig(**{**asdict(d), "amp": "bf16" if device == "cuda" else "off", **preset, **a})
+    """Declared defaults, then the --quick preset, then --config, then whatever was given on the command line."""
+    cfg, p = parse(BenchConfig, argv, prog="bench_io.py", description=__doc__, preset=quick_preset)
+    try:
+        dict(map(parse_values, cfg.sweep_values))
+    except ValueError as e:
+        p.error(f"--sweep-values {e}")
+    cfg = replace(cfg, **cfg.resolve_device(), threads=cfg.threads or default_threads(),
+                  sweep=cfg.sweep or bool(cfg.sweep_values))
     if cfg.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here; leave --device out to use the CPU")
-    for name in ("batch_size", "crop_size", "threads", "prefetch", "workers", "steps", "windows"):
-        if getattr(cfg, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not cfg.tower_convs or not set(cfg.tower_convs) <= set(TOWER_CONVS):
-        p.error(f"--tower-convs {','.join(cfg.tower_convs)}: name some of {', '.join(TOWER_CONVS)}")
-    if cfg.warmup < 0:
-        p.error("--warmup must be 0 or more")
-    if not 0.0 <= cfg.hw_decoder_load <= 1.0:
-        p.error("--hw-decoder-load must be between 0 and 1")
-    for out in (cfg.json, cfg.plot):
-        if out and not Path(out).resolve().parent.is_dir():
-            p.error(f"{out}: its folder does not exist; create it or pick another path")
     return cfg
 
 
@@ -276,7 +237,7 @@ class Bench:
 
 def run(cfg: BenchConfig, manifest: Manifest) -> dict:
     bench = Bench(cfg, manifest)
-    report = {"machine": describe_machine(), "config": asdict(cfg),
+    report = {"machine": describe_machine(), "config": to_json(cfg),
               "data": {"shards": str(Path(cfg.shards).resolve()), "train_images": manifest.count("train"),
                        "preprocessing": manifest.raw.get("preprocessing")}}
     setting = {k: getattr(cfg, k) for k in SWEPT}
@@ -284,7 +245,7 @@ def run(cfg: BenchConfig, manifest: Manifest) -> dict:
     # The baseline forks its workers first, before DALI's threads exist in this process.
     report["baseline"] = bench.baseline()
     if cfg.sweep:
-        grid = cfg.sweep_values or sweep_grid(setting, psutil.cpu_count(), bench.cuda)
+        grid = dict(map(parse_values, cfg.sweep_values)) or sweep_grid(setting, psutil.cpu_count(), bench.cuda)
         print(HEADER, flush=True)
         setting, trials = coordinate_search(grid, setting, bench.sweep_trial)
         print(best_line(setting))
@@ -302,7 +263,7 @@ def run(cfg: BenchConfig, manifest: Manifest) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    print(cfg, flush=True)
+    print(show(cfg), flush=True)
     try:
         manifest = load_manifest(cfg.shards)
         manifest.shards("train")
