@@ -9,7 +9,7 @@ from PIL import Image
 from wds2idx import IndexCreator
 
 from pipeline.atomic import atomic_write
-from pipeline.writer.tars import Sample, build_shard, header, read_shard, write_shard
+from pipeline.writer.tars import Sample, build_shard, read_shard, write_shard
 
 
 def jpeg(h: int, w: int, value: int) -> bytes:

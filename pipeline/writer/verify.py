@@ -10,9 +10,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.manifest import ShardError, UnreadableShard, load_manifest
+from pipeline.writer.lock import writer
 from pipeline.writer.plan import shown
-from pipeline.writer.pool import ordered_map
 from pipeline.writer.tars import read_shard
+from pipeline.writer.workers import completed
 
 
 def verify_shard(task) -> tuple[str | None, list[str]]:
@@ -39,16 +40,20 @@ def verify_shard(task) -> tuple[str | None, list[str]]:
 
 def verify(shards_dir: Path, workers: int) -> int:
     """Exit code 0 when every shard and index matches the manifest, every image decodes and no source file is in the
-    shards twice; else 1, naming the shard or file; 2 when a file cannot be read at all."""
+    shards twice; else 1, naming the shard or file; 2 when a file cannot be read at all or a run is writing them."""
+    if holder := writer(shards_dir):
+        print(f"{shards_dir} is being written by a run in progress ({holder}); verify it once that run has ended",
+              file=sys.stderr)
+        return 2
     try:
         m = load_manifest(shards_dir, checksums=True)
     except ShardError as e:
         print(e, file=sys.stderr)
         return 2 if isinstance(e, UnreadableShard) else 1
     tasks = [(s.tar, s.count, m.num_classes) for split in m.splits for s in m.splits[split]]
-    results = ordered_map(verify_shard, tasks, min(workers, max(len(tasks), 1)), chunk=1)
+    results = tqdm(completed(verify_shard, tasks, workers), total=len(tasks), unit="shard", desc="verifying")
     problems, sources = [], Counter()
-    for problem, paths in tqdm(results, total=len(tasks), unit="shard", desc="verifying"):
+    for _, (problem, paths) in sorted(results, key=lambda r: r[0]):
         problems += [problem] if problem else []
         sources.update(paths)
     # Each source file is one sample: a path written twice means the shards were made from two different plans.
