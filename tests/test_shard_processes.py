@@ -1,6 +1,6 @@
 """The sharder as separate processes meet it: a second run on a live folder, kill -9 and a plain kill of the main
 process, Ctrl-C in the terminal, a worker taken by the OOM killer. Each run under test stops itself (SIGSTOP) right
-after writing a given progress record, so the test acts on a run that is certainly mid-way, however loaded the
+after writing its first progress record, so the test acts on a run that is certainly mid-way, however loaded the
 machine; then no worker survives, and the rerun gives the bytes of an uninterrupted run."""
 import json
 import os
