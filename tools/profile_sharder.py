@@ -96,9 +96,10 @@ def scaling(src: Path, n: int, workers: int, resize: str, quality: int, rounds: 
           f"speedup {wall1 / wall:.2f}")
     print(f"main process at --workers {workers}: {main_cpu:.2f} s CPU of {main_cpu + worker_cpu:.2f} s "
           f"({100 * share:.1f}%, {1000 * main_cpu / n:.2f} ms per image)")
+    # An upper bound: all of the main process's time counted as per image, though forking and the manifest do not grow
     per_core = n / worker_cpu  # img/s per busy worker core
     for cores in (16, 64):
-        print(f"  at {cores} cores ({cores * per_core:.0f} img/s): the main process needs "
+        print(f"  at {cores} cores ({cores * per_core:.0f} img/s): the main process needs at most "
               f"{cores * per_core * main_cpu / n:.2f} of a core")
 
 
