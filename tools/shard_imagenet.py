@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -15,8 +16,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.writer.build import ShardConfig, UsageError, shard  # noqa: E402
 from pipeline.writer.images import parse_resize  # noqa: E402
 from pipeline.writer.layout import LayoutError  # noqa: E402
-from pipeline.writer.pool import WorkerDied  # noqa: E402
 from pipeline.writer.verify import verify  # noqa: E402
+from pipeline.writer.workers import WorkerDied  # noqa: E402
+
+
+class Terminated(BaseException):
+    """SIGTERM (a plain kill, a job scheduler's stop): a BaseException like KeyboardInterrupt, so no handler of
+    ordinary errors takes it for a failed image."""
+
+
+def terminate(signum, frame):
+    raise Terminated
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -63,6 +73,7 @@ def parse_config(argv) -> ShardConfig:
 def main(argv=None) -> int:
     if hasattr(sys.stdout, "reconfigure"):  # paths that are not UTF-8 print escaped, as on stderr, instead of raising
         sys.stdout.reconfigure(errors="backslashreplace")
+    on_term = signal.signal(signal.SIGTERM, terminate)
     try:
         cfg = parse_config(argv)
         print(cfg.show())
@@ -76,6 +87,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, on_term)
 
 
 if __name__ == "__main__":

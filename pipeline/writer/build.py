@@ -1,5 +1,5 @@
-"""Sharding a source folder: plan the shuffled shards, prepare images in worker processes, write tars, indexes and
-the manifest, and resume a killed run from its finished shards."""
+"""Sharding a source folder: hold its lock, plan the shuffled shards, hand each shard to a worker process, write the
+manifest from their records, and resume a stopped run from its finished shards."""
 from __future__ import annotations
 
 import errno
@@ -19,11 +19,12 @@ from tqdm import tqdm
 from pipeline.atomic import atomic_write
 from pipeline.manifest import FORMAT_VERSION, MANIFEST, sha256_file
 from pipeline.writer import stats
-from pipeline.writer.images import Resize, parse_resize, prepare
-from pipeline.writer.layout import Entry, empty_classes, scan
+from pipeline.writer.images import Resize, parse_resize
+from pipeline.writer.layout import empty_classes, scan
+from pipeline.writer.lock import LOCK, Busy, hold
 from pipeline.writer.plan import fingerprint, plan, shown
-from pipeline.writer.pool import ordered_map
-from pipeline.writer.tars import Sample, write_shard
+from pipeline.writer.task import ShardTask, write_task
+from pipeline.writer.workers import completed
 
 PROGRESS = ".progress"  # per-shard records of a run in progress, so a rerun after a crash skips finished shards
 TOOL = "tools/shard_imagenet.py"
@@ -65,11 +66,9 @@ def run_record(cfg: ShardConfig) -> dict:
 
 def previous(cfg: ShardConfig) -> tuple[dict | None, bool]:
     """What --out holds of these arguments: (manifest, True) when finished, (progress record, False) when a run was
-    interrupted, (None, False) when empty; refuses a file, someone else's folder or other arguments."""
+    interrupted, (None, False) when empty; refuses someone else's folder or other arguments."""
     out = cfg.out
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; pick a folder")
-    if not out.exists() or not any(out.iterdir()):
+    if not any(f.name != LOCK for f in out.iterdir()):
         return None, False
     for path, done in ((out / MANIFEST, True), (out / PROGRESS / "args.json", False)):
         if path.is_file():
@@ -121,33 +120,41 @@ def finished(out: Path, stem: str) -> dict | None:
     return rec
 
 
-def _prepare(task):
-    return prepare(*task)
-
-
 def shard(cfg: ShardConfig) -> int:
+    """Shard cfg.src into cfg.out, holding the folder's lock from before its first read to after the last write."""
     resize: Resize = parse_resize(cfg.resize)
     out = cfg.out
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pick a folder")
+    check_writable(out)
     try:
-        record, complete = previous(cfg)
-        check_writable(out)
-        src = scan(cfg.src.resolve(), list(cfg.splits))
-        for w in src.warnings:
-            print(f"warning: {w}", file=sys.stderr)
-        current = fingerprint(src)
-        for stale in out.glob(".*.tmp"):  # left by a crash inside atomic_write
-            stale.unlink()
-        if complete:
-            return already_complete(cfg, record, current)
-        if record is not None and record.get("fingerprint") != current:
-            print(f"{out}: --src changed since the interrupted run (files added, removed or changed), or that run was "
-                  f"an older version of the sharder: planning again; the shards written so far are discarded")
-            discard(out, cfg.splits)
-        (out / PROGRESS).mkdir(parents=True, exist_ok=True)
-        atomic_write(out / PROGRESS / "args.json", json.dumps({**run_record(cfg), "fingerprint": current}).encode())
-        return write_all(cfg, src, resize)
+        with hold(out):
+            return resume(cfg, resize)
+    except Busy as e:
+        raise UsageError(str(e)) from None
     except OSError as e:
         raise output_error(e, out) from None
+
+
+def resume(cfg: ShardConfig, resize: Resize) -> int:
+    """Finish what --out holds of this run: nothing, an interrupted run's shards, or everything."""
+    out = cfg.out
+    record, complete = previous(cfg)
+    src = scan(cfg.src.resolve(), list(cfg.splits))
+    for w in src.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    current = fingerprint(src)
+    for stale in out.glob(".*.tmp"):  # left by a crash inside atomic_write
+        stale.unlink()
+    if complete:
+        return already_complete(cfg, record, current)
+    if record is not None and record.get("fingerprint") != current:
+        print(f"{out}: --src changed since the interrupted run (files added, removed or changed), or that run was "
+              f"an older version of the sharder: planning again; the shards written so far are discarded")
+        discard(out, cfg.splits)
+    (out / PROGRESS).mkdir(parents=True, exist_ok=True)
+    atomic_write(out / PROGRESS / "args.json", json.dumps({**run_record(cfg), "fingerprint": current}).encode())
+    return write_all(cfg, src, resize)
 
 
 def already_complete(cfg: ShardConfig, manifest: dict, current: str) -> int:
@@ -170,34 +177,29 @@ def discard(out: Path, splits) -> None:
 
 
 def write_all(cfg: ShardConfig, src, resize: Resize) -> int:
-    """Plan every split's shards, prepare the images of the unfinished ones in worker processes, write the manifest."""
+    """Plan every split's shards, write the unfinished ones in worker processes, then the manifest."""
     out = cfg.out
     stats_split = "train" if "train" in cfg.splits else cfg.splits[0]
     shards = [(split, stem, samples) for split in cfg.splits
               for stem, samples in plan(src.samples[split], split, cfg.shard_size, cfg.seed)]
     records = {stem: finished(out, stem) for _, stem, _ in shards}
-    todo = [(split, stem, samples) for split, stem, samples in shards if records[stem] is None]
-    tasks = [(e.path, key, resize, cfg.quality, cfg.seed if split == stats_split else None)
-             for split, _, samples in todo for key, e in samples]
-    skipped = len(shards) - len(todo)
-    if skipped:
-        print(f"resuming: {skipped} of {len(shards)} shards already complete")
-    start = time.time()
-    bar = tqdm(total=len(tasks), unit="img", desc="sharding", dynamic_ncols=True)
-    results = ordered_map(_prepare, tasks, cfg.workers)
-    try:
-        for split, stem, samples in todo:
-            records[stem] = write_one(out, stem, samples, results, bar)
-    finally:
-        bar.close()
-        results.close()
+    todo = [ShardTask(out, stem, samples, resize, cfg.quality, cfg.seed if split == stats_split else None)
+            for split, stem, samples in shards if records[stem] is None]
+    if len(todo) < len(shards):
+        print(f"resuming: {len(shards) - len(todo)} of {len(shards)} shards already complete")
+    start, images = time.time(), sum(len(t.samples) for t in todo)
+    with tqdm(total=images, unit="img", desc="sharding", dynamic_ncols=True) as bar:
+        for i, record in completed(write_task, todo, cfg.workers):
+            save_progress(out, todo[i].stem, record)
+            records[todo[i].stem] = record
+            bar.update(len(todo[i].samples))
     elapsed = time.time() - start
 
     manifest = build_manifest(cfg, src, resize, shards, records, stats_split)
     atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     shutil.rmtree(out / PROGRESS)
-    summarize(manifest, len(tasks), elapsed, sum(records[s]["bytes_written"] for _, s, _ in todo),
-              max((records[s].get("peak_rss", 0) for _, s, _ in todo), default=0))
+    summarize(manifest, images, elapsed, sum(records[t.stem]["bytes_written"] for t in todo),
+              max((records[t.stem].get("peak_rss", 0) for t in todo), default=0))
     return strict_status(cfg, manifest)
 
 
@@ -213,28 +215,9 @@ def strict_status(cfg: ShardConfig, manifest: dict) -> int:
     return 0
 
 
-def write_one(out: Path, stem: str, samples: list[tuple[str, Entry]], results, bar) -> dict:
-    """Collect one shard's prepared images (in plan order), write tar + index, then its progress record."""
-    written, repaired, rejected, moments, sides, peak = [], [], [], stats.ZERO, [], 0
-    for key, e in samples:
-        r = next(results)
-        bar.update()
-        peak = max(peak, r.peak_rss)
-        if r.rejected:
-            rejected.append({"file": e.rel, "reason": r.rejected})
-            continue
-        if r.repaired:
-            repaired.append({"file": e.rel, "reason": r.repaired})
-        if r.moments:
-            moments = stats.add(moments, r.moments)
-        written.append(Sample(key, r.jpeg, e.label, e.rel))
-        sides.append(min(r.size))
-    record = asdict(write_shard(out, stem, written)) if written else None
-    rec = {"shard": record, "repaired": repaired, "rejected": rejected, "moments": moments,
-           "min_side": min(sides, default=None), "bytes_written": record["tar_bytes"] if record else 0,
-           "peak_rss": peak}
-    atomic_write(out / PROGRESS / f"{stem}.json", json.dumps(rec).encode())
-    return rec
+def save_progress(out: Path, stem: str, record: dict) -> None:
+    """A finished shard's record, so that a rerun after any stop skips it (if its files still match)."""
+    atomic_write(out / PROGRESS / f"{stem}.json", json.dumps(record).encode())
 
 
 def build_manifest(cfg, src, resize: Resize, shards, records, stats_split: str) -> dict:

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import itertools
 import struct
 import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from pipeline.atomic import atomic_write
-from pipeline.manifest import CLS_EXT, IMAGE_EXT, LABEL_EXT, PATH_EXT
+from pipeline.atomic import atomic_file, atomic_write
+from pipeline.manifest import CLS_EXT, IMAGE_EXT, LABEL_EXT, PATH_EXT, sha256_file
 
-BLOCK = 512
-RECORD = 20 * BLOCK  # tar pads the archive to whole records, as GNU tar and tarfile do
+BLOCK = tarfile.BLOCKSIZE  # a USTAR header is one block; the member's data follows it
 INDEX_VERSION = "v1.2"  # the header DALI's wds2idx writes and fn.readers.webdataset expects
 
 
@@ -44,36 +47,28 @@ def members(sample: Sample) -> list[tuple[str, bytes]]:
 MEMBERS = 4  # len(members(sample))
 
 
-# USTAR header fields around name and size, as tarfile writes them for mode 0644, owner 0:0 with no names, mtime 0
-# (the checksum field as spaces while it is summed; owner names, device numbers and prefix are NULs).
-_MODE_OWNER = b"0000644\0" + b"0000000\0" * 2
-_AFTER_SIZE = b"00000000000\0" + b" " * 8 + b"0" + b"\0" * 100 + tarfile.POSIX_MAGIC
-
-
-def header(name: str, size: int) -> bytes:
-    """A USTAR header with nothing that varies between runs: tarfile's bytes, built directly (the sharder's parent
-    process writes four per image, and TarInfo.tobuf took most of its time per image)."""
-    raw = name.encode("ascii")
-    if len(raw) > 100 or size >= 8 ** 11:
-        raise ValueError(f"tar member {name!r} of {size} bytes does not fit a USTAR header")
-    block = (raw.ljust(100, b"\0") + _MODE_OWNER + b"%011o\0" % size + _AFTER_SIZE).ljust(BLOCK, b"\0")
-    return block[:148] + b"%06o\0 " % sum(block) + block[156:]
+def write_tar(f: BinaryIO, samples: Iterable[Sample]) -> tuple[int, bytes]:
+    """Stream the samples into f as a USTAR archive with nothing that varies between runs (mtime 0, owner 0:0 with no
+    names, mode 0644); returns the sample count and the DALI index (one line per sample: ext offset size name, per
+    member)."""
+    lines = []
+    with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for sample in samples:
+            fields = []
+            for name, data in members(sample):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.uname, info.gname = len(data), 0o644, "", ""
+                fields.append(f"{name.split('.', 1)[1]} {tf.offset + BLOCK} {len(data)} {name}")
+                tf.addfile(info, io.BytesIO(data))
+            lines.append(" ".join(fields))
+    return len(lines), (f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)).encode()
 
 
 def build_shard(samples: list[Sample]) -> tuple[bytes, bytes]:
-    """The tar bytes and the DALI index bytes (one line per sample: ext offset size name, per member)."""
-    parts, lines, offset = [], [], 0
-    for sample in samples:
-        fields = []
-        for name, data in members(sample):
-            parts += [header(name, len(data)), data, b"\0" * (-len(data) % BLOCK)]
-            fields.append(f"{name.split('.', 1)[1]} {offset + BLOCK} {len(data)} {name}")
-            offset += BLOCK + len(data) + (-len(data) % BLOCK)
-        lines.append(" ".join(fields))
-    end = offset + 2 * BLOCK
-    parts.append(b"\0" * (2 * BLOCK + (-end % RECORD)))
-    index = f"{INDEX_VERSION} {len(samples)}\n" + "".join(line + "\n" for line in lines)
-    return b"".join(parts), index.encode()
+    """The tar bytes and the DALI index bytes, in memory."""
+    buf = io.BytesIO()
+    _, index = write_tar(buf, samples)
+    return buf.getvalue(), index
 
 
 def read_shard(tar_path: Path) -> list[Sample]:
@@ -94,10 +89,16 @@ def read_shard(tar_path: Path) -> list[Sample]:
     return samples
 
 
-def write_shard(out: Path, stem: str, samples: list[Sample]) -> ShardRecord:
-    """Write <stem>.tar and <stem>.idx into `out`, index after tar so a present index implies a complete tar."""
-    tar, index = build_shard(samples)
-    atomic_write(out / f"{stem}.tar", tar)
-    atomic_write(out / f"{stem}.idx", index)
-    return ShardRecord(f"{stem}.tar", f"{stem}.idx", len(samples), len(tar),
-                       hashlib.sha256(tar).hexdigest(), hashlib.sha256(index).hexdigest())
+def write_shard(out: Path, stem: str, samples: Iterable[Sample]) -> ShardRecord | None:
+    """Stream <stem>.tar, then <stem>.idx, into `out` (a present index implies a complete tar); None, and no files,
+    when there are no samples."""
+    samples = iter(samples)
+    first = next(samples, None)
+    if first is None:
+        return None
+    tar, idx = out / f"{stem}.tar", out / f"{stem}.idx"
+    with atomic_file(tar) as f:
+        count, index = write_tar(f, itertools.chain([first], samples))
+    atomic_write(idx, index)
+    return ShardRecord(tar.name, idx.name, count, tar.stat().st_size,
+                       sha256_file(tar), hashlib.sha256(index).hexdigest())

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import sys
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 
 from PIL import Image
@@ -16,8 +13,10 @@ from tqdm import tqdm
 
 from pipeline.manifest import FIX_HINT, MANIFEST, Shard, ShardError, UnreadableShard, check_shard, load_manifest
 from pipeline.writer.jpeg import structure
+from pipeline.writer.lock import writer
 from pipeline.writer.plan import shown
 from pipeline.writer.tars import read_shard
+from pipeline.writer.workers import completed
 
 RESHARD = "; re-shard with tools/shard_imagenet.py"
 
@@ -62,13 +61,14 @@ def strays(shards_dir: Path, shards: list[Shard]) -> list[str]:
             if name not in listed and not name.startswith(".")]
 
 
-def quiet_worker() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: only the parent reports it
-
-
 def verify(shards_dir: Path, workers: int) -> int:
     """Exit code 0 when every shard and index matches the manifest, every image decodes, no source file is in the
-    shards twice and nothing else is in the folder; else 1, naming every problem; 2 when a file cannot be read."""
+    shards twice and nothing else is in the folder; else 1, naming every problem; 2 when a file cannot be read or a
+    run is writing them."""
+    if holder := writer(shards_dir):
+        print(f"{shards_dir} is being written by a run in progress ({holder}); verify it once that run has ended",
+              file=sys.stderr)
+        return 2
     try:
         m = load_manifest(shards_dir, check_shards=False)
     except ShardError as e:
@@ -77,13 +77,12 @@ def verify(shards_dir: Path, workers: int) -> int:
     shards = [s for split in m.splits for s in m.splits[split]]
     tasks = [(s, m.num_classes) for s in shards]
     problems, unreadable, sources = strays(shards_dir, shards), False, Counter()
-    workers = min(workers, max(len(tasks), 1))
-    with ProcessPoolExecutor(workers, initializer=quiet_worker) if workers > 1 else nullcontext() as pool:
-        results = pool.map(verify_shard, tasks) if pool else map(verify_shard, tasks)
-        for problem, denied, paths in tqdm(results, total=len(tasks), unit="shard", desc="verifying", disable=None):
-            problems += [problem] if problem else []
-            unreadable |= denied
-            sources.update(paths)
+    results = tqdm(completed(verify_shard, tasks, workers), total=len(tasks), unit="shard", desc="verifying",
+                   disable=None)
+    for _, (problem, denied, paths) in sorted(results, key=lambda r: r[0]):
+        problems += [problem] if problem else []
+        unreadable |= denied
+        sources.update(paths)
     # Each source file is one sample: a path written twice means the shards were made from two different plans.
     problems += [f"{shards_dir}: {shown(path)} is in the shards {n} times{RESHARD}" for path, n in sources.items()
                  if n > 1]

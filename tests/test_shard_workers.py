@@ -1,0 +1,49 @@
+"""pipeline/writer/workers.py: every task's result once, a task's own error raised as itself, a killed worker as
+WorkerDied (never a hang), and no worker left running however the iteration ends."""
+import multiprocessing
+import os
+import signal
+
+import pytest
+
+from pipeline.writer.workers import WorkerDied, completed
+
+
+def square(n: int) -> int:
+    return n * n
+
+
+def fails_on_five(n: int) -> int:
+    if n == 5:
+        raise FileNotFoundError(2, "No such file or directory", f"photo-{n}.jpg")
+    return n
+
+
+def dies_on_ten(n: int) -> int:
+    if n == 10:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return n
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_every_result_once_under_its_task(workers):
+    assert sorted(completed(square, list(range(40)), workers)) == [(n, n * n) for n in range(40)]
+
+
+def test_a_tasks_own_error_is_raised_as_itself_and_the_workers_are_stopped():
+    with pytest.raises(FileNotFoundError, match="photo-5.jpg"):
+        list(completed(fails_on_five, list(range(20)), 2))
+    assert multiprocessing.active_children() == []
+
+
+def test_a_killed_worker_is_worker_died_and_the_others_are_stopped():
+    with pytest.raises(WorkerDied, match="out-of-memory killer"):
+        list(completed(dies_on_ten, list(range(40)), 2))
+    assert multiprocessing.active_children() == []
+
+
+def test_leaving_the_loop_early_stops_the_workers():
+    results = completed(square, list(range(40)), 2)
+    next(results)
+    results.close()
+    assert multiprocessing.active_children() == []
