@@ -101,7 +101,8 @@ def build_parser(cls, prog: str, description: str) -> Parser:
     p = Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                argument_default=argparse.SUPPRESS)
     p.add_argument("--config", type=Path, metavar="JSON",
-                   help="take the settings saved in this file (a run's config.json); flags given here win")
+                   help="take the settings saved in this JSON file (such as a training run's config.json); flags "
+                        "given here win")
     hints = typing.get_type_hints(cls)
     for section, own in sections(cls):
         group = p.add_argument_group((section.__doc__ or section.__name__).splitlines()[0])

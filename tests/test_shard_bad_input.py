@@ -112,7 +112,7 @@ def existing(quirky_run):
     (["--src", "{src}", "--out", "{existing}", "--quality", "80"], "different arguments"),
     (["--src", "{src}", "--out", "{tmp}/junk"], "not empty and not a shard folder"),
     (["--src", "{src}", "--out", "{tmp}/o", "--resize", "short"], "--resize"),
-    (["--src", "{src}", "--out", "{tmp}/o", "--splits", "train,my val"], "--splits"),
+    (["--src", "{src}", "--out", "{tmp}/o", "--splits", "train", "my val"], "--splits"),
     (["--src", "{src}", "--out", "{tmp}/o", "--bogus"], "unrecognized arguments"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(quirky, existing, tmp_path, capsys, argv, says):

@@ -128,5 +128,6 @@ def test_config_is_printed_one_option_per_line(demo_src, demo_shards, capsys):
     out = capsys.readouterr().out
     assert "ShardConfig(" not in out
     lines = out.splitlines()
-    assert lines[0] == "config:" and lines[1].split() == ["--src", str(demo_src)]
-    assert "  --resize       short:80" in lines and "  --splits       train,val" in lines
+    rows = [line.split() for line in lines]
+    assert lines[0] == "config:" and rows[1] == ["src", str(demo_src)]
+    assert ["resize", "short:80"] in rows and ["splits", "train", "val"] in rows

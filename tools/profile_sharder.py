@@ -73,7 +73,8 @@ def cpu_seconds(who: int) -> float:
 def sharder_run(src: Path, out: Path, workers: int, resize: str, quality: int, shard_size: int) -> tuple[float, float,
                                                                                                          float]:
     """One real run of the sharder into `out`: (wall seconds, CPU seconds of this process, CPU seconds of workers)."""
-    cfg = ShardConfig(src, out, ("train",), resize, quality, shard_size, workers)
+    cfg = ShardConfig(src=src, out=out, splits=("train",), resize=resize, quality=quality, shard_size=shard_size,
+                      workers=workers)
     before = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         if shard(cfg) != 0:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_write
 from pipeline.manifest import FORMAT_VERSION, MANIFEST, sha256_file
+from pipeline.settings import at_least, between, option
 from pipeline.writer import stats
 from pipeline.writer.images import Resize, parse_resize
 from pipeline.writer.layout import empty_classes, scan
@@ -34,30 +35,40 @@ class UsageError(Exception):
     """Bad arguments or an environment the run cannot work in (unwritable --out, full disk): one line, exit 2."""
 
 
+def splits_named(splits: tuple[str, ...]) -> bool:
+    return all(re.fullmatch(r"[A-Za-z0-9_-]+", s) for s in splits)
+
+
+def resize_named(text: str) -> bool:
+    try:
+        return parse_resize(text) is not None
+    except ValueError:
+        return False
+
+
 @dataclass
 class ShardConfig:
-    src: Path | None = None
-    out: Path | None = None
-    splits: tuple[str, ...] = ("train", "val")
-    resize: str = "paper"  # §2: shorter side to 256, central 256x256 crop
-    quality: int = 95  # JPEG quality of re-encoded images
-    shard_size: int = 5000  # samples per shard: ~150 MB at 256x256, ~500 MB with --resize none
-    workers: int = os.cpu_count() or 1
-    seed: int = 0
-    strict: bool = False
-    verify: Path | None = None
+    """The source, the shards and how they are written"""
+
+    src: Path | None = option(None, "ImageNet root: train/<wnid>/*, val/ (class folders or flat)")
+    out: Path | None = option(None, "shard folder to create (outside --src)")
+    splits: tuple[str, ...] = option(("train", "val"), "the folders of --src to shard", check=(
+        splits_named, "folder names of letters, digits, '-' and '_' (they name shard files and keys)"))
+    resize: str = option("paper", "paper (§2: shorter side 256, central 256x256 crop) | short:N (keeps the aspect "
+                         "ratio) | none (the original JPEG where DALI reads it as it is)", check=(resize_named, (
+                             "paper, short:N with N at least 1, or none")))
+    quality: int = option(95, "JPEG quality of re-encoded images", check=between(1, 100))
+    shard_size: int = option(5000, "samples per shard: ~150 MB at 256x256, ~500 MB with --resize none",
+                             check=at_least(1))
+    workers: int = option(os.cpu_count() or 1, "worker processes, each writing whole shards", check=at_least(1))
+    seed: int = option(0, "the shuffle across shards and the statistics' pixel sample")
+    strict: bool = option(False, "exit 1 if any image was rejected or a class folder has none")
+    verify: Path | None = option(None, "re-check this shard folder and exit")
 
     def output_args(self) -> dict:
         """The arguments that determine the output bytes (recorded in the manifest, compared on reruns)."""
         return {"splits": list(self.splits), "resize": self.resize, "quality": self.quality,
                 "shard_size": self.shard_size, "seed": self.seed}
-
-    def show(self) -> str:
-        """One option per line, spelled as on the command line (--verify shows only what it uses)."""
-        shown_args = {"verify": self.verify, "workers": self.workers} if self.verify else asdict(self)
-        lines = [f"  --{k.replace('_', '-'):<12} {','.join(v) if isinstance(v, tuple) else v}"
-                 for k, v in shown_args.items() if v is not None]
-        return "config:\n" + "\n".join(lines)
 
 
 def run_record(cfg: ShardConfig) -> dict:

@@ -62,8 +62,8 @@ def completed(fn: Callable, tasks: list, workers: int) -> Iterator[tuple[int, ob
 
 
 def _stop(pool: ProcessPoolExecutor, before: set) -> None:
-    """Kill the pool's workers now: shutdown() alone would wait for their tasks to finish."""
-    pool.shutdown(wait=False, cancel_futures=True)
+    """Kill the pool's workers now (shutdown() alone would wait for their tasks to finish), then let the pool's own
+    thread reap them: a second thread waiting on the same child could miss its exit and leave it listed as alive."""
     for proc in set(FORK.active_children()) - before:
         proc.kill()
-        proc.join()
+    pool.shutdown(wait=True, cancel_futures=True)
