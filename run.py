@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
 import logging
@@ -24,24 +23,12 @@ import torch.distributed as dist
 
 from model import checkpoint
 from model.checkpoint import CheckpointError
-from model.lock import WorkdirBusy, WorkdirLock
 from model.parallel import Context, all_gather, all_sum, process_context
-from model.preemption import Preemption
-from model.recipe import (
-    AMP_DTYPES,
-    INITS,
-    LR,
-    MOMENTUM,
-    SCHEDULES,
-    WEIGHT_DECAY,
-    count_errors,
-    initialise,
-    lr_at,
-    make_train_step,
-    scaled_lr,
-    set_lr,
-    sgd,
-)
+from model.agreement import Preemption, Refused, agree
+from model.recipe import (AMP_DTYPES, INITS, LR, MOMENTUM, SCHEDULES, WEIGHT_DECAY, count_errors, initialise, lr_at,
+                          make_train_step, scaled_lr, set_lr, sgd)
+from model.workdir import (WorkdirBusy, WorkdirLock, data_identity, other_classes, other_data,
+                           remove_temporaries)
 from pipeline.atomic import atomic_write
 from pipeline.augment import WINDOW_AUGMENTS
 from pipeline.manifest import ShardError, check_crop, load_manifest
@@ -154,10 +141,6 @@ def parse(argv=None) -> Config:
     return cfg
 
 
-class Refused(Exception):
-    """Rank 0 refused what all ranks had agreed to ask it; it prints the one line, the other ranks exit quietly."""
-
-
 class Diverged(Exception):
     """The loss or the weights are not finite: one line naming the last good checkpoint, exit status 1."""
 
@@ -182,38 +165,6 @@ def setup_logging(rank: int) -> None:
         log.addHandler(handler)
 
 
-def agree(ctx: Context, decide):
-    """decide() on rank 0, its answer or its refusal given to every rank: a decision that all ranks act on alike."""
-    answer = error = None
-    if ctx.rank == 0:
-        try:
-            answer = decide()
-        except REFUSALS as e:
-            error = e
-    if ctx.world > 1:
-        box = [(answer, error)]
-        dist.broadcast_object_list(box, src=0)
-        answer, error = box[0]
-    if error is not None:
-        raise error if ctx.rank == 0 else Refused()
-    return answer
-
-
-def data_identity(manifest) -> dict:
-    """The data a checkpoint was trained on: the class list (label i's wnid), and the train shards' fingerprint."""
-    shards = [(s.tar.name, s.count, s.tar_sha256) for s in manifest.shards("train")]
-    return {"classes": [c["wnid"] for c in manifest.classes],
-            "train": hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]}
-
-
-def other_classes(saved: list, classes: list) -> str | None:
-    """How a checkpoint's class list differs from the shards' (None if it does not)."""
-    if len(saved) != len(classes):
-        return f"{len(saved)} classes, and these shards hold {len(classes)}"
-    i = next((i for i, (a, b) in enumerate(zip(saved, classes)) if a != b), None)
-    return None if i is None else f"another class list (label {i} was {saved[i]}, here {classes[i]})"
-
-
 def load_data(cfg: Config, ctx: Context):
     """The shard folder's manifest, checked against the settings before anything is built or written."""
     manifest = load_manifest(cfg.shards)
@@ -234,18 +185,11 @@ def check_shard_sizes(manifest) -> None:
                              f"restore the shard folder, then run the same command to continue")
 
 
-def remove_temporaries(workdir: Path) -> None:
-    """Files an interrupted atomic write left (.NAME.tmp*): never read, so removed on the next start."""
-    for folder in (workdir, workdir / "checkpoints"):
-        for p in folder.glob(".*.tmp*") if folder.is_dir() else ():
-            p.unlink(missing_ok=True)
-            log.info(f"removed {p}, left by an interrupted write")
-
-
 def continue_or_start(cfg: Config, ctx: Context, manifest) -> str | None:
     """The checkpoint this run continues from (the newest readable one in WORKDIR), or None to start from step 0."""
     workdir = Path(cfg.workdir)
-    remove_temporaries(workdir)
+    for p in remove_temporaries(workdir):
+        log.info(f"removed {p}, left by an interrupted write")
     found = checkpoint.load_latest(workdir / "checkpoints", warn=log.warning)
     if found is None:
         if cfg.resume:
@@ -262,10 +206,8 @@ def continue_or_start(cfg: Config, ctx: Context, manifest) -> str | None:
     refuse_changes(cfg, ckpt["config"], path)
     if ckpt["world_size"] != ctx.world:
         raise UsageError(f"{path} was written by {ckpt['world_size']} processes; continue it with as many")
-    data, here = ckpt.get("data"), data_identity(manifest)
-    if data is not None and data != here:
-        what = other_classes(data["classes"], here["classes"]) or \
-            f"other train shards (fingerprint {data['train']}, these {here['train']})"
+    what = "data" in ckpt and other_data(ckpt["data"], data_identity(manifest))
+    if what:
         raise UsageError(f"{path} was trained on {what}; pass the --shards it was trained on "
                          f"({ckpt['config']['shards']}), or a new --workdir")
     return str(path)
@@ -579,12 +521,12 @@ def main(argv=None) -> int:
             dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
         if cfg.eval:
             return evaluate_only(cfg, ctx)
-        agree(ctx, lock.acquire)  # rank 0 holds WORKDIR/run.lock until this process ends
+        agree(ctx.rank, ctx.world, lock.acquire, REFUSALS)  # rank 0 holds WORKDIR/run.lock until this process ends
         preemption = Preemption(ctx.world)
         if cfg.demo:
-            agree(ctx, lambda: make_demo_data(cfg))
+            agree(ctx.rank, ctx.world, lambda: make_demo_data(cfg), REFUSALS)
             manifest = load_data(cfg, ctx)
-        start = agree(ctx, lambda: continue_or_start(cfg, ctx, manifest))
+        start = agree(ctx.rank, ctx.world, lambda: continue_or_start(cfg, ctx, manifest), REFUSALS)
         log.info("config:\n" + "\n".join(f"  {k:<19}{v}" for k, v in asdict(cfg).items()))
         code = train(cfg, ctx, manifest, start, preemption)
         if cfg.demo and ctx.rank == 0 and code == 0 and (Path(cfg.workdir) / "summary.json").exists():

@@ -1,11 +1,32 @@
-"""Preemption: SIGTERM (what SLURM and Kubernetes send before the kill) or SIGINT ask the run to stop after its
-current step; under torchrun every rank stops at the same step, agreed through a CPU process group."""
+"""What every rank of a torchrun job must do alike: act on rank 0's decisions, and stop after the same step when
+any of them is sent SIGTERM (what SLURM and Kubernetes send before the kill) or SIGINT."""
 from __future__ import annotations
 
 import signal
 
 import torch
 import torch.distributed as dist
+
+
+class Refused(Exception):
+    """Rank 0 refused what the ranks asked it to decide; it reports why, the other ranks exit quietly."""
+
+
+def agree(rank: int, world: int, decide, refusals: tuple):
+    """decide() on rank 0, its answer (or its refusal, one of `refusals`) given to every rank."""
+    answer = error = None
+    if rank == 0:
+        try:
+            answer = decide()
+        except refusals as e:
+            error = e
+    if world > 1:
+        box = [(answer, error)]
+        dist.broadcast_object_list(box, src=0)
+        answer, error = box[0]
+    if error is not None:
+        raise error if rank == 0 else Refused()
+    return answer
 
 
 class Preemption:
