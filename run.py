@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from model import checkpoint
+from model.agreement import Preemption, Refused, agree
 from model.checkpoint import CheckpointError
 from model.parallel import Context, all_gather, all_sum, process_context
-from model.agreement import Preemption, Refused, agree
 from model.recipe import (AMP_DTYPES, INITS, LR, MOMENTUM, SCHEDULES, WEIGHT_DECAY, count_errors, initialise, lr_at,
                           make_train_step, scaled_lr, set_lr, sgd)
 from model.workdir import (WorkdirBusy, WorkdirLock, data_identity, other_classes, other_data,
