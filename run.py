@@ -218,6 +218,8 @@ def refuse_changes(cfg: Config, saved: dict, where: Path) -> None:
     if changed:
         was = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}" for k in changed)
         raise UsageError(f"{where} was trained with {was}; pass the same settings to continue it, or a new --workdir")
+
+
 def build(cfg: Config, ctx: Context, num_classes: int):
     """The model (channels-last, DDP-wrapped under torchrun) and the bare module whose weights are saved."""
     from model import AlexNet, ModelParallelAlexNet
@@ -327,6 +329,7 @@ class Trainer:
         val_errors = [r["val_top1_err"] for r in st.history]
         t_epoch = t_log = time.perf_counter()
         t_save, n_log, wait_log, loss_log = time.monotonic(), 0, 0.0, torch.zeros((), device=dev)
+        stop = None
         for wait, (images, labels) in timed(self.train_loader):
             self.lr = lr_at(cfg.schedule, self.base_lr, st.step, spe, cfg.epochs,
                             warmup_steps=round(cfg.warmup_epochs * spe), val_errors=val_errors)
@@ -356,9 +359,9 @@ class Trainer:
                 t_epoch, t_save = time.perf_counter(), time.monotonic()
                 self.save()
             if stop:
-                return stop
+                break
         st.train_s += time.perf_counter() - t_epoch
-        return None
+        return stop
 
     def end_epoch(self, epoch: int) -> dict:
         """Validation, the epoch's row of metrics.jsonl, its checkpoint (best.pt if best); returns the row."""
@@ -521,8 +524,8 @@ def main(argv=None) -> int:
             dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
         if cfg.eval:
             return evaluate_only(cfg, ctx)
+        preemption = Preemption(ctx.world)  # from here on, SIGTERM and SIGINT stop the run after a step
         agree(ctx.rank, ctx.world, lock.acquire, REFUSALS)  # rank 0 holds WORKDIR/run.lock until this process ends
-        preemption = Preemption(ctx.world)
         if cfg.demo:
             agree(ctx.rank, ctx.world, lambda: make_demo_data(cfg), REFUSALS)
             manifest = load_data(cfg, ctx)
