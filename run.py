@@ -153,6 +153,14 @@ def setup(cfg: Config) -> Context:
         raise UsageError(str(e)) from None
 
 
+def init_group(backend: str, ctx: Context) -> None:
+    """The process group, its keys apart for each of torchrun's restarts: the store outlives a restarted group, and
+    a rank that read the dead group's addresses could not connect (seen with torch 2.13's torchrun --max-restarts)."""
+    store, _, _ = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world)
+
+
 def setup_logging(rank: int) -> None:
     """Progress on stdout, warnings and errors on stderr, from rank 0 alone (the others would repeat its lines)."""
     log.handlers.clear()
@@ -521,7 +529,7 @@ def main(argv=None) -> int:
             torch.cuda.set_device(ctx.devices[0])
             torch.backends.cudnn.benchmark = True
         if ctx.world > 1:  # first: every decision below is rank 0's, given to the others through the group
-            dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+            init_group("nccl" if cfg.device == "cuda" else "gloo", ctx)
         if cfg.eval:
             return evaluate_only(cfg, ctx)
         preemption = Preemption(ctx.world)  # from here on, SIGTERM and SIGINT stop the run after a step

@@ -68,7 +68,18 @@ def two_ranks(demo_shards, tmp_path_factory):
     code, out, err = torchrun(["--shards", str(demo_shards), "--workdir", str(workdir), "--epochs", "2", *FAST], "",
                               None)
     assert code == 0, err[-3000:]
+    assert out.count("epoch 2/2: train loss") == 1  # only rank 0 reports
     return workdir
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(two_ranks):
+    summary = json.loads((two_ranks / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 32
+    assert summary["steps_per_epoch"] == 3 and summary["steps_per_rank"] == [3, 3]
+    assert summary["samples_seen_per_rank"] == [48, 48] and summary["samples_seen_per_epoch"] == 96
+    assert summary["samples_seen_per_class"] == [24, 24, 24, 24]  # each rank its own half: every image once
+    assert summary["val_samples"] == 24
 
 
 @pytest.mark.slow
@@ -87,7 +98,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_the_same_command_c
                                                                                           tmp_path):
     workdir = tmp_path / "preempted"
     argv = ["--shards", str(demo_shards), "--workdir", str(workdir), "--epochs", "2", *FAST]
-    code, out, err = torchrun(argv, "epoch 1/2 step", lambda p: p.send_signal(signal.SIGTERM))
+    _, _, err = torchrun(argv, "epoch 1/2 step", lambda p: p.send_signal(signal.SIGTERM))
     saved = checkpoint.step_files(workdir / "checkpoints")[0]
     ours = [line for line in err.splitlines() if line.startswith("run.py:")]
     assert ours == [f"run.py: SIGTERM: stopped at epoch {1 + int(saved.name[5:14]) // 3}, step "
@@ -118,7 +129,7 @@ def test_a_second_run_in_a_busy_workdir_is_refused_and_ctrl_c_saves(demo_shards,
             start_a_second(line)
             proc.send_signal(signal.SIGINT)  # Ctrl-C
             break
-    out, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=300)
     for code, message in second.values():
         assert code == 2 and len(message.strip().splitlines()) == 1
         assert f"{workdir}: in use by pid {proc.pid} on " in message and "another --workdir" in message

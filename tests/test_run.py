@@ -125,23 +125,6 @@ def test_max_steps_stops_and_the_same_command_with_more_steps_continues(demo_sha
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_gloo(demo_shards, tmp_path):
-    workdir = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "run.py",
-           "--shards", str(demo_shards), "--workdir", str(workdir), "--epochs", "1", *FAST]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_batch"] == 32
-    assert summary["steps_per_epoch"] == 3 and summary["steps_per_rank"] == [3, 3]
-    assert summary["samples_seen_per_rank"] == [48, 48] and summary["samples_seen_per_epoch"] == 96
-    assert summary["samples_seen_per_class"] == [24, 24, 24, 24]  # each rank its own half: every image once
-    assert summary["val_samples"] == 24
-    assert out.stdout.count("epoch 1/1: train loss") == 1  # only rank 0 reports
-
-
-@pytest.mark.slow
 def test_non_finite_loss_stops_with_last_good_checkpoint(demo_shards, tmp_path, capsys):
     workdir = tmp_path / "nan"
     assert train(demo_shards, workdir, "--epochs", "1") == 0
