@@ -473,7 +473,7 @@ def train(cfg: Config, ctx: Context, manifest, start: str | None, preemption: Pr
             if t.state.step % t.spe == 0:  # the epoch ran to its end
                 last = t.end_epoch(epoch)
                 stop = preemption.agreed() or stop or ("max_steps" if 0 < cfg.max_steps <= t.state.step else None)
-                stop = None if stop == "max_steps" and t.state.step == total else stop
+                stop = None if t.state.step == total else stop  # the run is done: its summary follows
             if stop:
                 return t.stopped(stop)
     except Diverged as e:
