@@ -92,7 +92,7 @@ def interrupted(argv, after: str, sig=signal.SIGTERM):
 def test_sigterm_saves_and_the_same_command_continues_to_where_one_run_ends(one_run, demo_shards, tmp_path, capsys):
     workdir = tmp_path / "preempted"
     argv = ["--shards", str(demo_shards), "--workdir", str(workdir), *FAST, "--epochs", "3", "--ten-crop"]
-    code, out, err = interrupted(argv, after="checkpoint")  # at the end of epoch 1: SIGTERM lands in epoch 2
+    code, _, err = interrupted(argv, after="epoch 1/3: train loss")  # at epoch 1's end: SIGTERM lands in epoch 2
     saved = checkpoint.step_files(workdir / "checkpoints")[0]
     assert code == 128 + signal.SIGTERM
     assert err.strip().splitlines() == [f"run.py: SIGTERM: stopped at epoch 2, step {int(saved.name[5:14])}; saved "
