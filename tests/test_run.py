@@ -95,9 +95,10 @@ def test_sigterm_saves_and_the_same_command_continues_to_where_one_run_ends(one_
     code, _, err = interrupted(argv, after="epoch 1/3: train loss")  # at epoch 1's end: SIGTERM lands in epoch 2
     saved = checkpoint.step_files(workdir / "checkpoints")[0]
     assert code == 128 + signal.SIGTERM
-    assert err.strip().splitlines() == [f"run.py: SIGTERM: stopped at epoch 2, step {int(saved.name[5:14])}; saved "
-                                        f"{saved}; run the same command to continue from it"]
-    assert 6 < int(saved.name[5:14]) < 18 and [r["epoch"] for r in metrics(workdir)] == [1]
+    ours = [line for line in err.splitlines() if not line.startswith("[/opt/dali")]  # DALI's own warnings
+    assert ours == [(f"run.py: SIGTERM: stopped at epoch 2, step {int(saved.name[5:14])}; saved {saved}; run the same "
+                     f"command to continue from it")]
+    assert 6 <= int(saved.name[5:14]) < 18 and [r["epoch"] for r in metrics(workdir)] == [1]
     # A newer checkpoint that is truncated (a disk fault) is reported, and the previous one is used.
     (saved.parent / "step-000000017.pt").write_bytes(saved.read_bytes()[:1000])
     capsys.readouterr()
