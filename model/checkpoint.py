@@ -58,12 +58,16 @@ def is_finite(model: torch.nn.Module, device) -> bool:
     return bool(torch.stack([p.detach().float().sum().to(device) for p in model.parameters()]).sum().isfinite())
 
 
+def path_for(folder: Path, step: int) -> Path:
+    return Path(folder) / f"step-{step:09d}.pt"
+
+
 def save(folder: Path, state: dict, step: int, keep: int = 3, best: bool = False) -> Path:
     """Write step-NNNNNNNNN.pt atomically, refresh best.pt if `best`, delete step files beyond the newest `keep`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data = encode(state)
-    path = folder / f"step-{step:09d}.pt"
+    path = path_for(folder, step)
     atomic_write(path, data)
     if best:  # a hard link: step files are never rewritten, so best.pt costs no second copy
         tmp = folder / f".{BEST}.tmp-{os.getpid()}"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 from pipeline.manifest import ShardError
@@ -21,13 +20,13 @@ DEMO_PRESET = {"cpu": dict(epochs=6, batch_size=32, lr=0.02, lr_scaling="none", 
                             init="kaiming", crop_size=224, divide_std=True, log_interval=10, keep=1)}
 
 
-def make_demo_data(cfg, rank: int) -> None:
-    """Generate and shard the demo set into WORKDIR (once); the other ranks wait for rank 0."""
+def make_demo_data(cfg) -> None:
+    """Generate and shard the demo set into WORKDIR (once); under torchrun rank 0 does, the others wait at a barrier."""
     from pipeline.writer.synthetic import make_dataset
     from tools import shard_imagenet
 
     data = DEMO_DATA[cfg.device]
-    if rank == 0 and not (Path(cfg.shards) / "manifest.json").exists():
+    if not (Path(cfg.shards) / "manifest.json").exists():
         print(f"demo: {data['classes']} synthetic classes, {data['per_class']} train + {data['val_per_class']} val "
               f"images each, resized to {data['resize']}, crops {cfg.crop_size}x{cfg.crop_size} "
               f"(the paper: 1000 classes, 256, 224)")
@@ -37,8 +36,6 @@ def make_demo_data(cfg, rank: int) -> None:
         code = shard_imagenet.main(["--src", str(src), "--out", cfg.shards, "--resize", data["resize"]])
         if code:
             raise ShardError(f"demo: tools/shard_imagenet.py failed (exit {code}) on {src}")
-    while not (Path(cfg.shards) / "manifest.json").exists():
-        time.sleep(1)
 
 
 def report_demo(cfg, wall_s: float) -> None:
