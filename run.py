@@ -6,13 +6,10 @@
 """
 from __future__ import annotations
 
-import argparse
-import inspect
 import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -25,113 +22,65 @@ from model import checkpoint
 from model.agreement import Preemption, Refused, agree
 from model.checkpoint import CheckpointError
 from model.parallel import Context, all_gather, all_sum, process_context
-from model.recipe import (AMP_DTYPES, INITS, LR, MOMENTUM, SCHEDULES, WEIGHT_DECAY, count_errors, initialise, lr_at,
-                          make_train_step, scaled_lr, set_lr, sgd)
+from model.recipe import (AMP_DTYPES, ComputeSettings, RecipeSettings, count_errors, initialise, lr_at, make_train_step,
+                          scaled_lr, set_lr, sgd)
 from model.workdir import (WorkdirBusy, WorkdirLock, data_identity, other_classes, other_data,
                            remove_temporaries)
 from pipeline.atomic import atomic_write
 from pipeline.augment import WINDOW_AUGMENTS
 from pipeline.manifest import ShardError, check_crop, load_manifest
+from pipeline.settings import LoaderSettings, above, at_least, option, show
+from pipeline.settings import parse as parse_settings
 from pipeline.threads import default_threads
 from tools.demo import DEMO_PRESET, make_demo_data, report_demo
 
 
-@dataclass
-class Config:
-    shards: str = ""  # a folder written by tools/shard_imagenet.py
-    workdir: str = "runs/alexnet"
-    # §5: the optimisation recipe
-    epochs: int = 90  # §5: "roughly 90 cycles through the training set"
-    batch_size: int = 128  # §5, per process
-    lr: float = LR  # §5, for a global batch of 128; scaled linearly with --lr-scaling linear
-    lr_scaling: str = "linear"  # linear | none (Goyal et al. 2017, for large global batches)
-    schedule: str = "paper"  # §5: /10 when val error stops improving | step | cosine
-    warmup_epochs: float = 0.0  # linear warm-up (none in the paper; useful for large batches)
-    momentum: float = MOMENTUM  # §5
-    weight_decay: float = WEIGHT_DECAY  # §5
-    init: str = "paper"  # §5: weights N(0, 0.01), some biases 1 | kaiming (He et al. 2015: learns sooner; the demo)
-    # §3, §4: model and data
-    towers: int = 2  # §3.5: two towers, one conv each, run on one device as a block-diagonal dense conv; 1 = no split
-    model_parallel: bool = False  # §3.2: the two towers on two GPUs per process
-    augment: str = "paper"  # §4.1: random 224 crops, flips, PCA lighting | inception
-    crop_size: int = 224  # §3.5
-    divide_std: bool = False  # §2 subtracts the mean only; also divide by the per-channel std
-    ten_crop: bool = False  # §4.1: at the end, average the softmax over ten views
-    # engineering
-    device: str = "auto"  # cuda when there is one
-    amp: str = "auto"  # bf16 on cuda, off on cpu | fp16
-    compile: str = "off"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
-    seed: int = 0
-    # the loader (tools/bench_io.py --sweep prints the fastest setting as these flags)
-    threads: int = 0  # DALI CPU threads per process; 0: pipeline.threads.default_threads (cores left free, at most 8)
-    hw_decoder_load: float = 0.65  # share of JPEGs for the GPU's hardware decoder (0.65: fastest on an H100)
-    prefetch: int = 2  # batches DALI prepares ahead
-    log_interval: int = 50  # steps between progress lines (the only host syncs of the loop)
-    checkpoint_minutes: float = 30.0  # also checkpoint this often within an epoch
-    keep: int = 3  # step checkpoints kept, besides best.pt
-    max_steps: int = 0  # stop (with a checkpoint) at this global step; 0 = run all epochs
-    resume: bool = False  # continue the run in --workdir from its latest good checkpoint
-    eval: str = ""  # a checkpoint to evaluate only
-    demo: bool = False  # make a small synthetic ImageNet, shard it, train and evaluate (no download)
+@dataclass(kw_only=True)
+class Config(RecipeSettings, LoaderSettings, ComputeSettings):
+    """The run"""
+
+    shards: str = option("", "a folder written by tools/shard_imagenet.py")
+    workdir: str = option("runs/alexnet", "the run's folder: config, metrics, checkpoints; one run at a time")
+    towers: int = option(2, "§3.5: two towers, run on one device as a block-diagonal conv; 1: no split", choices=(1, 2))
+    model_parallel: bool = option(False, "§3.2: the two towers on two GPUs per process")
+    augment: str = option("paper", "§4.1: random crops, flips, PCA lighting | inception (Szegedy et al. 2015)",
+                          choices=("paper", "inception"))
+    ten_crop: bool = option(False, "§4.1: at the end, also average the softmax over ten views")
+    log_interval: int = option(50, "steps between progress lines (the only host syncs of the loop)",
+                               check=at_least(1))
+    checkpoint_minutes: float = option(30.0, "also checkpoint this often within an epoch", check=above(0))
+    keep: int = option(3, "step checkpoints kept besides best.pt (a restart continues from the newest)",
+                       check=at_least(1))
+    max_steps: int = option(0, "stop (with a checkpoint) at this global step; 0: run all epochs", check=at_least(0))
+    resume: bool = option(False, "continue the run in --workdir, and fail if there is nothing to continue (the "
+                          "same command without it continues too, or starts)")
+    eval: str = option("", "a checkpoint to evaluate only")
+    demo: bool = option(False, "make a small synthetic ImageNet, shard it, train and evaluate (no download)")
 
 
 class UsageError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
 
-CHOICES = {"init": INITS, "lr_scaling": ("linear", "none"), "schedule": SCHEDULES, "towers": (1, 2),
-           "augment": ("paper", "inception"),
-           "device": ("auto", "cuda", "cpu"), "amp": ("auto", "bf16", "fp16", "off"),
-           "compile": ("off", "default", "reduce-overhead", "max-autotune")}
-HELP = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))  # the comments above
 # Settings a --resume may change; anything else must match the run being continued.
 RESUMABLE = {"shards", "workdir", "lr", "epochs", "max_steps", "resume", "log_interval", "checkpoint_minutes", "keep",
              "ten_crop", "compile", "eval", "threads", "prefetch"}
-# Each numeric setting's valid values, in one place: (test, what the value must be).
-LIMITS = {"epochs": (lambda v: v >= 1, "at least 1"), "batch_size": (lambda v: v >= 1, "at least 1"),
-          "lr": (lambda v: v > 0, "positive"), "warmup_epochs": (lambda v: v >= 0, "0 or more"),
-          "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"), "weight_decay": (lambda v: v >= 0, "0 or more"),
-          "crop_size": (lambda v: v >= 1, "at least 1"), "threads": (lambda v: v >= 0, "0 (automatic) or more"),
-          "hw_decoder_load": (lambda v: 0 <= v <= 1, "between 0 and 1"), "prefetch": (lambda v: v >= 1, "at least 1"),
-          "log_interval": (lambda v: v >= 1, "at least 1"), "checkpoint_minutes": (lambda v: v > 0, "positive"),
-          "keep": (lambda v: v >= 1, "at least 1 (the checkpoint a restart continues from)"),
-          "max_steps": (lambda v: v >= 0, "0 (all epochs) or more")}
 REFUSALS = (UsageError, ShardError, CheckpointError, WorkdirBusy)
 log = logging.getLogger("run")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"run.py: {message} (see python run.py --help)\n")
+def demo_preset(given: dict) -> dict:
+    """--demo: the demo's recipe for this machine's device, under whatever was given."""
+    if not given.get("demo"):
+        return {}
+    device = ComputeSettings(device=given.get("device", "auto")).resolve_device()["device"]
+    return {**DEMO_PRESET[device], "workdir": time.strftime("runs/demo-%Y%m%d-%H%M%S")}
 
 
 def parse(argv=None) -> Config:
-    """The Config from the command line; --demo swaps in the demo preset as the defaults."""
-    p = Parser(description=__doc__.splitlines()[0])
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action="store_true", help=HELP.get(f.name))
-        elif f.name == "compile":
-            p.add_argument(flag, nargs="?", const="default", default="off", choices=CHOICES["compile"],
-                           help=HELP[f.name])
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            p.add_argument(flag, type=kind, default=f.default, choices=CHOICES.get(f.name), help=HELP.get(f.name))
-    args = p.parse_args(argv)
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if args.demo:
-        p.set_defaults(**DEMO_PRESET[device], workdir=time.strftime("runs/demo-%Y%m%d-%H%M%S"))
-        args = p.parse_args(argv)
-    cfg = Config(**{**vars(args), "device": device})
-    if cfg.amp == "auto":
-        cfg.amp = "bf16" if device == "cuda" else "off"
-    for name, (ok, must) in LIMITS.items():  # before anything is read or written
-        if not ok(getattr(cfg, name)):
-            p.error(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {must}")
-    if cfg.threads == 0:  # torchrun says how many processes share this node's cores
-        cfg.threads = default_threads()
-    return cfg
+    """The settings: declared defaults, the demo's preset with --demo, --config, then the flags; all checked."""
+    cfg, _ = parse_settings(Config, argv, prog="run.py", description=__doc__, preset=demo_preset)
+    return replace(cfg, **cfg.resolve_device(), threads=cfg.threads or default_threads())
 
 
 class Diverged(Exception):
@@ -532,7 +481,7 @@ def main(argv=None) -> int:
             agree(ctx.rank, ctx.world, lambda: make_demo_data(cfg), REFUSALS)
             manifest = load_data(cfg, ctx)
         start = agree(ctx.rank, ctx.world, lambda: continue_or_start(cfg, ctx, manifest), REFUSALS)
-        log.info("config:\n" + "\n".join(f"  {k:<19}{v}" for k, v in asdict(cfg).items()))
+        log.info(show(cfg))
         code = train(cfg, ctx, manifest, start, preemption)
         if cfg.demo and ctx.rank == 0 and code == 0 and (Path(cfg.workdir) / "summary.json").exists():
             report_demo(cfg, time.perf_counter() - t0)

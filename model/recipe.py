@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.settings import above, at_least, between, option
+from pipeline.settings import above, at_least, option
 
 REFERENCE_BATCH = 128  # §5: the paper's batch; --lr is the rate at this global batch
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4  # §5
@@ -188,7 +188,7 @@ class RecipeSettings:
                            choices=SCHEDULES)
     warmup_epochs: float = option(0.0, "linear warm-up (none in the paper; useful for large batches)",
                                   check=at_least(0))
-    momentum: float = option(MOMENTUM, "SGD momentum (§5)", check=between(0.0, 1.0))
+    momentum: float = option(MOMENTUM, "SGD momentum (§5)", check=((lambda v: 0 <= v < 1), "at least 0 and below 1"))
     weight_decay: float = option(WEIGHT_DECAY, "on weights, not biases (§5)", check=at_least(0))
     init: str = option("paper", "paper: weights N(0, 0.01), some biases 1 (§5); kaiming: He et al. 2015",
                        choices=INITS)

@@ -48,7 +48,7 @@ class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line naming the program and --help, with exit status 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: {message} (see python {self.prog} --help)\n")
 
 
 def sections(cls) -> list[tuple[type, list[dataclasses.Field]]]:

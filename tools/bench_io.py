@@ -81,7 +81,7 @@ def quick_preset(given: dict) -> dict:
 
 def parse_args(argv: list[str] | None) -> BenchConfig:
     """Declared defaults, then the --quick preset, then --config, then whatever was given on the command line."""
-    cfg, p = parse(BenchConfig, argv, prog="bench_io.py", description=__doc__, preset=quick_preset)
+    cfg, p = parse(BenchConfig, argv, prog="tools/bench_io.py", description=__doc__, preset=quick_preset)
     try:
         dict(map(parse_values, cfg.sweep_values))
     except ValueError as e:

@@ -22,8 +22,10 @@ DEMO_PRESET = {"cpu": dict(epochs=6, batch_size=32, lr=0.02, lr_scaling="none", 
 
 def make_demo_data(cfg) -> None:
     """Generate and shard the demo set into WORKDIR (once); under torchrun rank 0 does, the others wait at a barrier."""
+    from pipeline.writer.build import ShardConfig, UsageError, shard
+    from pipeline.writer.layout import LayoutError
     from pipeline.writer.synthetic import make_dataset
-    from tools import shard_imagenet
+    from pipeline.writer.workers import WorkerDied
 
     data = DEMO_DATA[cfg.device]
     if not (Path(cfg.shards) / "manifest.json").exists():
@@ -33,9 +35,12 @@ def make_demo_data(cfg) -> None:
         src = Path(cfg.workdir) / "images"
         make_dataset(src, data["classes"], data["per_class"], data["val_per_class"],
                                     size_range=data["size_range"], workers=os.cpu_count() or 1)
-        code = shard_imagenet.main(["--src", str(src), "--out", cfg.shards, "--resize", data["resize"]])
+        try:
+            code = shard(ShardConfig(src=src, out=Path(cfg.shards), resize=data["resize"], workers=os.cpu_count() or 1))
+        except (UsageError, LayoutError, WorkerDied) as e:
+            raise ShardError(f"demo: sharding {src}: {e}") from None
         if code:
-            raise ShardError(f"demo: tools/shard_imagenet.py failed (exit {code}) on {src}")
+            raise ShardError(f"demo: sharding {src} rejected images (exit {code}); see the lines above")
 
 
 def report_demo(cfg, wall_s: float) -> None:

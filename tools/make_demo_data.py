@@ -33,7 +33,7 @@ class DemoConfig:
 
 
 def main(argv=None) -> int:
-    cfg, parser = parse(DemoConfig, argv, prog="make_demo_data.py", description=__doc__)
+    cfg, parser = parse(DemoConfig, argv, prog="tools/make_demo_data.py", description=__doc__)
     if not 1 <= cfg.size_range[0] <= cfg.size_range[1]:
         parser.error(f"--size-range {cfg.size_range[0]} {cfg.size_range[1]}: give MIN <= MAX, both at least 1")
     print(show(cfg))

@@ -28,7 +28,7 @@ def terminate(signum, frame):
 
 
 def parse_config(argv) -> ShardConfig:
-    cfg, parser = parse(ShardConfig, argv, prog="shard_imagenet.py", description=__doc__)
+    cfg, parser = parse(ShardConfig, argv, prog="tools/shard_imagenet.py", description=__doc__)
     if cfg.verify:
         return cfg
     if cfg.src is None or cfg.out is None:
