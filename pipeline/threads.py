@@ -6,7 +6,7 @@ import os
 # Cores each process leaves to others: the Python thread that launches the training kernels, and nvJPEG's own
 # pinned host threads, which DALI starts beside its pool. Taking every core starves the launching thread.
 FREE_CORES = 2
-# On one H100 (../shared/device/anchor_numbers.md, 2026-11-22, full-size shards) 8 threads fed as much as 16
+# On one H100 (docs/perf.md, "DALI's loader alone on one H100", full-size shards) 8 threads fed as much as 16
 # (22,455 and 22,225 img/s): more only add contention. .ci/gpu measures 8 against 16 on the H200 to revisit this.
 MAX_THREADS = 8
 
