@@ -1,9 +1,10 @@
 """Train AlexNet (Krizhevsky, Sutskever & Hinton, 2012) on DALI-read ImageNet shards, and evaluate it.
 
-    python run.py --shards DIR --workdir DIR [options]         one GPU (bf16, channels-last), or the CPU
-    torchrun --nproc-per-node N run.py --shards DIR ...         data parallel (NCCL on GPUs, gloo on CPUs)
-    python run.py --demo [--workdir DIR]                        synthetic data -> shards -> train -> evaluate
+python run.py --shards DIR --workdir DIR [options]         one GPU (bf16, channels-last), or the CPU
+torchrun --nproc-per-node N run.py --shards DIR ...         data parallel (NCCL on GPUs, gloo on CPUs)
+python run.py --demo [--workdir DIR]                        synthetic data -> shards -> train -> evaluate
 """
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,19 @@ from model import checkpoint
 from model.agreement import Preemption, Refused, agree
 from model.checkpoint import CheckpointError
 from model.parallel import Context, all_gather, all_sum, process_context
-from model.recipe import (AMP_DTYPES, ComputeSettings, RecipeSettings, count_errors, initialise, lr_at, make_train_step,
-                          scaled_lr, set_lr, sgd)
-from model.workdir import (WorkdirBusy, WorkdirLock, data_identity, other_classes, other_data,
-                           remove_temporaries)
+from model.recipe import (
+    AMP_DTYPES,
+    ComputeSettings,
+    RecipeSettings,
+    count_errors,
+    initialise,
+    lr_at,
+    make_train_step,
+    scaled_lr,
+    set_lr,
+    sgd,
+)
+from model.workdir import WorkdirBusy, WorkdirLock, data_identity, other_classes, other_data, remove_temporaries
 from pipeline.atomic import atomic_write
 from pipeline.augment import WINDOW_AUGMENTS
 from pipeline.manifest import ShardError, check_crop, load_manifest
@@ -43,17 +53,23 @@ class Config(RecipeSettings, LoaderSettings, ComputeSettings):
     workdir: str = option("runs/alexnet", "the run's folder: config, metrics, checkpoints; one run at a time")
     towers: int = option(2, "§3.5: two towers, run on one device as a block-diagonal conv; 1: no split", choices=(1, 2))
     model_parallel: bool = option(False, "§3.2: the two towers on two GPUs per process")
-    augment: str = option("paper", "§4.1: random crops, flips, PCA lighting | inception (Szegedy et al. 2015)",
-                          choices=("paper", "inception"))
+    augment: str = option(
+        "paper",
+        "§4.1: random crops, flips, PCA lighting | inception (Szegedy et al. 2015)",
+        choices=("paper", "inception"),
+    )
     ten_crop: bool = option(False, "§4.1: at the end, also average the softmax over ten views")
-    log_interval: int = option(50, "steps between progress lines (the only host syncs of the loop)",
-                               check=at_least(1))
+    log_interval: int = option(50, "steps between progress lines (the only host syncs of the loop)", check=at_least(1))
     checkpoint_minutes: float = option(30.0, "also checkpoint this often within an epoch", check=above(0))
-    keep: int = option(3, "step checkpoints kept besides best.pt (a restart continues from the newest)",
-                       check=at_least(1))
+    keep: int = option(
+        3, "step checkpoints kept besides best.pt (a restart continues from the newest)", check=at_least(1)
+    )
     max_steps: int = option(0, "stop (with a checkpoint) at this global step; 0: run all epochs", check=at_least(0))
-    resume: bool = option(False, "continue the run in --workdir, and fail if there is nothing to continue (the "
-                          "same command without it continues too, or starts)")
+    resume: bool = option(
+        False,
+        "continue the run in --workdir, and fail if there is nothing to continue (the "
+        "same command without it continues too, or starts)",
+    )
     eval: str = option("", "a checkpoint to evaluate only")
     demo: bool = option(False, "make a small synthetic ImageNet, shard it, train and evaluate (no download)")
 
@@ -63,8 +79,22 @@ class UsageError(Exception):
 
 
 # Settings a --resume may change; anything else must match the run being continued.
-RESUMABLE = {"shards", "workdir", "lr", "epochs", "max_steps", "resume", "log_interval", "checkpoint_minutes", "keep",
-             "ten_crop", "compile", "eval", "threads", "prefetch"}
+RESUMABLE = {
+    "shards",
+    "workdir",
+    "lr",
+    "epochs",
+    "max_steps",
+    "resume",
+    "log_interval",
+    "checkpoint_minutes",
+    "keep",
+    "ten_crop",
+    "compile",
+    "eval",
+    "threads",
+    "prefetch",
+}
 REFUSALS = (UsageError, ShardError, CheckpointError, WorkdirBusy)
 log = logging.getLogger("run")
 
@@ -108,8 +138,10 @@ def setup_logging(rank: int) -> None:
     log.handlers.clear()
     log.setLevel(logging.INFO)
     log.propagate = False
-    for stream, wanted in ((sys.stdout, lambda r: r.levelno < logging.WARNING),
-                           (sys.stderr, lambda r: r.levelno >= logging.WARNING)):
+    for stream, wanted in (
+        (sys.stdout, lambda r: r.levelno < logging.WARNING),
+        (sys.stderr, lambda r: r.levelno >= logging.WARNING),
+    ):
         handler = logging.StreamHandler(stream)
         handler.addFilter(lambda r, wanted=wanted: rank == 0 and wanted(r))
         log.addHandler(handler)
@@ -121,8 +153,10 @@ def load_data(cfg: Config, ctx: Context):
     for split in ("val", "train") if cfg.augment in WINDOW_AUGMENTS else ("val",):
         check_crop(manifest, split, cfg.crop_size)
     if cfg.batch_size * ctx.world > manifest.count("train"):
-        raise UsageError(f"--batch-size {cfg.batch_size} x {ctx.world} process(es) is more than the "
-                         f"{manifest.count('train')} train images in {cfg.shards}; pass a smaller --batch-size")
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} x {ctx.world} process(es) is more than the "
+            f"{manifest.count('train')} train images in {cfg.shards}; pass a smaller --batch-size"
+        )
     return manifest
 
 
@@ -131,8 +165,10 @@ def check_shard_sizes(manifest) -> None:
     for s in manifest.shards("train"):
         size = s.tar.stat().st_size if s.tar.exists() else 0
         if size != s.tar_bytes:
-            raise ShardError(f"{s.tar}: {size} bytes now, the manifest says {s.tar_bytes} (changed during the run); "
-                             f"restore the shard folder, then run the same command to continue")
+            raise ShardError(
+                f"{s.tar}: {size} bytes now, the manifest says {s.tar_bytes} (changed during the run); "
+                f"restore the shard folder, then run the same command to continue"
+            )
 
 
 def continue_or_start(cfg: Config, ctx: Context, manifest) -> str | None:
@@ -143,23 +179,29 @@ def continue_or_start(cfg: Config, ctx: Context, manifest) -> str | None:
     found = checkpoint.load_latest(workdir / "checkpoints", warn=log.warning)
     if found is None:
         if cfg.resume:
-            raise UsageError(f"--resume: {workdir / 'checkpoints'} has no readable checkpoint to continue; "
-                             f"run without --resume to start")
+            raise UsageError(
+                f"--resume: {workdir / 'checkpoints'} has no readable checkpoint to continue; "
+                f"run without --resume to start"
+            )
         saved = workdir / "config.json"  # a run stopped before its first checkpoint: the same settings start again
         if saved.exists():
             refuse_changes(cfg, json.loads(saved.read_text()), saved)
         return None
     ckpt, path = found
     if isinstance(ckpt.get("loader"), dict):  # one loader state per rank since DALI's own checkpoints hold them
-        raise UsageError(f"{path} was written by an older run.py, whose loader position this one cannot continue "
-                         f"exactly; evaluate it with --eval {path}, or train anew in another --workdir")
+        raise UsageError(
+            f"{path} was written by an older run.py, whose loader position this one cannot continue "
+            f"exactly; evaluate it with --eval {path}, or train anew in another --workdir"
+        )
     refuse_changes(cfg, ckpt["config"], path)
     if ckpt["world_size"] != ctx.world:
         raise UsageError(f"{path} was written by {ckpt['world_size']} processes; continue it with as many")
     what = "data" in ckpt and other_data(ckpt["data"], data_identity(manifest))
     if what:
-        raise UsageError(f"{path} was trained on {what}; pass the --shards it was trained on "
-                         f"({ckpt['config']['shards']}), or a new --workdir")
+        raise UsageError(
+            f"{path} was trained on {what}; pass the --shards it was trained on "
+            f"({ckpt['config']['shards']}), or a new --workdir"
+        )
     return str(path)
 
 
@@ -190,10 +232,23 @@ def make_loader(cfg: Config, ctx: Context, manifest, split: str, augment: str, c
     from pipeline import DaliLoader
 
     dev = ctx.devices[0]
-    return DaliLoader(manifest, split, cfg.batch_size, augment=augment, crop_size=crop_size, device=dev.type,
-                      device_id=dev.index if dev.type == "cuda" else None, rank=ctx.rank, world_size=ctx.world,
-                      seed=cfg.seed, num_threads=cfg.threads, hw_decoder_load=cfg.hw_decoder_load,
-                      prefetch=cfg.prefetch, dtype=AMP_DTYPES[cfg.amp] or torch.float32, divide_std=cfg.divide_std)
+    return DaliLoader(
+        manifest,
+        split,
+        cfg.batch_size,
+        augment=augment,
+        crop_size=crop_size,
+        device=dev.type,
+        device_id=dev.index if dev.type == "cuda" else None,
+        rank=ctx.rank,
+        world_size=ctx.world,
+        seed=cfg.seed,
+        num_threads=cfg.threads,
+        hw_decoder_load=cfg.hw_decoder_load,
+        prefetch=cfg.prefetch,
+        dtype=AMP_DTYPES[cfg.amp] or torch.float32,
+        divide_std=cfg.divide_std,
+    )
 
 
 def evaluate(model, loader, amp: str, ctx: Context, views: int = 1) -> dict:
@@ -230,8 +285,16 @@ class TrainState:
 
     def state_dict(self) -> dict:
         within = self.step % self.spe != 0  # at an epoch's end its sums are in history already
-        partial = {"loss": self.loss.cpu(), "classes": self.classes.cpu(), "wait_s": torch.tensor(self.wait_s),
-                   "train_s": torch.tensor(self.train_s)} if within else None
+        partial = (
+            {
+                "loss": self.loss.cpu(),
+                "classes": self.classes.cpu(),
+                "wait_s": torch.tensor(self.wait_s),
+                "train_s": torch.tensor(self.train_s),
+            }
+            if within
+            else None
+        )
         return {"step": self.step, "history": self.history, "partial": partial}
 
     def load_state_dict(self, state: dict) -> None:
@@ -257,9 +320,11 @@ class Trainer:
         self.base_lr = scaled_lr(cfg.lr, self.global_batch) if cfg.lr_scaling == "linear" else cfg.lr
         self.state = TrainState(manifest.num_classes, self.spe, self.dev)
         self.workdir, self.lr, self.saved = Path(cfg.workdir), self.base_lr, None
-        log.info(f"{manifest.count('train')} train images, {manifest.num_classes} classes; {ctx.world} process(es) x "
-                 f"batch {cfg.batch_size} = {self.global_batch}, {self.spe} steps per epoch; lr {self.base_lr:g}"
-                 + (f" ({cfg.lr} at batch 128, scaled linearly)" if cfg.lr_scaling == "linear" else ""))
+        log.info(
+            f"{manifest.count('train')} train images, {manifest.num_classes} classes; {ctx.world} process(es) x "
+            f"batch {cfg.batch_size} = {self.global_batch}, {self.spe} steps per epoch; lr {self.base_lr:g}"
+            + (f" ({cfg.lr} at batch 128, scaled linearly)" if cfg.lr_scaling == "linear" else "")
+        )
 
     def resume(self, ckpt: dict, path: str) -> None:
         """Weights, optimiser, RNG states, the TrainState, and this rank's loader where it stood."""
@@ -282,8 +347,15 @@ class Trainer:
         t_save, n_log, wait_log, loss_log = time.monotonic(), 0, 0.0, torch.zeros((), device=dev)
         stop = None
         for wait, (images, labels) in timed(self.train_loader):
-            self.lr = lr_at(cfg.schedule, self.base_lr, st.step, spe, cfg.epochs,
-                            warmup_steps=round(cfg.warmup_epochs * spe), val_errors=val_errors)
+            self.lr = lr_at(
+                cfg.schedule,
+                self.base_lr,
+                st.step,
+                spe,
+                cfg.epochs,
+                warmup_steps=round(cfg.warmup_epochs * spe),
+                val_errors=val_errors,
+            )
             set_lr(self.optimizer, self.lr)
             loss = self.train_step(images, labels)
             st.loss += loss
@@ -301,9 +373,11 @@ class Trainer:
             if not math.isfinite(interval_loss):
                 raise self.diverged(f"loss is {interval_loss}")
             left = (cfg.epochs * spe - st.step) * dt / n_log
-            log.info(f"epoch {epoch + 1}/{cfg.epochs} step {st.step - epoch * spe}/{spe} loss {interval_loss:.4f} "
-                     f"lr {self.lr:.3g} {n_log * self.global_batch / dt:,.0f} img/s data-wait {wait_log / dt:.0%} "
-                     f"eta {left / 60:.1f} min")
+            log.info(
+                f"epoch {epoch + 1}/{cfg.epochs} step {st.step - epoch * spe}/{spe} loss {interval_loss:.4f} "
+                f"lr {self.lr:.3g} {n_log * self.global_batch / dt:,.0f} img/s data-wait {wait_log / dt:.0%} "
+                f"eta {left / 60:.1f} min"
+            )
             t_log, n_log, wait_log, loss_log = time.perf_counter(), 0, 0.0, torch.zeros((), device=dev)
             if (stats[1] > 0 or stop) and st.step % spe:  # at the epoch's end, end_epoch saves
                 st.train_s += time.perf_counter() - t_epoch
@@ -318,21 +392,33 @@ class Trainer:
         """Validation, the epoch's row of metrics.jsonl, its checkpoint (best.pt if best); returns the row."""
         ctx, spe, st, t_eval = self.ctx, self.spe, self.state, time.perf_counter()
         totals = all_sum(torch.cat([st.loss.double().view(1), st.classes.double()]), ctx)
-        ranks = all_gather(torch.tensor([st.step - epoch * spe, int(st.classes.sum())], dtype=torch.float64,
-                                        device=self.dev), ctx)
+        ranks = all_gather(
+            torch.tensor([st.step - epoch * spe, int(st.classes.sum())], dtype=torch.float64, device=self.dev), ctx
+        )
         val = evaluate(self.raw, self.val_loader, self.cfg.amp, ctx)
-        row = {"epoch": epoch + 1, "step": st.step, "train_loss": float(totals[0]) / (spe * ctx.world),
-               "val_top1_err": val["top1_err"], "val_top5_err": val["top5_err"], "lr": self.lr,
-               "img_per_s": spe * self.global_batch / st.train_s, "data_wait_frac": st.wait_s / st.train_s,
-               "samples_seen": int(totals[1:].sum()), "epoch_s": st.train_s + time.perf_counter() - t_eval,
-               "steps_per_rank": [int(r[0]) for r in ranks], "samples_seen_per_rank": [int(r[1]) for r in ranks]}
+        row = {
+            "epoch": epoch + 1,
+            "step": st.step,
+            "train_loss": float(totals[0]) / (spe * ctx.world),
+            "val_top1_err": val["top1_err"],
+            "val_top5_err": val["top5_err"],
+            "lr": self.lr,
+            "img_per_s": spe * self.global_batch / st.train_s,
+            "data_wait_frac": st.wait_s / st.train_s,
+            "samples_seen": int(totals[1:].sum()),
+            "epoch_s": st.train_s + time.perf_counter() - t_eval,
+            "steps_per_rank": [int(r[0]) for r in ranks],
+            "samples_seen_per_rank": [int(r[1]) for r in ranks],
+        }
         if not math.isfinite(row["train_loss"]):
             raise self.diverged(f"loss is {row['train_loss']}")
         st.history.append(row)
         st.new_epoch()
-        log.info(f"epoch {epoch + 1}/{self.cfg.epochs}: train loss {row['train_loss']:.4f}, "
-                 f"val top-1 error {val['top1_err']:.1%}, top-5 error {val['top5_err']:.1%}, "
-                 f"{row['img_per_s']:,.0f} img/s, data-wait {row['data_wait_frac']:.0%}")
+        log.info(
+            f"epoch {epoch + 1}/{self.cfg.epochs}: train loss {row['train_loss']:.4f}, "
+            f"val top-1 error {val['top1_err']:.1%}, top-5 error {val['top5_err']:.1%}, "
+            f"{row['img_per_s']:,.0f} img/s, data-wait {row['data_wait_frac']:.0%}"
+        )
         self.save(best=val["top1_err"] <= min(r["val_top1_err"] for r in st.history))
         self.write_metrics()
         return {**row, "samples_seen_per_class": [int(c) for c in totals[1:]], "val_samples": val["samples"]}
@@ -340,13 +426,26 @@ class Trainer:
     def summary(self, last: dict) -> dict:
         """summary.json: the last epoch's errors, the run's shape and cost, and with --ten-crop its errors too."""
         cfg, m, history = self.cfg, self.manifest, self.state.history
-        s = {"num_classes": m.num_classes, "val_top1_err": last["val_top1_err"], "val_top5_err": last["val_top5_err"],
-             "train_loss": last["train_loss"], "chance_top1_err": 1 - 1 / m.num_classes, "world_size": self.ctx.world,
-             "global_batch": self.global_batch, "steps_per_epoch": self.spe,
-             "samples_seen_per_epoch": last["samples_seen"], "samples_seen_per_rank": last["samples_seen_per_rank"],
-             "steps_per_rank": last["steps_per_rank"], "samples_seen_per_class": last["samples_seen_per_class"],
-             "train_samples": m.count("train"), "val_samples": last["val_samples"], "epochs": len(history),
-             "device": cfg.device, "amp": cfg.amp, "wall_s": sum(r["epoch_s"] for r in history)}
+        s = {
+            "num_classes": m.num_classes,
+            "val_top1_err": last["val_top1_err"],
+            "val_top5_err": last["val_top5_err"],
+            "train_loss": last["train_loss"],
+            "chance_top1_err": 1 - 1 / m.num_classes,
+            "world_size": self.ctx.world,
+            "global_batch": self.global_batch,
+            "steps_per_epoch": self.spe,
+            "samples_seen_per_epoch": last["samples_seen"],
+            "samples_seen_per_rank": last["samples_seen_per_rank"],
+            "steps_per_rank": last["steps_per_rank"],
+            "samples_seen_per_class": last["samples_seen_per_class"],
+            "train_samples": m.count("train"),
+            "val_samples": last["val_samples"],
+            "epochs": len(history),
+            "device": cfg.device,
+            "amp": cfg.amp,
+            "wall_s": sum(r["epoch_s"] for r in history),
+        }
         if cfg.ten_crop:
             t0 = time.perf_counter()
             with make_loader(cfg, self.ctx, self.manifest, "val", "tencrop", cfg.crop_size) as tencrop:
@@ -360,11 +459,15 @@ class Trainer:
         """A checkpoint of all a restart needs, written by rank 0 (every rank's RNG and loader state gathered)."""
         if not checkpoint.is_finite(self.raw, self.dev):
             raise self.diverged("the weights are not finite")
-        state = {"config": asdict(self.cfg), "world_size": self.ctx.world, "data": data_identity(self.manifest),
-                 **self.state.state_dict(),
-                 **checkpoint.training_state(self.raw, self.optimizer, self.train_step.scaler),
-                 "rng": checkpoint.every_rank(checkpoint.rng_state(), self.ctx.world),
-                 "loader": checkpoint.every_rank(self.train_loader.state_dict(), self.ctx.world)}
+        state = {
+            "config": asdict(self.cfg),
+            "world_size": self.ctx.world,
+            "data": data_identity(self.manifest),
+            **self.state.state_dict(),
+            **checkpoint.training_state(self.raw, self.optimizer, self.train_step.scaler),
+            "rng": checkpoint.every_rank(checkpoint.rng_state(), self.ctx.world),
+            "loader": checkpoint.every_rank(self.train_loader.state_dict(), self.ctx.world),
+        }
         self.saved = str(checkpoint.path_for(self.workdir / "checkpoints", self.state.step))
         if self.ctx.rank == 0:
             checkpoint.save(self.workdir / "checkpoints", state, self.state.step, self.cfg.keep, best)
@@ -380,19 +483,28 @@ class Trainer:
 
     def diverged(self, what: str) -> Diverged:
         last = checkpoint.step_files(self.workdir / "checkpoints")
-        fix = f"Last good checkpoint: {last[0]}; continue from it with --lr LOWER" if last else \
-            "No checkpoint was written yet; start again (in a new --workdir) with a lower --lr"
-        return Diverged(f"run.py: {what} at epoch {self.state.step // self.spe + 1}, step {self.state.step} "
-                        f"(lr {self.lr:.3g}); stopping. {fix}")
+        fix = (
+            f"Last good checkpoint: {last[0]}; continue from it with --lr LOWER"
+            if last
+            else "No checkpoint was written yet; start again (in a new --workdir) with a lower --lr"
+        )
+        return Diverged(
+            f"run.py: {what} at epoch {self.state.step // self.spe + 1}, step {self.state.step} "
+            f"(lr {self.lr:.3g}); stopping. {fix}"
+        )
 
     def stopped(self, why) -> int:
         """Says why the run stopped early and how to continue; the exit status (128 + the signal's number after one)."""
         if why == "max_steps":
-            log.info(f"stopped at step {self.state.step} (--max-steps {self.cfg.max_steps}); run the same command "
-                     f"with a larger --max-steps (or 0) to continue")
+            log.info(
+                f"stopped at step {self.state.step} (--max-steps {self.cfg.max_steps}); run the same command "
+                f"with a larger --max-steps (or 0) to continue"
+            )
             return 0
-        log.warning(f"run.py: {why.name}: stopped at epoch {self.state.step // self.spe + 1}, step {self.state.step}; "
-                    f"saved {self.saved}; run the same command to continue from it")
+        log.warning(
+            f"run.py: {why.name}: stopped at epoch {self.state.step // self.spe + 1}, step {self.state.step}; "
+            f"saved {self.saved}; run the same command to continue from it"
+        )
         return 128 + why
 
 
@@ -438,8 +550,9 @@ def evaluate_only(cfg: Config, ctx: Context) -> int:
     saved = Config(**{k: v for k, v in ckpt["config"].items() if k in known})
     check_crop(manifest, "val", saved.crop_size)
     classes = ckpt["data"]["classes"] if "data" in ckpt else [None] * ckpt["model"]["fc8.weight"].shape[0]
-    differs = other_classes(classes, [c["wnid"] for c in manifest.classes] if "data" in ckpt else
-                            [None] * manifest.num_classes)
+    differs = other_classes(
+        classes, [c["wnid"] for c in manifest.classes] if "data" in ckpt else [None] * manifest.num_classes
+    )
     if differs:
         raise UsageError(f"--eval: {cfg.eval} was trained on {differs}; evaluate it on shards of its own classes")
     cfg = replace(cfg, divide_std=saved.divide_std)  # the inputs as the weights were trained on
@@ -450,8 +563,10 @@ def evaluate_only(cfg: Config, ctx: Context) -> int:
         with make_loader(cfg, ctx, manifest, "val", augment, saved.crop_size) as loader:
             errs = evaluate(raw, loader, cfg.amp, ctx, views)
         result[augment] = errs
-        log.info(f"{augment}: val top-1 error {errs['top1_err']:.2%}, top-5 error {errs['top5_err']:.2%} "
-                 f"on {errs['samples']} images")
+        log.info(
+            f"{augment}: val top-1 error {errs['top1_err']:.2%}, top-5 error {errs['top5_err']:.2%} "
+            f"on {errs['samples']} images"
+        )
     log.info(json.dumps(result))
     return 0
 
@@ -494,8 +609,11 @@ def main(argv=None) -> int:
     except OSError as e:
         if e.filename is None:
             raise
-        print(f"run.py: cannot write {e.filename} ({e.strerror}); the checkpoints written before are intact: make "
-              f"room, then run the same command to continue", file=sys.stderr)
+        print(
+            f"run.py: cannot write {e.filename} ({e.strerror}); the checkpoints written before are intact: make "
+            f"room, then run the same command to continue",
+            file=sys.stderr,
+        )
         return 1
     finally:
         if preemption is not None:

@@ -1,5 +1,6 @@
 """What every rank of a torchrun job must do alike: act on rank 0's decisions, and stop after the same step when
 any of them is sent SIGTERM (what SLURM and Kubernetes send before the kill) or SIGINT."""
+
 from __future__ import annotations
 
 import signal

@@ -1,10 +1,10 @@
 """AlexNet as in the paper (§3, Figure 2): five conv layers in two towers, LRN, overlapping pooling, three FC layers."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.lrn import LocalResponseNorm
-
 
 TOWER_CONVS = ("dense", "grouped", "split")
 
@@ -21,8 +21,9 @@ class TowerConv(nn.ModuleList):
     """
 
     def __init__(self, cin, cout, kernel, stride=1, padding=0, towers=2, cross=False, impl="dense"):
-        super().__init__(nn.Conv2d(cin if cross else cin // towers, cout // towers, kernel, stride, padding)
-                         for _ in range(towers))
+        super().__init__(
+            nn.Conv2d(cin if cross else cin // towers, cout // towers, kernel, stride, padding) for _ in range(towers)
+        )
         if impl not in TOWER_CONVS:
             raise ValueError(f"tower conv {impl!r}: use one of {', '.join(TOWER_CONVS)}")
         self.cross, self.impl = cross, impl

@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes with a checksum footer, keep the last K and the best, load the latest good one;
 the training state and every rank's RNG states that a resume restores."""
+
 from __future__ import annotations
 
 import hashlib
@@ -36,7 +37,9 @@ def read(path: Path, map_location="cpu") -> dict:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise CheckpointError(f"{path}: unreadable ({e.strerror}); name a file in a run's WORKDIR/checkpoints") from None
+        raise CheckpointError(
+            f"{path}: unreadable ({e.strerror}); name a file in a run's WORKDIR/checkpoints"
+        ) from None
     if len(data) < FOOTER or data[-FOOTER:-40] != MAGIC:
         raise CheckpointError(f"{path}: truncated or not a checkpoint ({len(data)} bytes, no footer)")
     payload, digest, size = data[:-FOOTER], data[-40:-8], int.from_bytes(data[-8:], "little")
@@ -94,8 +97,11 @@ def load_latest(folder: Path, map_location="cpu", warn=print) -> tuple[dict, Pat
 
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler) -> dict:
     """The weights and the optimiser's (and fp16 loss scaler's) state, as restore_training() takes them back."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None}
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+    }
 
 
 def restore_training(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler) -> None:

@@ -2,6 +2,7 @@
 
 torch.nn.LocalResponseNorm divides alpha by n; the paper does not, so neither does anything here.
 """
+
 import functools
 import importlib.util
 
@@ -17,7 +18,7 @@ def local_response_norm(x, size=SIZE, alpha=ALPHA, beta=BETA, k=K):
     if size % 2 == 0:
         raise ValueError(f"LRN size must be odd (the window is i-n/2..i+n/2), got {size}")
     half, sq = size // 2, x * x
-    s = torch.stack([sq[:, max(0, i - half):i + half + 1].sum(1) for i in range(x.shape[1])], 1)
+    s = torch.stack([sq[:, max(0, i - half) : i + half + 1].sum(1) for i in range(x.shape[1])], 1)
     return x / (k + alpha * s) ** beta
 
 
@@ -49,7 +50,7 @@ def lrn_backward(x, g, size, alpha, beta, k, groups):
     wide = torch.promote_types(x.dtype, torch.float32)
     a, g = x.to(wide), g.to(wide)
     d = k + alpha * window_sum(a * a, size, groups)
-    p = d ** -beta
+    p = d**-beta
     return (g * p - (2 * alpha * beta) * a * window_sum(g * a * p / d, size, groups)).to(x.dtype)
 
 
@@ -60,6 +61,7 @@ def _fused():
     Static shapes but the batch: lrn1 and lrn2 differ in channels and size, and by default the second layer would
     recompile both into slower kernels generic in every dimension; fully static, every batch size (training, the
     last evaluation batch, ten-crop's ten views) would compile anew, past dynamo's limit of 8 per function."""
+
     def batch_dynamic(fn):
         compiled = torch.compile(fn, dynamic=False)
 
@@ -68,7 +70,9 @@ def _fused():
                 if isinstance(a, torch.Tensor):
                     torch._dynamo.maybe_mark_dynamic(a, 0)
             return compiled(*args)
+
         return call
+
     return batch_dynamic(lrn_forward), batch_dynamic(lrn_backward)
 
 

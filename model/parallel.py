@@ -1,4 +1,5 @@
 """Parallelism: the paper's two-GPU towers (§3.2), and each torchrun process's place in data parallelism."""
+
 import os
 from dataclasses import dataclass
 
@@ -64,13 +65,17 @@ def process_context(device: str, model_parallel: bool, towers: int = 2) -> Conte
     if model_parallel and towers != 2:
         raise ValueError("--model-parallel puts the paper's two towers on two devices: drop --towers 1")
     if model_parallel and have < 2 * (local + 1):
-        raise ValueError(f"--model-parallel needs two {device} devices per process ({2 * (local + 1)} for local "
-                         f"rank {local}); {have} found: drop --model-parallel or run fewer processes per node")
+        raise ValueError(
+            f"--model-parallel needs two {device} devices per process ({2 * (local + 1)} for local "
+            f"rank {local}); {have} found: drop --model-parallel or run fewer processes per node"
+        )
     if device == "cuda" and have < local + 1:
-        raise ValueError(f"local rank {local} has no GPU of its own ({have} found): run at most {have} processes "
-                         f"per node")
-    devices = tuple(torch.device("cuda", per * local + i) if device == "cuda" else torch.device("cpu")
-                    for i in range(per))
+        raise ValueError(
+            f"local rank {local} has no GPU of its own ({have} found): run at most {have} processes per node"
+        )
+    devices = tuple(
+        torch.device("cuda", per * local + i) if device == "cuda" else torch.device("cpu") for i in range(per)
+    )
     return Context(rank, world, devices)
 
 

@@ -1,9 +1,10 @@
 """The paper's optimisation recipe (§5) as pure functions, and the training step built from it."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ INITS = ("paper", "kaiming")
 
 @torch.no_grad()
 def initialise(model: nn.Module, scheme: str) -> None:
-    """"paper" keeps the model's own §5 init; "kaiming" redraws conv/linear weights N(0, 2/fan_in), biases 0."""
+    """ "paper" keeps the model's own §5 init; "kaiming" redraws conv/linear weights N(0, 2/fan_in), biases 0."""
     if scheme == "paper":
         return
     if scheme != "kaiming":
@@ -42,8 +43,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def sgd(model: nn.Module, lr: float = LR, momentum: float = MOMENTUM,
-        weight_decay: float = WEIGHT_DECAY) -> torch.optim.SGD:
+def sgd(
+    model: nn.Module, lr: float = LR, momentum: float = MOMENTUM, weight_decay: float = WEIGHT_DECAY
+) -> torch.optim.SGD:
     """§5's optimiser: SGD with momentum, weight decay on weights only (param_groups)."""
     return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum)
 
@@ -53,8 +55,12 @@ def scaled_lr(lr: float, global_batch: int, reference_batch: int = REFERENCE_BAT
     return lr * global_batch / reference_batch
 
 
-def plateau_drops(val_errors: Sequence[float], patience: int = PLATEAU_PATIENCE,
-                  min_delta: float = PLATEAU_MIN_DELTA, max_drops: int = PLATEAU_MAX_DROPS) -> int:
+def plateau_drops(
+    val_errors: Sequence[float],
+    patience: int = PLATEAU_PATIENCE,
+    min_delta: float = PLATEAU_MIN_DELTA,
+    max_drops: int = PLATEAU_MAX_DROPS,
+) -> int:
     """How many /10 steps the paper's rule (§5) has taken after these per-epoch validation errors."""
     drops, best, stale = 0, math.inf, 0
     for err in val_errors:
@@ -72,8 +78,16 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return 1.0 if step >= warmup_steps else (step + 1) / warmup_steps
 
 
-def lr_at(schedule: str, base_lr: float, step: int, steps_per_epoch: int, epochs: int, *,
-          warmup_steps: int = 0, val_errors: Sequence[float] = ()) -> float:
+def lr_at(
+    schedule: str,
+    base_lr: float,
+    step: int,
+    steps_per_epoch: int,
+    epochs: int,
+    *,
+    warmup_steps: int = 0,
+    val_errors: Sequence[float] = (),
+) -> float:
     """The learning rate of global step `step` (0-based) under one of SCHEDULES."""
     epoch = step // steps_per_epoch
     if schedule == "paper":
@@ -114,15 +128,16 @@ def count_errors(model: nn.Module, loader, amp: str, views: int, device) -> torc
         with torch.autocast(images.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             probs = model(images).float().softmax(1)
         probs = probs.view(-1, views, probs.shape[1]).mean(1).to(device)
-        labels = labels.to(device)[::views if labels.numel() == images.shape[0] else 1]
+        labels = labels.to(device)[:: views if labels.numel() == images.shape[0] else 1]
         errors += topk_errors(probs, labels)
         samples += labels.numel()  # a shape, known on the host: no per-batch host-to-device copy
     model.train()
     return torch.cat([errors, errors.new_full((1,), samples)])
 
 
-def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, amp: str = "off",
-                    compile: bool | str = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def make_train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, amp: str = "off", compile: bool | str = False
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A step(images, labels) -> detached loss tensor: forward, backward, SGD update, with no host sync.
 
     amp is "bf16" (sync-free), "fp16" (a GradScaler, which reads found-inf on the host) or "off".
@@ -166,8 +181,12 @@ class ComputeSettings:
 
     device: str = option("auto", "cuda when there is one", choices=("auto", "cuda", "cpu"))
     amp: str = option("auto", "autocast: bf16 on cuda, off on the cpu", choices=("auto", *AMP_DTYPES))
-    compile: str = option("off", "torch.compile mode (bare --compile: default; reduce-overhead: CUDA graphs)",
-                          choices=COMPILE_MODES, const="default")
+    compile: str = option(
+        "off",
+        "torch.compile mode (bare --compile: default; reduce-overhead: CUDA graphs)",
+        choices=COMPILE_MODES,
+        const="default",
+    )
     seed: int = option(0, "random seed")
 
     def resolve_device(self) -> dict:
@@ -182,13 +201,13 @@ class RecipeSettings:
 
     epochs: int = option(90, "passes over the training set (§5: roughly 90)", check=at_least(1))
     lr: float = option(LR, f"learning rate at a global batch of {REFERENCE_BATCH} (§5)", check=above(0))
-    lr_scaling: str = option("linear", "linear: the rate grows with the global batch (Goyal et al. 2017)",
-                             choices=("linear", "none"))
-    schedule: str = option("paper", "paper: /10 when val error stops improving (§5); step; cosine",
-                           choices=SCHEDULES)
-    warmup_epochs: float = option(0.0, "linear warm-up (none in the paper; useful for large batches)",
-                                  check=at_least(0))
+    lr_scaling: str = option(
+        "linear", "linear: the rate grows with the global batch (Goyal et al. 2017)", choices=("linear", "none")
+    )
+    schedule: str = option("paper", "paper: /10 when val error stops improving (§5); step; cosine", choices=SCHEDULES)
+    warmup_epochs: float = option(
+        0.0, "linear warm-up (none in the paper; useful for large batches)", check=at_least(0)
+    )
     momentum: float = option(MOMENTUM, "SGD momentum (§5)", check=((lambda v: 0 <= v < 1), "at least 0 and below 1"))
     weight_decay: float = option(WEIGHT_DECAY, "on weights, not biases (§5)", check=at_least(0))
-    init: str = option("paper", "paper: weights N(0, 0.01), some biases 1 (§5); kaiming: He et al. 2015",
-                       choices=INITS)
+    init: str = option("paper", "paper: weights N(0, 0.01), some biases 1 (§5); kaiming: He et al. 2015", choices=INITS)

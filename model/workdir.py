@@ -1,5 +1,6 @@
 """A run's workdir: one run at a time (an flock), what a restart continues from, and the data a checkpoint was
 trained on."""
+
 from __future__ import annotations
 
 import fcntl
@@ -33,11 +34,17 @@ class WorkdirLock:
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise WorkdirBusy(f"{self.path.parent}: in use by {holder} ({self.path}); wait for that run to end, "
-                              f"or pass another --workdir") from None
+            raise WorkdirBusy(
+                f"{self.path.parent}: in use by {holder} ({self.path}); wait for that run to end, "
+                f"or pass another --workdir"
+            ) from None
         os.ftruncate(fd, 0)  # who holds it, for the message a second run prints
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                      f"{' '.join(sys.argv)}\n".encode(), 0)
+        os.pwrite(
+            fd,
+            f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+            f"{' '.join(sys.argv)}\n".encode(),
+            0,
+        )
         self.fd = fd
 
     def release(self) -> None:
@@ -57,8 +64,10 @@ def remove_temporaries(workdir: Path) -> list[Path]:
 def data_identity(manifest) -> dict:
     """The data a checkpoint is trained on: the class list (label i's wnid), and the train shards' fingerprint."""
     shards = [(s.tar.name, s.count, s.tar_sha256) for s in manifest.shards("train")]
-    return {"classes": [c["wnid"] for c in manifest.classes],
-            "train": hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]}
+    return {
+        "classes": [c["wnid"] for c in manifest.classes],
+        "train": hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16],
+    }
 
 
 def other_classes(saved: list, classes: list) -> str | None:
@@ -73,5 +82,7 @@ def other_data(saved: dict, here: dict) -> str | None:
     """How the data a checkpoint was trained on differs from these shards' (None if it does not)."""
     if saved == here:
         return None
-    return other_classes(saved["classes"], here["classes"]) or \
-        f"other train shards (fingerprint {saved['train']}, these {here['train']})"
+    return (
+        other_classes(saved["classes"], here["classes"])
+        or f"other train shards (fingerprint {saved['train']}, these {here['train']})"
+    )

@@ -1,4 +1,5 @@
 """Atomic file writes: a crash leaves the old file or the new one, never half of either."""
+
 import os
 from contextlib import contextmanager
 from pathlib import Path

@@ -2,6 +2,7 @@
 
 The DALI graphs in pipeline/dali.py are built from these numbers, and the tests hold DALI's pixels to them.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,9 @@ INCEPTION_AREA = (0.08, 1.0)  # random-resized crop (Szegedy et al. 2015): share
 INCEPTION_ASPECT = (3 / 4, 4 / 3)
 # §4.1 test time: the four corner patches and the centre patch, then the same five mirrored;
 # each view is (crop_pos_x, crop_pos_y, mirror).
-TENCROP_VIEWS = tuple((x, y, mirror) for mirror in (0, 1)
-                      for x, y in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5)))
+TENCROP_VIEWS = tuple(
+    (x, y, mirror) for mirror in (0, 1) for x, y in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))
+)
 
 
 def crop_anchor(pos: float, size: int, crop: int) -> int:
@@ -44,8 +46,7 @@ def lighting_offset(alpha: np.ndarray, eigval: np.ndarray, eigvec: np.ndarray) -
     return lighting_matrix(eigval, eigvec) @ np.asarray(alpha, np.float64)
 
 
-def normalisation(rgb_mean: np.ndarray, rgb_std: np.ndarray,
-                  divide_std: bool) -> tuple[np.ndarray, np.ndarray]:
+def normalisation(rgb_mean: np.ndarray, rgb_std: np.ndarray, divide_std: bool) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std) the pipeline applies as (pixel - mean) / std: §2's mean subtraction only, unless divide_std."""
     std = np.asarray(rgb_std, np.float64) if divide_std else np.ones(3)
     return np.asarray(rgb_mean, np.float64), std

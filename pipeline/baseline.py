@@ -5,6 +5,7 @@ Each worker process decodes a JPEG with Pillow, takes a random crop_size square 
 does) in NumPy float32, the way a hand-written torchvision-style transform does it; batches are collated in the
 workers and made channels-last on the device.
 """
+
 from __future__ import annotations
 
 import io
@@ -19,8 +20,15 @@ from pipeline.manifest import Manifest
 SHUFFLE_BUFFER = 1000  # samples each worker mixes, webdataset's usual order of magnitude
 
 
-def augment(image: Image.Image, rng: np.random.Generator, size: int, mean: np.ndarray, std: np.ndarray,
-            eigval: np.ndarray, eigvec: np.ndarray) -> np.ndarray:
+def augment(
+    image: Image.Image,
+    rng: np.random.Generator,
+    size: int,
+    mean: np.ndarray,
+    std: np.ndarray,
+    eigval: np.ndarray,
+    eigvec: np.ndarray,
+) -> np.ndarray:
     """Random size x size crop, flip with p = 0.5, lighting, then (pixel - mean) / std: float32 CHW.
 
     Draws from rng in this order: crop position x, y (uniform in [0, 1), placed as DALI places them), flip,
@@ -53,8 +61,16 @@ class _Transform:
         return torch.from_numpy(augment(image, self.rng, *self.args)), int(cls)
 
 
-def baseline_loader(m: Manifest, batch_size: int, *, crop_size: int = 224, workers: int = 4,
-                    seed: int = 0, divide_std: bool = False, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+def baseline_loader(
+    m: Manifest,
+    batch_size: int,
+    *,
+    crop_size: int = 224,
+    workers: int = 4,
+    seed: int = 0,
+    divide_std: bool = False,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
     """An endless DataLoader over the manifest's training shards (shards resampled, samples shuffled in each worker)."""
     import webdataset as wds
 
@@ -62,10 +78,20 @@ def baseline_loader(m: Manifest, batch_size: int, *, crop_size: int = 224, worke
     transform = _Transform(crop_size, *normalisation(m.rgb_mean, m.rgb_std, divide_std), m.eigval, m.eigvec)
     # Not wds.WebDataset: it opens a shard at urlparse(path).path, so a '#' in a folder name cuts the path short.
     # tarfile_to_samples opens a path without a URL scheme as the plain file it is.
-    dataset = wds.DataPipeline(wds.ResampledShards(paths), wds.tarfile_to_samples(), wds.shuffle(SHUFFLE_BUFFER),
-                               wds.to_tuple("jpg", "cls"), wds.map(transform))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
-                                       generator=torch.Generator().manual_seed(seed))
+    dataset = wds.DataPipeline(
+        wds.ResampledShards(paths),
+        wds.tarfile_to_samples(),
+        wds.shuffle(SHUFFLE_BUFFER),
+        wds.to_tuple("jpg", "cls"),
+        wds.map(transform),
+    )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def device_batches(loader: torch.utils.data.DataLoader, device: str, dtype: torch.dtype):

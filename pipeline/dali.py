@@ -4,6 +4,7 @@ One definition serves the GPU and the CPU: only the decoder's device changes ("m
 every operator after the decoder, on the GPU; "cpu" keeps them on the host). Each pipeline returns
 (images, labels, source_info, *draws), the draws being the per-sample random numbers of the augmentation (DRAWS).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,12 @@ READER = "shards"
 # full size). The sharder shuffled samples across files, and the reader visits the files in a new order every
 # epoch, so a buffer of a few shards' worth mixes classes about as well as a full permutation would.
 INITIAL_FILL = 4096
-DRAWS = {"paper": ("crop_pos_x", "crop_pos_y", "mirror", "alpha"), "inception": ("mirror",),
-         "center": (), "tencrop": ()}
+DRAWS = {
+    "paper": ("crop_pos_x", "crop_pos_y", "mirror", "alpha"),
+    "inception": ("mirror",),
+    "center": (),
+    "tencrop": (),
+}
 
 
 def read_shards(files, index_files, *, shard_id, num_shards, shuffle, seed):
@@ -27,11 +32,23 @@ def read_shards(files, index_files, *, shard_id, num_shards, shuffle, seed):
     on every rank, so the shares still split the samples), and the samples shuffled in a buffer; else the rank's
     share in file order, the same every epoch."""
     return fn.readers.webdataset(
-        paths=files, index_paths=index_files, ext=[IMAGE_EXT, LABEL_EXT], dtypes=[types.UINT8, types.INT32],
-        missing_component_behavior="error", random_shuffle=shuffle, initial_fill=INITIAL_FILL, seed=seed,
+        paths=files,
+        index_paths=index_files,
+        ext=[IMAGE_EXT, LABEL_EXT],
+        dtypes=[types.UINT8, types.INT32],
+        missing_component_behavior="error",
+        random_shuffle=shuffle,
+        initial_fill=INITIAL_FILL,
+        seed=seed,
         # the file order's own seed: without it DALI draws every run's order from one fixed default
-        shuffle_after_epoch=shuffle, shuffle_after_epoch_seed=seed, stick_to_shard=not shuffle, shard_id=shard_id,
-        num_shards=num_shards, pad_last_batch=True, name=READER)
+        shuffle_after_epoch=shuffle,
+        shuffle_after_epoch_seed=seed,
+        stick_to_shard=not shuffle,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        pad_last_batch=True,
+        name=READER,
+    )
 
 
 def paper(jpegs, *, crop, decode, normalise, mean, lighting):
@@ -51,8 +68,9 @@ def paper(jpegs, *, crop, decode, normalise, mean, lighting):
 
 def inception(jpegs, *, crop, decode, normalise, mean):
     """Random-resized crop (8-100 % of the area, aspect 3/4-4/3) to crop x crop, mirrored with p = 0.5."""
-    images = fn.decoders.image_random_crop(jpegs, random_area=INCEPTION_AREA, random_aspect_ratio=INCEPTION_ASPECT,
-                                           num_attempts=10, **decode)
+    images = fn.decoders.image_random_crop(
+        jpegs, random_area=INCEPTION_AREA, random_aspect_ratio=INCEPTION_ASPECT, num_attempts=10, **decode
+    )
     images = fn.resize(images, size=(crop, crop))
     mirror = fn.random.coin_flip(probability=0.5)
     return fn.crop_mirror_normalize(images, mirror=mirror, mean=mean.tolist(), **normalise), (mirror,)
@@ -67,17 +85,36 @@ def center(jpegs, *, crop, decode, normalise, mean):
 def tencrop(jpegs, *, crop, decode, normalise, mean):
     """§4.1 test time: the four corner and the centre patches and their mirror images, stacked as (10, H, W, C)."""
     images = fn.decoders.image(jpegs, **decode)
-    views = [fn.crop_mirror_normalize(images, crop=(crop, crop), crop_pos_x=x, crop_pos_y=y, mirror=mirror,
-                                      mean=mean.tolist(), **normalise) for x, y, mirror in TENCROP_VIEWS]
+    views = [
+        fn.crop_mirror_normalize(
+            images, crop=(crop, crop), crop_pos_x=x, crop_pos_y=y, mirror=mirror, mean=mean.tolist(), **normalise
+        )
+        for x, y, mirror in TENCROP_VIEWS
+    ]
     return fn.stack(*views), ()
 
 
 @pipeline_def
-def augment_pipeline(files, index_files, *, augment: str, crop: int, decoder: str, hw_decoder_load: float,
-                     mean: np.ndarray, std: np.ndarray, lighting: np.ndarray, dtype, shard_id: int, num_shards: int,
-                     shuffle: bool, reader_seed: int):
-    jpegs, labels = read_shards(files, index_files, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
-                                seed=reader_seed)
+def augment_pipeline(
+    files,
+    index_files,
+    *,
+    augment: str,
+    crop: int,
+    decoder: str,
+    hw_decoder_load: float,
+    mean: np.ndarray,
+    std: np.ndarray,
+    lighting: np.ndarray,
+    dtype,
+    shard_id: int,
+    num_shards: int,
+    shuffle: bool,
+    reader_seed: int,
+):
+    jpegs, labels = read_shards(
+        files, index_files, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle, seed=reader_seed
+    )
     source = fn.get_property(jpegs, key="source_info")
     # "mixed" only: the share of JPEGs that the hardware decoder takes (the rest go to CUDA cores), and libjpeg-turbo's
     # "fancy" (interpolating) chroma upsampling, which DALI's CPU decoder and Pillow (the dataset's statistics) use;
@@ -99,6 +136,7 @@ def augment_pipeline(files, index_files, *, augment: str, crop: int, decoder: st
 @pipeline_def
 def read_pipeline(files, index_files, *, shard_id: int, num_shards: int, shuffle: bool, reader_seed: int):
     """The reader of augment_pipeline alone: the same samples in the same order, without decoding them."""
-    jpegs, _ = read_shards(files, index_files, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle,
-                           seed=reader_seed)
+    jpegs, _ = read_shards(
+        files, index_files, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle, seed=reader_seed
+    )
     return jpegs, fn.get_property(jpegs, key="source_info")

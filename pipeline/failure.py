@@ -4,9 +4,11 @@ decoding up to the failed batch, and the JPEG that Pillow cannot decode either i
 The replay starts where the loader last took DALI's checkpoint of its pipeline (an epoch's start, or a resumed
 position). That checkpoint holds every operator's state; the reader-only pipeline takes the reader's alone.
 """
+
 from __future__ import annotations
 
 import io
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -24,12 +26,21 @@ TESTED_DALI = "2.4."
 def reason(error: Exception) -> str:
     """The line of a DALI error that says what went wrong (DALI puts it after "encountered:")."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    after = [b for a, b in zip(lines, lines[1:]) if a.endswith("encountered:")]
+    after = [b for a, b in itertools.pairwise(lines) if a.endswith("encountered:")]
     return (after or lines or [type(error).__name__])[0]
 
 
-def locate(error: RuntimeError, reader: Callable, checkpoint: bytes | None, skip: int, ahead: int, tars, where: str,
-           root, hint: str) -> ShardError:
+def locate(
+    error: RuntimeError,
+    reader: Callable,
+    checkpoint: bytes | None,
+    skip: int,
+    ahead: int,
+    tars,
+    where: str,
+    root,
+    hint: str,
+) -> ShardError:
     """Run `reader(restore)` (a DALI pipeline of (jpegs, source_info)) from `checkpoint` past `skip` batches.
 
     The failed batch is the next one or, with prefetching, one of the `ahead` after it: name its JPEG that Pillow
@@ -42,11 +53,14 @@ def locate(error: RuntimeError, reader: Callable, checkpoint: bytes | None, skip
         for i in range(skip + ahead + 1):
             jpegs, sources = pipe.run()
             if i >= skip:
-                suspects += [(bytes(np.asarray(j)), split_source(bytes(np.asarray(s)).decode(), tars))
-                             for j, s in zip(jpegs, sources)]
+                suspects += [
+                    (bytes(np.asarray(j)), split_source(bytes(np.asarray(s)).decode(), tars))
+                    for j, s in zip(jpegs, sources)
+                ]
     except Exception as e:  # the replay is a diagnosis: whatever stops it, the user still gets the original failure
-        return ShardError(f"{root}: DALI cannot read {where} ({reason(error)}; replaying it to find the sample: "
-                          f"{reason(e)}); {hint}")
+        return ShardError(
+            f"{root}: DALI cannot read {where} ({reason(error)}; replaying it to find the sample: {reason(e)}); {hint}"
+        )
     for jpeg, (tar, member) in suspects:
         try:
             with Image.open(io.BytesIO(jpeg)) as im:
@@ -67,8 +81,10 @@ def with_reader_state(base: bytes, donor: bytes) -> bytes:
     That layout is DALI's private format, read here as DALI TESTED_DALI* writes it; another DALI is refused.
     """
     if not nvidia.dali.__version__.startswith(TESTED_DALI):
-        raise ValueError(f"this replay reads DALI {TESTED_DALI}x's checkpoints, not DALI {nvidia.dali.__version__}'s; "
-                         f"install nvidia-dali {TESTED_DALI}x (requirements.txt) to have the sample named")
+        raise ValueError(
+            f"this replay reads DALI {TESTED_DALI}x's checkpoints, not DALI {nvidia.dali.__version__}'s; "
+            f"install nvidia-dali {TESTED_DALI}x (requirements.txt) to have the sample named"
+        )
     reader = [raw for field, body, raw in _fields(donor) if field == 1 and _name(body) == READER]
     context = [raw for field, _, raw in _fields(donor) if field == 2]
     out = []
@@ -94,7 +110,7 @@ def _fields(message: bytes):
         if key & 7 != 2:
             raise ValueError(f"DALI checkpoint: field {key >> 3} has wire type {key & 7}, not a length-delimited one")
         size, i = _varint(message, i)
-        yield key >> 3, message[i:i + size], message[start:i + size]
+        yield key >> 3, message[i : i + size], message[start : i + size]
         i += size
 
 

@@ -1,4 +1,5 @@
 """The GPU's side of a batch's life: DALI may reuse a batch's memory once the kernels queued on it have run."""
+
 from __future__ import annotations
 
 import time

@@ -9,6 +9,7 @@ and its random draws), from which a resumed run continues with exactly the batch
 Its parts: the pipeline (pipeline.spec), the position (pipeline.position), the GPU's hold on batches
 (pipeline.holdback), a failure's replay (pipeline.failure) and where samples came from (pipeline.provenance).
 """
+
 from __future__ import annotations
 
 import time
@@ -38,21 +39,60 @@ class DaliLoader:
     not. DALI may reuse it once the kernels queued on that stream before the next batch is asked for have run.
     """
 
-    def __init__(self, manifest: Manifest, split: str, batch_size: int, *, augment: str = "paper",
-                 crop_size: int = 224, device: str = "cuda", device_id: int | None = 0, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, num_threads: int = 4, hw_decoder_load: float = 0.65,
-                 prefetch: int = 2, dtype: torch.dtype = torch.float16, divide_std: bool = False):
-        check_args(manifest, augment, device, dtype, batch_size, rank, world_size, crop_size, num_threads, prefetch,
-                   hw_decoder_load)
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        batch_size: int,
+        *,
+        augment: str = "paper",
+        crop_size: int = 224,
+        device: str = "cuda",
+        device_id: int | None = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_threads: int = 4,
+        hw_decoder_load: float = 0.65,
+        prefetch: int = 2,
+        dtype: torch.dtype = torch.float16,
+        divide_std: bool = False,
+    ):
+        check_args(
+            manifest,
+            augment,
+            device,
+            dtype,
+            batch_size,
+            rank,
+            world_size,
+            crop_size,
+            num_threads,
+            prefetch,
+            hw_decoder_load,
+        )
         self.device = torch.device("cuda", device_id or 0) if device == "cuda" else torch.device("cpu")
-        self.spec = PipelineSpec(manifest, split, batch_size, augment=augment, crop_size=crop_size,
-                                 device=self.device, rank=rank, world_size=world_size, seed=seed,
-                                 num_threads=num_threads, hw_decoder_load=hw_decoder_load, prefetch=prefetch,
-                                 dtype=dtype, divide_std=divide_std)
+        self.spec = PipelineSpec(
+            manifest,
+            split,
+            batch_size,
+            augment=augment,
+            crop_size=crop_size,
+            device=self.device,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            num_threads=num_threads,
+            hw_decoder_load=hw_decoder_load,
+            prefetch=prefetch,
+            dtype=dtype,
+            divide_std=divide_std,
+        )
         self.split, self.batch_size, self.augment, self.dtype = split, batch_size, augment, dtype
         self.rank, self.world_size, self.count = rank, world_size, self.spec.count
-        self.position = Position(len(self), rank=rank, seed=seed, world_size=world_size, batch_size=batch_size,
-                                 count=self.count)
+        self.position = Position(
+            len(self), rank=rank, seed=seed, world_size=world_size, batch_size=batch_size, count=self.count
+        )
         self.images_per_s = 0.0  # samples yielded / seconds since this pass over the epoch began, any build included
         self._hold = HoldBack(self.device)
         self._pipe, self._last, self._closed = None, None, False
@@ -76,8 +116,10 @@ class DaliLoader:
     def set_epoch(self, epoch: int) -> None:
         """Check that `epoch` is where the loader stands: its one pipeline goes through the epochs in order."""
         if epoch != self.epoch:
-            raise ValueError(f"set_epoch({epoch}): the loader stands at epoch {self.epoch} step {self.step} and goes "
-                             f"through the epochs in order; iterate on, or load_state_dict a saved position")
+            raise ValueError(
+                f"set_epoch({epoch}): the loader stands at epoch {self.epoch} step {self.step} and goes "
+                f"through the epochs in order; iterate on, or load_state_dict a saved position"
+            )
 
     def state_dict(self) -> dict:
         """The position, with DALI's checkpoint of this rank's pipeline there (None before the first batch)."""
@@ -138,12 +180,15 @@ class DaliLoader:
         outputs = self._run()
         images, labels, sources, *draws = outputs
         views = len(TENCROP_VIEWS) if self.augment == "tencrop" else 1
-        n = self.batch_size if self.augment in TRAIN_AUGMENTS else \
-            valid_in_step(self.count, self.rank, self.world_size, self.batch_size, self.step)
+        n = (
+            self.batch_size
+            if self.augment in TRAIN_AUGMENTS
+            else valid_in_step(self.count, self.rank, self.world_size, self.batch_size, self.step)
+        )
         images = _to_torch(images, self.device)
         if views > 1:  # (B, 10, H, W, C) -> (10 B, H, W, C): sample-major, still a view
             images = images.flatten(0, 1)
-        images = images[:n * views]
+        images = images[: n * views]
         labels = _to_torch(labels, self.device).view(-1)[:n]
         self._last = (sources, draws, n)
         if self.device.type == "cuda":  # torch may drop `images` (the float16 one of a bfloat16 batch at once)
@@ -158,8 +203,17 @@ class DaliLoader:
         checkpoint, start = self.position.anchor
         where = f"rank {self.rank}'s '{self.split}' shards in epoch {self.epoch} step {self.step}"
         ahead = self.spec.run_args["prefetch_queue_depth"]
-        return locate(error, self.spec.reader, checkpoint, self.step - start, ahead, self.spec.tars, where,
-                      self.spec.root, self.spec.hint)
+        return locate(
+            error,
+            self.spec.reader,
+            checkpoint,
+            self.step - start,
+            ahead,
+            self.spec.tars,
+            where,
+            self.spec.root,
+            self.spec.hint,
+        )
 
 
 def _to_torch(tensors, device: torch.device) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """The shard folder's contract: manifest.json as tools/shard_imagenet.py writes it, read and checked here."""
+
 from __future__ import annotations
 
 import hashlib
@@ -83,8 +84,10 @@ def load_manifest(shards_dir: str | Path, checksums: bool = False, check_shards:
     except (OSError, ValueError) as e:
         raise ShardError(f"{path}: unreadable ({e}); {hint}") from None
     if raw.get("format_version") != FORMAT_VERSION:
-        raise ShardError(f"{path}: format version {raw.get('format_version')!r}, this code reads {FORMAT_VERSION}; "
-                         f"re-shard with tools/shard_imagenet.py")
+        raise ShardError(
+            f"{path}: format version {raw.get('format_version')!r}, this code reads {FORMAT_VERSION}; "
+            f"re-shard with tools/shard_imagenet.py"
+        )
     try:
         return _parse(root, raw, checksums if check_shards else None, hint)
     except (KeyError, TypeError, ValueError) as e:
@@ -96,8 +99,14 @@ def _parse(root: Path, raw: dict, checksums: bool | None, hint: str) -> Manifest
     for split, entry in raw["splits"].items():
         shards = []
         for s in entry["shards"]:
-            shard = Shard(root / s["tar"], root / s["index"], int(s["count"]), int(s["tar_bytes"]),
-                          s["tar_sha256"], s["index_sha256"])
+            shard = Shard(
+                root / s["tar"],
+                root / s["index"],
+                int(s["count"]),
+                int(s["tar_bytes"]),
+                s["tar_sha256"],
+                s["index_sha256"],
+            )
             if checksums is not None:
                 check_shard(shard, checksums, hint)
             shards.append(shard)
@@ -106,11 +115,17 @@ def _parse(root: Path, raw: dict, checksums: bool | None, hint: str) -> Manifest
         splits[split] = shards
         min_side[split] = None if entry["min_side"] is None else int(entry["min_side"])
     stats = raw["stats"]
-    return Manifest(root=root, classes=raw["classes"], splits=splits,
-                    rgb_mean=np.asarray(stats["rgb_mean"], np.float64),
-                    rgb_std=np.asarray(stats["rgb_std"], np.float64),
-                    eigval=np.asarray(stats["eigval"], np.float64), eigvec=np.asarray(stats["eigvec"], np.float64),
-                    min_side=min_side, raw=raw)
+    return Manifest(
+        root=root,
+        classes=raw["classes"],
+        splits=splits,
+        rgb_mean=np.asarray(stats["rgb_mean"], np.float64),
+        rgb_std=np.asarray(stats["rgb_std"], np.float64),
+        eigval=np.asarray(stats["eigval"], np.float64),
+        eigvec=np.asarray(stats["eigvec"], np.float64),
+        min_side=min_side,
+        raw=raw,
+    )
 
 
 def check_crop(manifest: Manifest, split: str, crop_size: int) -> None:
@@ -118,9 +133,11 @@ def check_crop(manifest: Manifest, split: str, crop_size: int) -> None:
     manifest.shards(split)
     side = manifest.min_side[split]
     if side is not None and crop_size > side:
-        raise ShardError(f"{manifest.root / MANIFEST}: the smallest '{split}' image has a short side of {side}, "
-                         f"smaller than crop_size {crop_size}; pass a smaller --crop-size, or re-shard with "
-                         f"tools/shard_imagenet.py --resize short:{crop_size}")
+        raise ShardError(
+            f"{manifest.root / MANIFEST}: the smallest '{split}' image has a short side of {side}, "
+            f"smaller than crop_size {crop_size}; pass a smaller --crop-size, or re-shard with "
+            f"tools/shard_imagenet.py --resize short:{crop_size}"
+        )
 
 
 def check_shard(shard: Shard, checksums: bool, hint: str) -> None:
@@ -137,7 +154,8 @@ def check_shard(shard: Shard, checksums: bool, hint: str) -> None:
         try:
             digest = sha256_file(f)
         except OSError as e:
-            raise UnreadableShard(f"{f}: cannot read ({e.strerror}); make the shard folder readable "
-                                  f"(chmod -R u+rX) and rerun") from None
+            raise UnreadableShard(
+                f"{f}: cannot read ({e.strerror}); make the shard folder readable (chmod -R u+rX) and rerun"
+            ) from None
         if digest != want:
             raise ShardError(f"{f}: checksum does not match the manifest; {hint}")

@@ -1,4 +1,5 @@
 """Where a loader stands in its epochs, saved and restored with DALI's checkpoint of the rank's pipeline."""
+
 from __future__ import annotations
 
 # What a saved position was drawn with: a loader that differs in any of them would yield other batches.
@@ -16,14 +17,20 @@ class Position:
 
     def state_dict(self, checkpoint: bytes | None) -> dict:
         """The position with `checkpoint`, DALI's of the running pipeline (None: not built, so `restore`)."""
-        return {"epoch": self.epoch, "step": self.step, "dali": self.restore if checkpoint is None else checkpoint,
-                **self.identity}
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "dali": self.restore if checkpoint is None else checkpoint,
+            **self.identity,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in IDENTITY:
             if state[key] != self.identity[key]:
-                raise ValueError(f"loader state has {key} {state[key]}, this loader {self.identity[key]}: "
-                                 f"a resumed run would see other batches; resume with the original settings")
+                raise ValueError(
+                    f"loader state has {key} {state[key]}, this loader {self.identity[key]}: "
+                    f"a resumed run would see other batches; resume with the original settings"
+                )
         if state["dali"] is None and (state["epoch"], state["step"]) != (0, 0):
             raise ValueError(f"loader state at epoch {state['epoch']} step {state['step']} has no DALI checkpoint")
         self.epoch, self.step, self.restore = state["epoch"], state["step"], state["dali"]

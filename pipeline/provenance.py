@@ -1,4 +1,5 @@
 """Where each sample of a batch came from: its shard file and key, from DALI's source_info."""
+
 from __future__ import annotations
 
 import re
@@ -15,8 +16,8 @@ def split_source(source: str, tars) -> tuple[str, str]:
     Paths and member names may hold ':' themselves, so the split is where what comes before is a tar that was read.
     """
     for m in OFFSET.finditer(source):
-        if source[:m.start()] in tars:
-            return source[:m.start()], source[m.end():]
+        if source[: m.start()] in tars:
+            return source[: m.start()], source[m.end() :]
     raise ValueError(f"source_info {source!r} names none of the shards read")
 
 

@@ -5,21 +5,30 @@ Programs compose their settings from shared sections by inheritance (class RunCo
 setting two programs take is declared in one place and reads the same in both. argparse and dataclasses do all this
 in a page; a library (tyro, jsonargparse) would bring dependencies and its own error format, and ours is one line.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import types
 import typing
-from pathlib import Path
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
-           check: tuple[Callable[[Any], bool], str] | None = None, const: Any = None,
-           default_factory: Callable[[], Any] | None = None) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    choices: tuple | None = None,
+    check: tuple[Callable[[Any], bool], str] | None = None,
+    const: Any = None,
+    default_factory: Callable[[], Any] | None = None,
+) -> Any:
     """A setting: its default, help, the values it may take (choices, or check: (predicate, what it must be)).
     `const` is the value of the bare flag, for a flag whose value may be left out (--compile)."""
     meta = {"help": help, "choices": choices, "check": check, "const": const}
@@ -56,7 +65,7 @@ def sections(cls) -> list[tuple[type, list[dataclasses.Field]]]:
     by_name = {f.name: f for f in dataclasses.fields(cls)}
     out = []
     for base in cls.__mro__:
-        own = [by_name[n] for n in base.__dict__.get("__annotations__", {}) if n in by_name]
+        own = [by_name[n] for n in inspect.get_annotations(base) if n in by_name]
         if dataclasses.is_dataclass(base) and own:
             out.append((base, own))
     return out
@@ -98,27 +107,45 @@ def _shown(value) -> str:
 def build_parser(cls, prog: str, description: str) -> Parser:
     """The command line of a settings class: a group per section, every flag's default left unset (SUPPRESS), so
     that what the user named can be told from what came from defaults, presets or --config."""
-    p = Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-               argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", type=Path, metavar="JSON",
-                   help="take the settings saved in this JSON file (such as a training run's config.json); flags "
-                        "given here win")
+    p = Parser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="JSON",
+        help="take the settings saved in this JSON file (such as a training run's config.json); flags given here win",
+    )
     hints = typing.get_type_hints(cls)
     for section, own in sections(cls):
         group = p.add_argument_group((section.__doc__ or section.__name__).splitlines()[0])
         for f in own:
             kind, meta = _unwrap(hints[f.name]), f.metadata
             default = _default(f)
-            note = " (required)" if default is dataclasses.MISSING else "" if default is None or default is False \
-                or default in ("", ()) else f" (default: {_shown(default)})"
+            note = (
+                " (required)"
+                if default is dataclasses.MISSING
+                else ""
+                if default is None or default is False or default in ("", ())
+                else f" (default: {_shown(default)})"
+            )
             kw = {"dest": f.name, "help": meta.get("help", "") + note}
             if kind is bool:
                 group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
             elif typing.get_origin(kind) is tuple:  # --tower-convs dense grouped; --size-range 300 640
                 args = typing.get_args(kind)
                 many = args[-1] is Ellipsis
-                group.add_argument(flag(f.name), nargs="+" if many else len(args), type=args[0],
-                                   choices=meta.get("choices"), metavar="N" if args[0] is int else None, **kw)
+                group.add_argument(
+                    flag(f.name),
+                    nargs="+" if many else len(args),
+                    type=args[0],
+                    choices=meta.get("choices"),
+                    metavar="N" if args[0] is int else None,
+                    **kw,
+                )
             else:
                 extra = {"nargs": "?", "const": meta["const"]} if meta.get("const") is not None else {}
                 metavar = {int: "N", float: "X", Path: "PATH"}.get(kind)
@@ -131,8 +158,10 @@ def read_config(path: Path, cls, parser: Parser) -> dict:
     try:
         saved = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        parser.error(f"--config {path}: cannot read it ({e.__class__.__name__}: {e}); pass a JSON file such as a "
-                     f"run's config.json")
+        parser.error(
+            f"--config {path}: cannot read it ({e.__class__.__name__}: {e}); pass a JSON file such as a "
+            f"run's config.json"
+        )
     if not isinstance(saved, dict):
         parser.error(f"--config {path}: holds no settings object; pass a JSON file such as a run's config.json")
     hints, known = typing.get_type_hints(cls), {f.name for f in dataclasses.fields(cls)}
@@ -169,8 +198,9 @@ def parse(cls, argv=None, *, prog: str, description: str, preset: Callable[[dict
     values = {**(read_config(config, cls, parser) if config else {}), **given}
     if preset:
         values = {**preset(values), **values}
-    missing = [flag(f.name) for f in dataclasses.fields(cls) if _default(f) is dataclasses.MISSING and
-               f.name not in values]
+    missing = [
+        flag(f.name) for f in dataclasses.fields(cls) if _default(f) is dataclasses.MISSING and f.name not in values
+    ]
     if missing:
         parser.error(f"{' and '.join(missing)} required")
     cfg = cls(**values)
@@ -185,8 +215,9 @@ def to_json(cfg) -> dict:
 
 def show(cfg) -> str:
     """One setting per line, for the start of a run's log."""
-    return "config:\n" + "\n".join(f"  {f.name:<19}{_shown(getattr(cfg, f.name))}"
-                                    for _, own in sections(type(cfg)) for f in own)
+    return "config:\n" + "\n".join(
+        f"  {f.name:<19}{_shown(getattr(cfg, f.name))}" for _, own in sections(type(cfg)) for f in own
+    )
 
 
 @dataclass
@@ -196,8 +227,12 @@ class LoaderSettings:
     batch_size: int = option(128, "images per step and process", check=at_least(1))  # §5
     crop_size: int = option(224, "side of the square crops the network sees", check=at_least(1))  # §3.5, §4.1
     divide_std: bool = option(False, "also divide the pixels by the per-channel std (§2 subtracts the mean only)")
-    threads: int = option(0, "DALI CPU threads per process; 0: the node's cores shared by its processes",
-                          check=at_least(0))
-    hw_decoder_load: float = option(0.65, "share of the JPEGs for the GPU's hardware decoder, the rest on the SMs "
-                                    "(docs/perf.md)", check=between(0.0, 1.0))
+    threads: int = option(
+        0, "DALI CPU threads per process; 0: the node's cores shared by its processes", check=at_least(0)
+    )
+    hw_decoder_load: float = option(
+        0.65,
+        "share of the JPEGs for the GPU's hardware decoder, the rest on the SMs (docs/perf.md)",
+        check=between(0.0, 1.0),
+    )
     prefetch: int = option(2, "batches DALI prepares ahead", check=at_least(1))

@@ -4,6 +4,7 @@ DALI's reader splits the concatenated samples of its files into `world` contiguo
 in a new order every training epoch, and pads each rank's last batch; these functions say the same in NumPy so the
 loader and the tests can count on it.
 """
+
 from __future__ import annotations
 
 import numpy as np

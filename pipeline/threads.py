@@ -1,4 +1,5 @@
 """How many CPU threads a DALI pipeline gets: one rule for run.py and tools/bench_io.py."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Shared fixtures: GPU tests skip cleanly without CUDA; a tiny synthetic ImageNet and its shards, built once; deny.
 Shared helpers, imported by test modules with `from conftest import ...`: tree, decode, one_line."""
+
 import builtins
 import errno
 import io
@@ -30,16 +31,32 @@ DEMO_CLASSES, DEMO_PER_CLASS, DEMO_VAL_PER_CLASS, DEMO_SHARD_SIZE = 4, 24, 6, 32
 @pytest.fixture(scope="session")
 def demo_src(tmp_path_factory) -> Path:
     """ImageNet layout: train/<wnid>/ (4 classes x 24), flat val/ (24) + LOC_val_solution.csv, 96-160 px images."""
-    return make_dataset(tmp_path_factory.mktemp("demo") / "imagenet", DEMO_CLASSES, DEMO_PER_CLASS,
-                        DEMO_VAL_PER_CLASS, size_range=(96, 160), seed=0)
+    return make_dataset(
+        tmp_path_factory.mktemp("demo") / "imagenet",
+        DEMO_CLASSES,
+        DEMO_PER_CLASS,
+        DEMO_VAL_PER_CLASS,
+        size_range=(96, 160),
+        seed=0,
+    )
 
 
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory, demo_src) -> Path:
     """demo_src sharded with --resize short:80 --shard-size 32: 3 train shards (96 images), 1 val shard (24)."""
     out = tmp_path_factory.mktemp("demo") / "shards"
-    argv = ["--src", str(demo_src), "--out", str(out), "--resize", "short:80",
-            "--shard-size", str(DEMO_SHARD_SIZE), "--workers", "1"]
+    argv = [
+        "--src",
+        str(demo_src),
+        "--out",
+        str(out),
+        "--resize",
+        "short:80",
+        "--shard-size",
+        str(DEMO_SHARD_SIZE),
+        "--workers",
+        "1",
+    ]
     assert shard_main(argv) == 0
     return out
 
@@ -52,13 +69,15 @@ def deny(monkeypatch):
 
     def inside(p) -> bool:
         return isinstance(p, (str, bytes, os.PathLike)) and any(
-            Path(os.fsdecode(p)).resolve().is_relative_to(d) for d in denied)
+            Path(os.fsdecode(p)).resolve().is_relative_to(d) for d in denied
+        )
 
     def guard(real):
         def call(*a, **k):
             if a and inside(a[0]):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(a[0]))
             return real(*a, **k)
+
         return call
 
     def _deny(path: Path) -> None:
@@ -86,7 +105,10 @@ def decode(jpeg: bytes) -> np.ndarray:
 def one_line(err: str, *says: str, progress: str | None = None) -> str:
     """The one line of a program's error output `err` (lines starting with `progress` aside, carriage returns as line
     ends), having checked that it is one line, no traceback, and says all of `says`."""
-    lines = [line for line in err.replace("\r", "\n").splitlines()
-             if line.strip() and not (progress and line.startswith(progress))]
+    lines = [
+        line
+        for line in err.replace("\r", "\n").splitlines()
+        if line.strip() and not (progress and line.startswith(progress))
+    ]
     assert len(lines) == 1 and "Traceback" not in err and all(s in lines[0] for s in says), err
     return lines[0]

@@ -1,4 +1,5 @@
 """AlexNet (§3, Figure 2): layer shapes, parameter count, §5 initialisation, towers, speed habits."""
+
 import copy
 
 import pytest
@@ -10,10 +11,19 @@ from model import AlexNet
 from model.alexnet import TOWER_CONVS, TowerConv
 
 PAPER_SHAPES = {  # Figure 2, per image, towers together
-    "conv1": (96, 55, 55), "lrn1": (96, 55, 55), "pool1": (96, 27, 27),
-    "conv2": (256, 27, 27), "lrn2": (256, 27, 27), "pool2": (256, 13, 13),
-    "conv3": (384, 13, 13), "conv4": (384, 13, 13), "conv5": (256, 13, 13), "pool5": (256, 6, 6),
-    "fc6": (4096,), "fc7": (4096,), "fc8": (1000,),
+    "conv1": (96, 55, 55),
+    "lrn1": (96, 55, 55),
+    "pool1": (96, 27, 27),
+    "conv2": (256, 27, 27),
+    "lrn2": (256, 27, 27),
+    "pool2": (256, 13, 13),
+    "conv3": (384, 13, 13),
+    "conv4": (384, 13, 13),
+    "conv5": (256, 13, 13),
+    "pool5": (256, 6, 6),
+    "fc6": (4096,),
+    "fc7": (4096,),
+    "fc8": (1000,),
 }
 
 
@@ -25,8 +35,11 @@ def built_once():
 
 def fingerprint(net) -> tuple:
     """Weights, mode and memory format: what a test could change in place."""
-    return [p.sum().item() for p in net.parameters()], [p.stride() for p in net.parameters()], \
-        [m.training for m in net.modules()]
+    return (
+        [p.sum().item() for p in net.parameters()],
+        [p.stride() for p in net.parameters()],
+        [m.training for m in net.modules()],
+    )
 
 
 @pytest.fixture
@@ -46,8 +59,12 @@ def own_paper(built_once):
 def layer_outputs(net, x):
     """Per-image output shape of every layer in PAPER_SHAPES for input x."""
     shapes = {}
-    hooks = [getattr(net, name).register_forward_hook(
-        lambda _m, _i, out, name=name: shapes.update({name: tuple(out.shape[1:])})) for name in PAPER_SHAPES]
+    hooks = [
+        getattr(net, name).register_forward_hook(
+            lambda _m, _i, out, name=name: shapes.update({name: tuple(out.shape[1:])})
+        )
+        for name in PAPER_SHAPES
+    ]
     with torch.no_grad():
         net(x)
     for hook in hooks:
@@ -88,7 +105,7 @@ def test_initialisation_follows_section_5(paper):
             assert torch.equal(p, torch.full_like(p, want)), name
         else:
             n = p.numel()  # sample mean and std of N(0, 0.01^2): a 6-sigma band for n draws
-            assert abs(p.mean().item()) < 6 * 0.01 / n ** 0.5, name
+            assert abs(p.mean().item()) < 6 * 0.01 / n**0.5, name
             assert abs(p.std().item() - 0.01) < 6 * 0.01 / (2 * n) ** 0.5, name
 
 
@@ -167,7 +184,8 @@ def test_dropout_drops_the_outputs_of_fc6_and_fc7(own_paper):
     seen = {}
     for n in ("fc6", "fc7", "fc8"):  # on this test's own model: no need to remove them
         getattr(own_paper, n).register_forward_hook(
-            lambda _m, args, out, n=n: seen.update({n: (args[0].clone(), out.clone())}))
+            lambda _m, args, out, n=n: seen.update({n: (args[0].clone(), out.clone())})
+        )
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         own_paper(x)
@@ -188,7 +206,8 @@ def test_channels_last_bf16_keeps_layout_through_every_layer(own_paper):
     layers = [n for n in PAPER_SHAPES if not n.startswith("fc")]
     for n in layers:
         getattr(own_paper, n).register_forward_pre_hook(
-            lambda _m, args, n=n: seen.append((n, args[0].is_contiguous(memory_format=torch.channels_last))))
+            lambda _m, args, n=n: seen.append((n, args[0].is_contiguous(memory_format=torch.channels_last)))
+        )
     net_input = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     own_paper.to(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -1,5 +1,6 @@
 """tools/bench_io.py: the derived ratios, the window timer, the sweep search, the baseline's augmentation against
 NumPy, and a --quick run on the demo shards with every mode in its JSON and a PNG."""
+
 import json
 import subprocess
 import sys
@@ -12,12 +13,12 @@ import torch
 from PIL import Image
 
 from pipeline.augment import crop_anchor
-from tools import bench_io
 from pipeline.baseline import augment, baseline_loader, device_batches
 from pipeline.bench.report import MODES, derive, overlap, speedup
 from pipeline.bench.sweep import coordinate_search, parse_values, sweep_grid
 from pipeline.bench.timing import Clock, boundary_stall, summarise, time_windows
 from pipeline.manifest import load_manifest
+from tools import bench_io
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,8 +27,12 @@ def test_overlap_and_speedups():
     assert overlap(e2e=900.0, loader=1000.0, model=1200.0) == pytest.approx(0.9)
     assert overlap(e2e=900.0, loader=3000.0, model=1000.0) == pytest.approx(0.9)  # the lower ceiling counts
     assert speedup(2600.0 * 8, 2600.0) == pytest.approx(8.0)
-    results = {"loader": {"img_per_s": 30000.0}, "model": {"img_per_s": 25000.0},
-               "e2e": {"img_per_s": 22500.0}, "baseline": {"img_per_s": 2500.0}}
+    results = {
+        "loader": {"img_per_s": 30000.0},
+        "model": {"img_per_s": 25000.0},
+        "e2e": {"img_per_s": 22500.0},
+        "baseline": {"img_per_s": 2500.0},
+    }
     assert derive(results) == pytest.approx({"overlap": 0.9, "speedup_vs_baseline": 9.0, "loader_vs_baseline": 12.0})
 
 
@@ -55,7 +60,7 @@ class LogClock:
     def mark(self):
         self.log.append("mark")
         self.marks += 1
-        return float(self.marks ** 2)
+        return float(self.marks**2)
 
     def seconds(self, marks):
         self.log.append("read")
@@ -65,8 +70,9 @@ class LogClock:
 def test_time_windows_marks_back_to_back_and_reads_the_clock_once():
     """No window ends in a device-wide sync (which would drain DALI's prefetch): one mark per boundary, one read."""
     log = []
-    seconds = time_windows(lambda: log.append("step"), windows=3, steps=4, clock=LogClock(log),
-                           on_window=lambda: log.append("window"))
+    seconds = time_windows(
+        lambda: log.append("step"), windows=3, steps=4, clock=LogClock(log), on_window=lambda: log.append("window")
+    )
     assert log == ["mark"] + (["step"] * 4 + ["mark", "window"]) * 3 + ["read"]
     assert seconds == [3.0, 5.0, 7.0]  # marks at 1, 4, 9, 16: consecutive differences
 
@@ -102,13 +108,14 @@ def test_parse_values_reads_a_grid_and_rejects_bad_knobs():
     assert parse_values("hw_decoder_load=1,0.65,0") == ("hw_decoder_load", [1.0, 0.65, 0.0])
     assert parse_values("threads=16") == ("threads", [16])
     for bad in ("threads=many", "lr=0.1", "threads="):
-        with pytest.raises(ValueError, match="threads|KNOB"):
+        with pytest.raises(ValueError, match=r"threads|KNOB"):
             parse_values(bad)
 
 
 def test_sweep_values_set_the_grid_and_imply_sweep(demo_shards, capsys):
-    cfg = bench_io.parse_args(["--shards", str(demo_shards), "--sweep-values", "hw_decoder_load=1,0.65,0",
-                               "threads=16"])
+    cfg = bench_io.parse_args(
+        ["--shards", str(demo_shards), "--sweep-values", "hw_decoder_load=1,0.65,0", "threads=16"]
+    )
     grid = dict(map(parse_values, cfg.sweep_values))
     assert cfg.sweep and grid == {"hw_decoder_load": [1.0, 0.65, 0.0], "threads": [16]}
     with pytest.raises(SystemExit) as e:
@@ -135,8 +142,12 @@ def test_coordinate_search_tunes_one_knob_at_a_time_without_remeasuring():
 def test_sweep_grid():
     start = {"batch_size": 64, "threads": 3, "hw_decoder_load": 0.65, "prefetch": 2}
     cpu = sweep_grid(start, cores=2, cuda=False)
-    assert cpu == {"batch_size": [32, 64, 128], "threads": [1, 2, 3], "hw_decoder_load": [0.65],
-                   "prefetch": [1, 2, 3, 4]}
+    assert cpu == {
+        "batch_size": [32, 64, 128],
+        "threads": [1, 2, 3],
+        "hw_decoder_load": [0.65],
+        "prefetch": [1, 2, 3, 4],
+    }
     gpu = sweep_grid(start, cores=16, cuda=True)
     assert gpu["threads"] == [1, 2, 3, 4, 8, 16] and gpu["hw_decoder_load"] == [0.0, 0.5, 0.65, 0.8, 1.0]
 
@@ -151,7 +162,7 @@ def test_baseline_augment_matches_numpy():
         rng = np.random.default_rng(seed)
         x, y, flip, alpha = rng.random(), rng.random(), rng.random() < 0.5, rng.normal(0, 0.1, 3)
         left, top = crop_anchor(x, w, size), crop_anchor(y, h, size)
-        want = pixels[top:top + size, left:left + size].astype(np.float64)
+        want = pixels[top : top + size, left : left + size].astype(np.float64)
         want = want[:, ::-1] if flip else want
         offset = 255 * sum(alpha[i] * eigval[i] * eigvec[:, i] for i in range(3))  # §4.1, column i = p_i
         want = ((want + offset - mean) / std).transpose(2, 0, 1)
@@ -207,17 +218,33 @@ sys.exit(os.waitstatus_to_exitcode(status))
 def run_with_peak_rss(argv, folder, cwd=None):
     """subprocess.run, with the child's peak resident set in KiB as wait4 reports it to its parent."""
     peak = folder / "peak_kib"
-    done = subprocess.run([sys.executable, "-c", PEAK_RSS, str(peak), *argv], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, str(peak), *argv], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
     return done, int(peak.read_text())
 
 
 @pytest.mark.slow
 def test_quick_run_writes_every_mode_and_a_plot(demo_shards, tmp_path):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
-    argv = [sys.executable, str(ROOT / "tools" / "bench_io.py"), "--shards", str(demo_shards), "--quick",
-            "--batch-size", "32", "--crop-size", "64",  # the CPU preset, on a GPU as well
-            "--tower-convs", "dense", "split", "--json", str(out_json), "--plot", str(out_png)]
+    argv = [
+        sys.executable,
+        str(ROOT / "tools" / "bench_io.py"),
+        "--shards",
+        str(demo_shards),
+        "--quick",
+        "--batch-size",
+        "32",
+        "--crop-size",
+        "64",  # the CPU preset, on a GPU as well
+        "--tower-convs",
+        "dense",
+        "split",
+        "--json",
+        str(out_json),
+        "--plot",
+        str(out_png),
+    ]
     run, peak_kib = run_with_peak_rss(argv, tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(out_json.read_text())
@@ -246,8 +273,9 @@ def test_quick_run_writes_every_mode_and_a_plot(demo_shards, tmp_path):
     assert report["speedup_vs_baseline"] == pytest.approx(rate["e2e"] / rate["baseline"])
     assert f"overlap = end to end / min(loader, model) = {report['overlap']:.2f}" in run.stdout
     assert report["machine"]["cores_logical"] >= 1 and report["machine"]["torch"] == torch.__version__
-    assert report["data"]["train_images"] == sum(s["count"] for s in json.loads(
-        (demo_shards / "manifest.json").read_text())["splits"]["train"]["shards"])
+    assert report["data"]["train_images"] == sum(
+        s["count"] for s in json.loads((demo_shards / "manifest.json").read_text())["splits"]["train"]["shards"]
+    )
     assert "overlap" in run.stdout and "baseline" in run.stdout
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -260,8 +288,13 @@ def test_missing_shards_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_usage_errors_are_one_line_and_exit_2(demo_shards, tmp_path, capsys):
-    for argv in (["--batch-size", "0"], ["--hw-decoder-load", "1.5"], ["--json", str(tmp_path / "no" / "x.json")],
-                 ["--threads", "many"], ["--tower-convs", "dense", "sparse"]):
+    for argv in (
+        ["--batch-size", "0"],
+        ["--hw-decoder-load", "1.5"],
+        ["--json", str(tmp_path / "no" / "x.json")],
+        ["--threads", "many"],
+        ["--tower-convs", "dense", "sparse"],
+    ):
         with pytest.raises(SystemExit) as e:
             bench_io.parse_args(["--shards", str(demo_shards), *argv])
         assert e.value.code == 2
@@ -269,12 +302,26 @@ def test_usage_errors_are_one_line_and_exit_2(demo_shards, tmp_path, capsys):
 
 
 def test_a_training_run_s_config_sets_the_loader_and_flags_win(demo_shards, tmp_path, capsys):
-    saved = {"shards": str(demo_shards), "batch_size": 8, "threads": 1, "hw_decoder_load": 0.3, "prefetch": 3,
-             "divide_std": True, "lr": 0.1, "epochs": 2}
+    saved = {
+        "shards": str(demo_shards),
+        "batch_size": 8,
+        "threads": 1,
+        "hw_decoder_load": 0.3,
+        "prefetch": 3,
+        "divide_std": True,
+        "lr": 0.1,
+        "epochs": 2,
+    }
     (tmp_path / "config.json").write_text(json.dumps(saved))
     cfg = bench_io.parse_args(["--config", str(tmp_path / "config.json"), "--prefetch", "1"])
     assert (cfg.shards, cfg.batch_size, cfg.threads, cfg.hw_decoder_load, cfg.prefetch, cfg.divide_std) == (
-        str(demo_shards), 8, 1, 0.3, 1, True)
+        str(demo_shards),
+        8,
+        1,
+        0.3,
+        1,
+        True,
+    )
     assert "left out: epochs, lr" in capsys.readouterr().out
 
 
@@ -282,8 +329,21 @@ def test_quick_preset_and_explicit_flags(demo_shards):
     quick = bench_io.parse_args(["--shards", str(demo_shards), "--quick", "--device", "cpu"])
     assert (quick.batch_size, quick.crop_size, quick.steps, quick.windows, quick.warmup) == (32, 64, 2, 3, 1)
     assert quick.amp == "off"  # run.py's rule: bf16 autocast on a GPU only
-    given = bench_io.parse_args(["--shards", str(demo_shards), "--quick", "--device", "cpu", "--batch-size", "8",
-                                 "--steps", "5", "--warmup", "0"])
+    given = bench_io.parse_args(
+        [
+            "--shards",
+            str(demo_shards),
+            "--quick",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "8",
+            "--steps",
+            "5",
+            "--warmup",
+            "0",
+        ]
+    )
     assert (given.batch_size, given.crop_size, given.steps, given.warmup) == (8, 64, 5, 0)
     full = bench_io.parse_args(["--shards", str(demo_shards), "--device", "cpu"])
     assert (full.batch_size, full.crop_size, full.steps, full.windows) == (128, 224, 20, 5)

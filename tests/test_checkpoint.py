@@ -1,4 +1,5 @@
 """Checkpoints: round trip, keep-last-K and best, and corrupt or truncated files detected with a fallback."""
+
 import pytest
 import torch
 
@@ -11,8 +12,11 @@ def _state(step):
 
 
 def test_round_trip_is_exact(tmp_path):
-    state = {"model": {"w": torch.randn(5, 7)}, "rng": [{"cpu": torch.get_rng_state()}],
-             "config": {"lr": 0.01, "towers": 2}}
+    state = {
+        "model": {"w": torch.randn(5, 7)},
+        "rng": [{"cpu": torch.get_rng_state()}],
+        "config": {"lr": 0.01, "towers": 2},
+    }
     path = checkpoint.save(tmp_path, state, step=12)
     assert path.name == "step-000000012.pt"
     back = checkpoint.read(path)
@@ -41,7 +45,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, damage):
     else:
         data = b""
     latest.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="step-000000002.pt"):
+    with pytest.raises(CheckpointError, match=r"step-000000002\.pt"):
         checkpoint.read(latest)
     warnings = []
     state, path = checkpoint.load_latest(tmp_path, warn=warnings.append)

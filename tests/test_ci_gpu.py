@@ -1,5 +1,6 @@
 """.ci/gpu --rehearse: the GPU session's one prepared script, run on the CPU with tiny data so that it cannot rot
 unseen: every phase, the same files, the summary last, a failing phase recorded and passed over."""
+
 import json
 import os
 import subprocess
@@ -15,8 +16,9 @@ pytestmark = pytest.mark.slow
 
 def rehearse(out: Path, data: Path, **env) -> subprocess.CompletedProcess:
     env = {**os.environ, "OUT": str(out), "GPU_DATA": str(data), **env}
-    return subprocess.run(["bash", str(ROOT / ".ci" / "gpu"), "--rehearse"], capture_output=True, text=True, env=env,
-                          timeout=900)
+    return subprocess.run(
+        ["bash", str(ROOT / ".ci" / "gpu"), "--rehearse"], capture_output=True, text=True, env=env, timeout=900
+    )
 
 
 def running(pid: int) -> bool:
@@ -27,8 +29,9 @@ def running(pid: int) -> bool:
 
 def phases(summary: str) -> dict[str, str]:
     rows = summary.split("phase    status", 1)[1].splitlines()[1:]
-    return {r.split()[0]: r[9:31].strip() for r in rows if r[:8].strip() in ("tests", "data", "bench", "sweep",
-                                                                          "resume")}
+    return {
+        r.split()[0]: r[9:31].strip() for r in rows if r[:8].strip() in ("tests", "data", "bench", "sweep", "resume")
+    }
 
 
 def test_rehearsal_runs_every_phase_and_writes_the_files(tmp_path):
@@ -45,8 +48,15 @@ def test_rehearsal_runs_every_phase_and_writes_the_files(tmp_path):
     trials = json.loads((out / "sweep.json").read_text())["sweep"]["trials"]
     assert {t["hw_decoder_load"] for t in trials} == {1.0, 0.65, 0.0} and {t["threads"] for t in trials} == {1, 2}
     assert all(t["loader_img_per_s"] > 0 and t["img_per_s"] > 0 for t in trials)
-    for figure in ("model alone", "loader alone", "end to end", "vs DataLoader + Pillow", "epoch boundary",
-                   "peak memory", "sweep: hw_decoder_load 0.0"):
+    for figure in (
+        "model alone",
+        "loader alone",
+        "end to end",
+        "vs DataLoader + Pillow",
+        "epoch boundary",
+        "peak memory",
+        "sweep: hw_decoder_load 0.0",
+    ):
         assert figure in summary
     pid = int((tmp_path / "data" / "pid").read_text())
     assert not running(pid)  # the background generator finished; nothing left running
@@ -69,8 +79,13 @@ def test_data_is_started_once_reused_when_done_and_restarted_when_its_generator_
     data = tmp_path / "data"
 
     def data_call() -> str:
-        run = subprocess.run(["bash", str(ROOT / ".ci" / "gpu"), "--rehearse", "data"], capture_output=True, text=True,
-                             env={**os.environ, "GPU_DATA": str(data)}, timeout=60)
+        run = subprocess.run(
+            ["bash", str(ROOT / ".ci" / "gpu"), "--rehearse", "data"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "GPU_DATA": str(data)},
+            timeout=60,
+        )
         assert run.returncode == 0, run.stderr
         return run.stdout
 

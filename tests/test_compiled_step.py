@@ -1,5 +1,6 @@
 """run.py's training step compiled in train mode: one whole graph (fullgraph), dropout live, no recompiles from step
 to step; on the CPU with AOT autograd's eager backend (seconds), on a GPU with inductor, bf16 and channels-last."""
+
 import pytest
 import torch
 from torch._dynamo.utils import counters

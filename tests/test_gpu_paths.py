@@ -1,5 +1,6 @@
 """The CUDA paths end to end (pytest -m gpu): rank sharding and the mixed decoder on the GPU, and run.py on the GPU
 with bf16 and torch.compile, stopped and resumed, evaluated with one and ten crops."""
+
 import json
 import subprocess
 import sys
@@ -31,11 +32,13 @@ def keys_of_epoch(ld) -> list[str]:
 def test_gpu_ranks_cover_the_split_once(demo_shards, world):
     count, seen = load_manifest(demo_shards).count("train"), Counter()
     for rank in range(world):
-        with DaliLoader(load_manifest(demo_shards), "train", 8, crop_size=CROP, rank=rank, world_size=world, seed=3) as ld:
+        with DaliLoader(
+            load_manifest(demo_shards), "train", 8, crop_size=CROP, rank=rank, world_size=world, seed=3
+        ) as ld:
             start, stop = rank_range(count, rank, world)
             keys = keys_of_epoch(ld)
-            assert len(keys) == len(ld) * 8 and set(keys[stop - start:]) <= set(keys[:stop - start])
-            seen.update(keys[:stop - start])
+            assert len(keys) == len(ld) * 8 and set(keys[stop - start :]) <= set(keys[: stop - start])
+            seen.update(keys[: stop - start])
     assert len(seen) == count and set(seen.values()) == {1}
 
 
@@ -46,8 +49,12 @@ def decode_val(shards_dir, **decode) -> list[np.ndarray]:
 
     @pipeline_def(batch_size=total, num_threads=1, device_id=0, seed=0)
     def whole():
-        jpegs, _ = fn.readers.webdataset(paths=[str(s.tar) for s in shards], index_paths=[str(s.index) for s in shards],
-                                         ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT32])
+        jpegs, _ = fn.readers.webdataset(
+            paths=[str(s.tar) for s in shards],
+            index_paths=[str(s.index) for s in shards],
+            ext=["jpg", "lbl"],
+            dtypes=[types.UINT8, types.INT32],
+        )
         return fn.decoders.image(jpegs, **decode)
 
     pipe = whole()
@@ -66,8 +73,9 @@ def test_gpu_fancy_upsampling_is_what_brings_nvjpeg_to_libjpeg_turbo(demo_shards
     the CPU decode than nvJPEG's default replication, whichever of its decoders runs."""
     cpu = decode_val(demo_shards, device="cpu")
     for hw in (0.0, 1.0):
-        fancy = mean_abs_diff(decode_val(demo_shards, device="mixed", hw_decoder_load=hw, jpeg_fancy_upsampling=True),
-                              cpu)
+        fancy = mean_abs_diff(
+            decode_val(demo_shards, device="mixed", hw_decoder_load=hw, jpeg_fancy_upsampling=True), cpu
+        )
         plain = mean_abs_diff(decode_val(demo_shards, device="mixed", hw_decoder_load=hw), cpu)
         print(f"hw_decoder_load {hw}: mean |mixed - cpu| {fancy:.3f} fancy, {plain:.3f} replicated chroma")
         assert fancy < plain / 2, (hw, fancy, plain)
@@ -83,8 +91,17 @@ def test_gpu_center_crops_match_the_cpu_graph(demo_shards, hw):
     synthetic images' sharp colour edges, hence the old bound), so a decoder that loses the flag fails."""
     out = {}
     for device in ("cpu", "cuda"):
-        with DaliLoader(load_manifest(demo_shards), "val", 8, augment="center", crop_size=CROP, device=device,
-                        hw_decoder_load=hw, device_id=None if device == "cpu" else 0, dtype=torch.float32) as ld:
+        with DaliLoader(
+            load_manifest(demo_shards),
+            "val",
+            8,
+            augment="center",
+            crop_size=CROP,
+            device=device,
+            hw_decoder_load=hw,
+            device_id=None if device == "cpu" else 0,
+            dtype=torch.float32,
+        ) as ld:
             out[device] = torch.cat([images.cpu() for images, _ in ld])
     assert out["cpu"].shape == out["cuda"].shape
     diff = (out["cuda"] - out["cpu"]).abs()
@@ -93,17 +110,43 @@ def test_gpu_center_crops_match_the_cpu_graph(demo_shards, hw):
 
 
 def run_py(*args, timeout=600):
-    out = subprocess.run([sys.executable, "run.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "run.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
 
 def test_run_py_on_the_gpu_compiled_bf16_stops_resumes_and_evaluates(demo_shards, tmp_path):
     work = tmp_path / "gpu"
-    common = ["--shards", demo_shards, "--workdir", work, "--device", "cuda", "--amp", "bf16", "--compile", "default",
-              "--batch-size", "16", "--crop-size", CROP, "--epochs", "2", "--ten-crop", "--lr", "0.02",
-              "--lr-scaling", "none", "--init", "kaiming", "--divide-std", "--log-interval", "2"]
+    common = [
+        "--shards",
+        demo_shards,
+        "--workdir",
+        work,
+        "--device",
+        "cuda",
+        "--amp",
+        "bf16",
+        "--compile",
+        "default",
+        "--batch-size",
+        "16",
+        "--crop-size",
+        CROP,
+        "--epochs",
+        "2",
+        "--ten-crop",
+        "--lr",
+        "0.02",
+        "--lr-scaling",
+        "none",
+        "--init",
+        "kaiming",
+        "--divide-std",
+        "--log-interval",
+        "2",
+    ]
     run_py(*common, "--max-steps", "8")  # 6 steps per epoch: stops inside epoch 2
     out = run_py(*common, "--resume")
     assert "resumed at epoch 2, step 8" in out.stdout
@@ -122,8 +165,9 @@ def test_run_py_on_the_gpu_compiled_bf16_stops_resumes_and_evaluates(demo_shards
 def test_gpu_loader_never_synchronises_the_host(demo_shards):
     """The real DaliLoader on the GPU, two epochs (the boundary too), under CUDA's sync debug mode, which raises on
     any host synchronisation torch makes: the training thread would stall there every batch."""
-    with DaliLoader(demo_shards, "train", 8, crop_size=CROP, device="cuda", device_id=0, seed=4,
-                    dtype=torch.bfloat16) as ld:
+    with DaliLoader(
+        demo_shards, "train", 8, crop_size=CROP, device="cuda", device_id=0, seed=4, dtype=torch.bfloat16
+    ) as ld:
         sums = []
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -141,14 +185,38 @@ def test_gpu_resumed_run_equals_an_uninterrupted_one(demo_shards, tmp_path):
     """Stopped inside epoch 2 and resumed: the same batches, dropout draws and updates as one run, so the same
     losses and errors. fp32 eager: cuDNN's and cuBLAS's atomics leave only rounding-level noise (a wrong batch order
     or RNG state moves an epoch's loss by percent); the bound 1e-3 is to be set from the first measurement."""
-    common = ["--shards", demo_shards, "--device", "cuda", "--amp", "off", "--batch-size", "16", "--crop-size", CROP,
-              "--epochs", "3", "--lr", "0.02", "--lr-scaling", "none", "--init", "kaiming", "--divide-std",
-              "--warmup-epochs", "0.5", "--log-interval", "2"]
+    common = [
+        "--shards",
+        demo_shards,
+        "--device",
+        "cuda",
+        "--amp",
+        "off",
+        "--batch-size",
+        "16",
+        "--crop-size",
+        CROP,
+        "--epochs",
+        "3",
+        "--lr",
+        "0.02",
+        "--lr-scaling",
+        "none",
+        "--init",
+        "kaiming",
+        "--divide-std",
+        "--warmup-epochs",
+        "0.5",
+        "--log-interval",
+        "2",
+    ]
     run_py(*common, "--workdir", tmp_path / "whole")
     run_py(*common, "--workdir", tmp_path / "cut", "--max-steps", "8")  # 6 steps per epoch
     assert "resumed at epoch 2, step 8" in run_py(*common, "--workdir", tmp_path / "cut", "--resume").stdout
-    whole, cut = ([json.loads(line) for line in (tmp_path / w / "metrics.jsonl").read_text().splitlines()]
-                  for w in ("whole", "cut"))
+    whole, cut = (
+        [json.loads(line) for line in (tmp_path / w / "metrics.jsonl").read_text().splitlines()]
+        for w in ("whole", "cut")
+    )
     assert [r["epoch"] for r in whole] == [r["epoch"] for r in cut] == [1, 2, 3]
     for a, b in zip(whole, cut):
         print(f"epoch {a['epoch']}: train loss {a['train_loss']:.6f} vs {b['train_loss']:.6f}")

@@ -1,4 +1,5 @@
 """LRN (§3.3): the reference and the fast path against an independent NumPy formula, and the fast backward."""
+
 import numpy as np
 import pytest
 import torch
@@ -75,7 +76,7 @@ def test_channels_last_and_low_precision_are_kept():
     assert xb.grad.is_contiguous(memory_format=torch.channels_last)
     # Computed in fp32 inside: only the final rounding to bf16 separates it from the fp64 formula.
     expect = torch.cat([local_response_norm(h) for h in xb.detach().double().chunk(2, 1)], 1)
-    torch.testing.assert_close(y.double(), expect, rtol=2 ** -8, atol=0)
+    torch.testing.assert_close(y.double(), expect, rtol=2**-8, atol=0)
 
 
 def test_even_window_is_rejected():

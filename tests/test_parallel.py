@@ -1,4 +1,5 @@
 """ModelParallelAlexNet (§3.2): the same network and checkpoints as AlexNet(towers=2), towers on two devices."""
+
 import pytest
 import torch
 
@@ -37,8 +38,9 @@ def assert_same_step(single, parallel, x, labels, device0="cpu"):
 @pytest.mark.slow
 def test_state_dicts_are_interchangeable(pair):
     single, parallel = pair
-    assert {k: v.shape for k, v in single.state_dict().items()} == \
-        {k: v.shape for k, v in parallel.state_dict().items()}
+    assert {k: v.shape for k, v in single.state_dict().items()} == {
+        k: v.shape for k, v in parallel.state_dict().items()
+    }
     fresh = AlexNet(num_classes=10)
     fresh.load_state_dict(parallel.state_dict())
     for (name, a), b in zip(fresh.state_dict().items(), single.state_dict().values()):

@@ -3,6 +3,7 @@
 The reference is each JPEG decoded whole by the same DALI decoder, then cropped, flipped and normalised in NumPy
 from the draws the pipeline reports (loader.info): so the tests check placement and arithmetic exactly, not decoders.
 """
+
 from itertools import islice
 
 import numpy as np
@@ -22,8 +23,12 @@ def decoded_whole(shards_dir, split, device="cpu") -> dict:
 
     @pipeline_def(batch_size=8, num_threads=1, device_id=0 if device == "gpu" else None, seed=0)
     def whole():
-        jpegs, _ = fn.readers.webdataset(paths=[str(s.tar) for s in shards], index_paths=[str(s.index) for s in shards],
-                                         ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT32])
+        jpegs, _ = fn.readers.webdataset(
+            paths=[str(s.tar) for s in shards],
+            index_paths=[str(s.index) for s in shards],
+            ext=["jpg", "lbl"],
+            dtypes=[types.UINT8, types.INT32],
+        )
         # the loader's mixed decoder upsamples chroma as libjpeg-turbo does (pipeline/dali.py); so must the reference
         decode = {"device": "mixed", "jpeg_fancy_upsampling": True} if device == "gpu" else {"device": "cpu"}
         images = fn.decoders.image(jpegs, **decode)
@@ -62,8 +67,17 @@ def paper_reference(image, info, i, crop, manifest, shift=0, with_lighting=True)
 def check_paper_batches(shards_dir, whole, device):
     """Per sample: max and mean |loader - NumPy reference|, the same without lighting, and one column off."""
     manifest = load_manifest(shards_dir)
-    loader = DaliLoader(load_manifest(shards_dir), "train", 16, augment="paper", crop_size=CROP, device=device, num_threads=2,
-                        dtype=torch.float32, divide_std=True)
+    loader = DaliLoader(
+        load_manifest(shards_dir),
+        "train",
+        16,
+        augment="paper",
+        crop_size=CROP,
+        device=device,
+        num_threads=2,
+        dtype=torch.float32,
+        divide_std=True,
+    )
     with loader:
         batches = [(images, labels, loader.info) for images, labels in islice(loader, 3)]
     errors, means, unlit, shifted = [], [], [], []
@@ -99,8 +113,17 @@ def test_center_crop_normalisation_formula(demo_shards, whole, divide_std):
     manifest = load_manifest(demo_shards)
     std = manifest.rgb_std if divide_std else 1.0
     asked = {"divide_std": True} if divide_std else {}  # the default is §2's: the mean subtracted, no std
-    with DaliLoader(load_manifest(demo_shards), "val", 8, augment="center", crop_size=CROP, device="cpu", num_threads=2,
-                    dtype=torch.float32, **asked) as loader:
+    with DaliLoader(
+        load_manifest(demo_shards),
+        "val",
+        8,
+        augment="center",
+        crop_size=CROP,
+        device="cpu",
+        num_threads=2,
+        dtype=torch.float32,
+        **asked,
+    ) as loader:
         for images, _ in loader:
             for i, key in enumerate(loader.info["key"]):
                 image = whole[key]
@@ -111,8 +134,17 @@ def test_center_crop_normalisation_formula(demo_shards, whole, divide_std):
 
 def test_tencrop_yields_the_ten_views_sample_major(demo_shards, whole):
     manifest = load_manifest(demo_shards)
-    with DaliLoader(load_manifest(demo_shards), "val", 5, augment="tencrop", crop_size=CROP, device="cpu", num_threads=2,
-                    dtype=torch.float32, divide_std=False) as loader:
+    with DaliLoader(
+        load_manifest(demo_shards),
+        "val",
+        5,
+        augment="tencrop",
+        crop_size=CROP,
+        device="cpu",
+        num_threads=2,
+        dtype=torch.float32,
+        divide_std=False,
+    ) as loader:
         images, labels = next(iter(loader))
         keys = loader.info["key"]
     assert images.shape == (50, 3, CROP, CROP) and labels.shape == (5,)
@@ -121,15 +153,22 @@ def test_tencrop_yields_the_ten_views_sample_major(demo_shards, whole):
         image = whole[key].astype(np.float64)
         h, w = image.shape[:2]
         cy, cx = (h - CROP + 1) // 2, (w - CROP + 1) // 2  # DALI rounds the centre's half pixel up
-        views = [image[:CROP, :CROP], image[:CROP, w - CROP:], image[h - CROP:, :CROP], image[h - CROP:, w - CROP:],
-                 image[cy:cy + CROP, cx:cx + CROP]]
+        views = [
+            image[:CROP, :CROP],
+            image[:CROP, w - CROP :],
+            image[h - CROP :, :CROP],
+            image[h - CROP :, w - CROP :],
+            image[cy : cy + CROP, cx : cx + CROP],
+        ]
         views += [v[:, ::-1] for v in views]
         for j, want in enumerate(views):
             np.testing.assert_allclose(got[10 * i + j], want, atol=1e-3, err_msg=f"{key} view {j}")
 
 
 def test_inception_gives_resized_random_crops(demo_shards):
-    with DaliLoader(load_manifest(demo_shards), "train", 16, augment="inception", crop_size=48, device="cpu", num_threads=2) as loader:
+    with DaliLoader(
+        load_manifest(demo_shards), "train", 16, augment="inception", crop_size=48, device="cpu", num_threads=2
+    ) as loader:
         images, labels = next(iter(loader))
         mirror = loader.info["mirror"]
     assert images.shape == (16, 3, 48, 48) and images.dtype == torch.float16 and labels.shape == (16,)
@@ -140,8 +179,17 @@ def test_inception_gives_resized_random_crops(demo_shards):
 def test_output_layout_and_dtypes(demo_shards):
     out = {}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        with DaliLoader(load_manifest(demo_shards), "train", 8, augment="paper", crop_size=CROP, device="cpu", num_threads=2,
-                        dtype=dtype, divide_std=True) as loader:
+        with DaliLoader(
+            load_manifest(demo_shards),
+            "train",
+            8,
+            augment="paper",
+            crop_size=CROP,
+            device="cpu",
+            num_threads=2,
+            dtype=dtype,
+            divide_std=True,
+        ) as loader:
             images, labels = next(iter(loader))
         assert images.dtype == dtype and images.shape == (8, 3, CROP, CROP)
         assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
@@ -162,8 +210,16 @@ def test_float16_is_the_nearest_to_the_float32_result_by_default(demo_shards):
     # from zero, torch's .half() to even, so here each value is held to half a unit in the last place instead.
     out = {}
     for dtype in (torch.float32, torch.float16):
-        with DaliLoader(load_manifest(demo_shards), "train", 8, augment="paper", crop_size=CROP, device="cpu", num_threads=2,
-                        dtype=dtype) as loader:
+        with DaliLoader(
+            load_manifest(demo_shards),
+            "train",
+            8,
+            augment="paper",
+            crop_size=CROP,
+            device="cpu",
+            num_threads=2,
+            dtype=dtype,
+        ) as loader:
             out[dtype] = next(iter(loader))[0]
     exact, got = out[torch.float32], out[torch.float16].float()
     assert exact.abs().max() > 50  # mean-subtracted pixels, not divided by the std
@@ -177,8 +233,9 @@ def test_gpu_batches_are_on_the_gpu_and_match_numpy(demo_shards):
     # differently, so here the crops are held to a mean error well under the one a one-pixel shift makes.
     _, means, _, shifted, _ = check_paper_batches(demo_shards, decoded_whole(demo_shards, "train", "gpu"), "cuda")
     assert means.max() < 0.02 and shifted.min() > 0.05
-    with DaliLoader(load_manifest(demo_shards), "val", 8, augment="tencrop", crop_size=CROP, device="cuda",
-                    dtype=torch.bfloat16) as loader:
+    with DaliLoader(
+        load_manifest(demo_shards), "val", 8, augment="tencrop", crop_size=CROP, device="cuda", dtype=torch.bfloat16
+    ) as loader:
         images, labels = next(iter(loader))
     assert images.is_cuda and labels.is_cuda and images.dtype == torch.bfloat16 and labels.dtype == torch.int64
     assert images.shape == (80, 3, CROP, CROP) and images.is_contiguous(memory_format=torch.channels_last)

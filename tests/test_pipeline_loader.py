@@ -1,4 +1,5 @@
 """DaliLoader's contract: labels, exactly-once epochs over 1-3 ranks, per-epoch reshuffles, resume, bad input, close."""
+
 import gc
 import json
 import shutil
@@ -52,8 +53,10 @@ def test_labels_match_the_shards(demo_shards, split, augment):
 
 
 # (5, 19): ranks of 19 samples take a whole batch of padding to keep step with the rank of 20.
-@pytest.mark.parametrize("world,batch", [(1, 7), (2, 7), pytest.param(3, 7, marks=pytest.mark.slow),
-                                         pytest.param(5, 19, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "world,batch",
+    [(1, 7), (2, 7), pytest.param(3, 7, marks=pytest.mark.slow), pytest.param(5, 19, marks=pytest.mark.slow)],
+)
 def test_train_epochs_cover_the_split_once_over_the_ranks(demo_shards, world, batch):
     count, epochs = load_manifest(demo_shards).count("train"), 3
     everything, steps = [Counter() for _ in range(epochs)], set()
@@ -63,7 +66,7 @@ def test_train_epochs_cover_the_split_once_over_the_ranks(demo_shards, world, ba
                 ld.set_epoch(epoch)
                 keys = [k for b in epoch_keys(ld) for k in b]
                 start, stop = rank_range(count, rank, world)
-                own, padding = keys[:stop - start], keys[stop - start:]
+                own, padding = keys[: stop - start], keys[stop - start :]
                 assert len(set(own)) == len(own)  # the rank's share, each once
                 assert set(padding) <= set(own) and len(keys) == len(ld) * batch
                 everything[epoch].update(own)
@@ -98,7 +101,7 @@ def test_epochs_reshuffle_deterministically(demo_shards):
         with pytest.raises(ValueError, match="in order"):
             a.set_epoch(3)
     assert first == again and first != second and first != other
-    assert sorted(sum(first, [])[:96]) == sorted(sum(second, [])[:96])
+    assert sorted([k for batch in first for k in batch][:96]) == sorted([k for batch in second for k in batch][:96])
     # Across epochs the file order changes too, so each rank reads other samples, in an order the seed draws.
     schedules = {}
     for seed in (1, 2):
@@ -185,9 +188,11 @@ def test_bad_shard_folders_raise_one_line_naming_the_fix(demo_shards, tmp_path):
     one_line_error(version, "format version 99.*re-shard with tools/shard_imagenet.py")
 
     count = copy_shards(demo_shards, tmp_path / "count")
+
     def add_one(m):
         m["splits"]["train"]["count"] += 1
         m["splits"]["train"]["shards"][0]["count"] += 1
+
     edit_manifest(count, add_one)
     one_line_error(count, "97 'train' samples listed, the index files hold 96" + VERIFY)
 
@@ -234,9 +239,13 @@ def test_info_names_shards_and_keys_that_hold_colons(demo_shards, tmp_path):
 def test_a_crop_larger_than_the_smallest_image_is_refused_up_front(demo_shards, tmp_path):
     small = copy_shards(demo_shards, tmp_path / "small")
     edit_manifest(small, lambda m: m["splits"]["val"].update(min_side=40))  # as the sharder records it
-    message = one_line_error(small, "the smallest 'val' image has a short side of 40, smaller than crop_size 48; "
-                                    "pass a smaller --crop-size, or re-shard .*--resize short:48", split="val",
-                             augment="center")
+    message = one_line_error(
+        small,
+        "the smallest 'val' image has a short side of 40, smaller than crop_size 48; "
+        "pass a smaller --crop-size, or re-shard .*--resize short:48",
+        split="val",
+        augment="center",
+    )
     assert str(small / "manifest.json") in message
     with loader(small, "val", augment="center", crop_size=40) as ld:  # a crop that fits the split passes
         assert sum(len(y) for _, y in ld) == 24
@@ -244,8 +253,18 @@ def test_a_crop_larger_than_the_smallest_image_is_refused_up_front(demo_shards, 
         assert next(iter(ld))[0].shape[-2:] == (96, 96)
 
 
-@pytest.mark.parametrize("bad", [{"augment": "random"}, {"device": "tpu"}, {"dtype": torch.int8}, {"rank": 2},
-                                 {"batch": 0}, {"hw_decoder_load": 1.5}, {"prefetch": 0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"augment": "random"},
+        {"device": "tpu"},
+        {"dtype": torch.int8},
+        {"rank": 2},
+        {"batch": 0},
+        {"hw_decoder_load": 1.5},
+        {"prefetch": 0},
+    ],
+)
 def test_bad_arguments_raise_value_error(demo_shards, bad):
     with pytest.raises(ValueError, match="|".join(bad)):
         loader(demo_shards, **{"world_size": 2, **bad})
@@ -296,8 +315,9 @@ def test_a_dali_whose_checkpoints_were_not_tested_still_gets_one_line(demo_shard
     monkeypatch.setattr(nvidia.dali, "__version__", "2.5.0")
     with pytest.raises(ShardError) as e:
         read_on(broken, in_epoch_1)
-    message = one_line(str(e.value), "this replay reads DALI 2.4.x's checkpoints, not DALI 2.5.0's; install "
-                                     "nvidia-dali 2.4.x")
+    message = one_line(
+        str(e.value), "this replay reads DALI 2.4.x's checkpoints, not DALI 2.5.0's; install nvidia-dali 2.4.x"
+    )
     assert message.startswith(f"{broken}: DALI cannot read rank 0's 'train' shards")
     # From the pipeline's start there is no checkpoint to edit: the JPEG is named on any DALI.
     one_line_error(broken, f"train-000002.tar: {name} does not decode" + VERIFY, batch=4)
@@ -325,6 +345,7 @@ def test_gpu_batches_outlive_a_late_consumer(demo_shards, dtype):
     """DALI must not reuse a batch's memory before the kernels queued on it have run. The GPU is held back before
     each batch is asked for, so the loader's bfloat16 cast and the reads queue behind: the sums are a synchronised
     run's."""
+
     def checksums(late: bool) -> torch.Tensor:
         sums = []
         with loader(demo_shards, batch=8, device="cuda", device_id=0, dtype=dtype, seed=4) as ld:
@@ -356,6 +377,7 @@ def test_gpu_back_pressure_is_counted_apart_from_data_wait(demo_shards):
     """A host HOLD batches ahead of a busy GPU is held in next(): gpu_wait_s takes that time, run.py's timed() the
     rest."""
     import run
+
     with loader(demo_shards, batch=8, device="cuda", device_id=0, seed=4) as ld:
         waits = []
         for wait, _ in run.timed(ld):

@@ -1,4 +1,5 @@
 """The manifest is read and checked once per run, and passed down: loaders take the Manifest, not the folder."""
+
 import shutil
 from collections import Counter
 
@@ -18,8 +19,23 @@ def hashed(monkeypatch):
 
 
 # A small CPU run that does not diverge (as in tests/test_run.py): 6 steps of 16 images at 64x64.
-FAST = ["--batch-size", "16", "--crop-size", "64", "--threads", "1", "--device", "cpu", "--lr", "0.02",
-        "--lr-scaling", "none", "--init", "kaiming", "--divide-std"]
+FAST = [
+    "--batch-size",
+    "16",
+    "--crop-size",
+    "64",
+    "--threads",
+    "1",
+    "--device",
+    "cpu",
+    "--lr",
+    "0.02",
+    "--lr-scaling",
+    "none",
+    "--init",
+    "kaiming",
+    "--divide-std",
+]
 
 
 def test_the_loader_reads_the_manifest_it_is_given(demo_shards, tmp_path):
@@ -41,6 +57,8 @@ def test_a_training_run_then_its_evaluation_load_the_manifest_once_each(demo_sha
     assert hashed == Counter(indexes)  # the train and val loaders over one load
     hashed.clear()
     ckpt = sorted((workdir / "checkpoints").glob("*.pt"))[-1]
-    assert run.main(["--eval", str(ckpt), "--shards", str(demo_shards), "--device", "cpu", "--threads", "1",
-                     "--ten-crop"]) == 0  # centre and ten-crop loaders
+    assert (
+        run.main(["--eval", str(ckpt), "--shards", str(demo_shards), "--device", "cpu", "--threads", "1", "--ten-crop"])
+        == 0
+    )  # centre and ten-crop loaders
     assert hashed == Counter(indexes)

@@ -1,4 +1,6 @@
 """The pipeline's pure maths: DALI's crop placement, PCA lighting, normalisation, samples split over ranks."""
+
+import itertools
 import os
 import subprocess
 import sys
@@ -56,7 +58,7 @@ def test_normalisation_divides_by_std_only_when_asked():
 def test_ranks_split_the_samples_exactly_once(count, world, batch):
     ranges = [rank_range(count, r, world) for r in range(world)]
     assert ranges[0][0] == 0 and ranges[-1][1] == count
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     steps = steps_per_epoch(count, batch, world)
     assert all(stop - start <= steps * batch for start, stop in ranges)
     assert (steps - 1) * batch < max(stop - start for start, stop in ranges)  # no step is padding on every rank
@@ -71,7 +73,12 @@ def test_dali_seeds_share_the_reader_and_split_the_draws():
     assert len({reader for reader, _ in seeds[:4]}) == 1  # one file order for every rank of a run
     assert len({reader for reader, _ in seeds}) == 3 and len({draws for _, draws in seeds}) == 12
     # A resumed run is another process: its seeds must not hang on anything of the process (hash seed, time, pid).
-    fresh = subprocess.run([sys.executable, "-c", "from pipeline.sharding import dali_seeds; print(dali_seeds(7, 2))"],
-                           capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "1"},
-                           cwd=Path(__file__).resolve().parents[1]).stdout
+    fresh = subprocess.run(
+        [sys.executable, "-c", "from pipeline.sharding import dali_seeds; print(dali_seeds(7, 2))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "1"},
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout
     assert fresh.strip() == str(dali_seeds(7, 2)) == "(1201125462, 2032283795)"  # as saved positions were drawn

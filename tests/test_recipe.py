@@ -1,12 +1,22 @@
 """The §5 recipe: parameter groups, LR schedules as formulas, top-k errors, and a sync-free train step that learns."""
+
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from model.recipe import (count_errors, initialise, lr_at, make_train_step, param_groups, plateau_drops, scaled_lr,
-                          topk_errors, warmup_factor)
+from model.recipe import (
+    count_errors,
+    initialise,
+    lr_at,
+    make_train_step,
+    param_groups,
+    plateau_drops,
+    scaled_lr,
+    topk_errors,
+    warmup_factor,
+)
 
 
 def test_param_groups_decay_weights_not_biases():
@@ -60,16 +70,26 @@ def test_cosine_schedule_and_warmup():
 
 
 def test_topk_errors_counts():
-    logits = torch.tensor([[0.0, 1, 2, 3, 4, 5, 6],   # label 6: top-1 hit
-                           [6.0, 5, 4, 3, 2, 1, 0],   # label 4: rank 5, top-5 hit, top-1 miss
-                           [6.0, 5, 4, 3, 2, 1, 0]])  # label 6: rank 7, miss both
+    logits = torch.tensor(
+        [
+            [0.0, 1, 2, 3, 4, 5, 6],  # label 6: top-1 hit
+            [6.0, 5, 4, 3, 2, 1, 0],  # label 4: rank 5, top-5 hit, top-1 miss
+            [6.0, 5, 4, 3, 2, 1, 0],
+        ]
+    )  # label 6: rank 7, miss both
     assert topk_errors(logits, torch.tensor([6, 4, 6])).tolist() == [2, 1]
 
 
 def _tiny(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Dropout(0.2), nn.Linear(8, 3)).to(memory_format=torch.channels_last)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(8, 3),
+    ).to(memory_format=torch.channels_last)
 
 
 def test_train_step_matches_a_hand_written_sgd_step():

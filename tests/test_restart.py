@@ -1,5 +1,6 @@
 """A run on a cluster: torchrun's restarts and SIGTERM, two runs in one workdir, other data, a full disk, a shard
 truncated under a run; each as a user meets it, with real processes and files."""
+
 import errno
 import json
 import os
@@ -29,16 +30,33 @@ def free_port() -> int:
 
 def torchrun_command() -> list:
     # A static rendezvous: with --standalone (c10d), torch 2.13's restarted workers hang or cannot connect.
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--master-port", str(free_port()),
-            "--nproc-per-node", "2"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--master-port",
+        str(free_port()),
+        "--nproc-per-node",
+        "2",
+    ]
+
+
 def untimed(workdir) -> list:
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in metrics(workdir)]
 
 
 def torchrun(argv, after: str, act, *flags):
     """torchrun ARGV; `act(torchrun's process)` once a line containing `after` is printed: (status, stdout, stderr)."""
-    proc = subprocess.Popen([*torchrun_command(), *flags, "run.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [*torchrun_command(), *flags, "run.py", *argv],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -65,8 +83,9 @@ def one_epoch(demo_shards, tmp_path_factory):
 def two_ranks(demo_shards, tmp_path_factory):
     """Two uninterrupted epochs on two ranks: what every interrupted run below must end with."""
     workdir = tmp_path_factory.mktemp("ddp") / "whole"
-    code, out, err = torchrun(["--shards", str(demo_shards), "--workdir", str(workdir), "--epochs", "2", *FAST], "",
-                              None)
+    code, out, err = torchrun(
+        ["--shards", str(demo_shards), "--workdir", str(workdir), "--epochs", "2", *FAST], "", None
+    )
     assert code == 0, err[-3000:]
     assert out.count("epoch 2/2: train loss") == 1  # only rank 0 reports
     return workdir
@@ -94,15 +113,18 @@ def test_torchrun_restart_after_kill_9_continues_from_the_last_checkpoint(two_ra
 
 
 @pytest.mark.slow
-def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_the_same_command_continues(two_ranks, demo_shards,
-                                                                                          tmp_path):
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_the_same_command_continues(
+    two_ranks, demo_shards, tmp_path
+):
     workdir = tmp_path / "preempted"
     argv = ["--shards", str(demo_shards), "--workdir", str(workdir), "--epochs", "2", *FAST]
     _, _, err = torchrun(argv, "epoch 1/2 step", lambda p: p.send_signal(signal.SIGTERM))
     saved = checkpoint.step_files(workdir / "checkpoints")[0]
     ours = [line for line in err.splitlines() if line.startswith("run.py:")]
-    assert ours == [f"run.py: SIGTERM: stopped at epoch {1 + int(saved.name[5:14]) // 3}, step "
-                    f"{int(saved.name[5:14])}; saved {saved}; run the same command to continue from it"]
+    assert ours == [
+        f"run.py: SIGTERM: stopped at epoch {1 + int(saved.name[5:14]) // 3}, step "
+        f"{int(saved.name[5:14])}; saved {saved}; run the same command to continue from it"
+    ]
     state = checkpoint.read(saved)
     assert [s["step"] for s in state["loader"]] == [state["step"] % 3] * 2  # both ranks stopped after the same step
     assert f'File "{ROOT / "run.py"}"' not in err  # no traceback from run.py's processes (torchrun prints its own)
@@ -122,8 +144,9 @@ def test_a_second_run_in_a_busy_workdir_is_refused_and_ctrl_c_saves(demo_shards,
         for extra in ([], ["--resume"]):
             second[tuple(extra)] = (run.main([*argv, *extra]), capsys.readouterr().err)
 
-    proc = subprocess.Popen([sys.executable, "run.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "run.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     for line in proc.stdout:
         if "epoch 1/1 step" in line:
             start_a_second(line)
@@ -135,8 +158,10 @@ def test_a_second_run_in_a_busy_workdir_is_refused_and_ctrl_c_saves(demo_shards,
         assert f"{workdir}: in use by pid {proc.pid} on " in message and "another --workdir" in message
     assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err
     saved = checkpoint.step_files(workdir / "checkpoints")[0]
-    assert err.strip().splitlines() == [f"run.py: SIGINT: stopped at epoch 1, step {int(saved.name[5:14])}; saved "
-                                        f"{saved}; run the same command to continue from it"]
+    assert err.strip().splitlines() == [
+        f"run.py: SIGINT: stopped at epoch 1, step {int(saved.name[5:14])}; saved "
+        f"{saved}; run the same command to continue from it"
+    ]
     assert json.loads((workdir / "config.json").read_text())["epochs"] == 1  # the second run wrote nothing
 
 
@@ -175,12 +200,30 @@ def test_other_data_is_refused_by_a_continued_run_and_by_eval(one_epoch, demo_sr
     workdir = Path(shutil.copytree(one_epoch, tmp_path / "run"))
     resharded = tmp_path / "resharded"  # the same images, other shards
     from tools.shard_imagenet import main as shard_main
-    assert shard_main(["--src", str(demo_src), "--out", str(resharded), "--resize", "short:80", "--shard-size", "48",
-                       "--workers", "1"]) == 0
+
+    assert (
+        shard_main(
+            [
+                "--src",
+                str(demo_src),
+                "--out",
+                str(resharded),
+                "--resize",
+                "short:80",
+                "--shard-size",
+                "48",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     renamed = _other_classes(demo_shards, tmp_path, _rename_second)
     capsys.readouterr()
-    for shards, what in ((resharded, "other train shards (fingerprint"),
-                         (renamed, "another class list (label 1 was n00000001, here n00000002)")):
+    for shards, what in (
+        (resharded, "other train shards (fingerprint"),
+        (renamed, "another class list (label 1 was n00000001, here n00000002)"),
+    ):
         assert train(shards, workdir, "--epochs", "2") == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and what in err and f"--shards it was trained on ({demo_shards})" in err
@@ -193,8 +236,9 @@ def test_other_data_is_refused_by_a_continued_run_and_by_eval(one_epoch, demo_sr
 
 
 @pytest.mark.slow
-def test_a_full_disk_while_saving_is_one_line_and_the_last_checkpoint_stays(one_epoch, demo_shards, tmp_path,
-                                                                             monkeypatch, capsys):
+def test_a_full_disk_while_saving_is_one_line_and_the_last_checkpoint_stays(
+    one_epoch, demo_shards, tmp_path, monkeypatch, capsys
+):
     workdir = Path(shutil.copytree(one_epoch, tmp_path / "run"))
     real = os.fsync
 
@@ -202,11 +246,14 @@ def test_a_full_disk_while_saving_is_one_line_and_the_last_checkpoint_stays(one_
         if os.readlink(f"/proc/self/fd/{fd}").endswith(".step-000000012.pt.tmp"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd)
+
     monkeypatch.setattr(os, "fsync", full)
     assert train(demo_shards, workdir, "--epochs", "2") == 1
     err = capsys.readouterr().err.strip()
-    assert err == (f"run.py: cannot write {workdir / 'checkpoints' / 'step-000000012.pt'} (No space left on device); "
-                   f"the checkpoints written before are intact: make room, then run the same command to continue")
+    assert err == (
+        f"run.py: cannot write {workdir / 'checkpoints' / 'step-000000012.pt'} (No space left on device); "
+        f"the checkpoints written before are intact: make room, then run the same command to continue"
+    )
     assert checkpoint.load_latest(workdir / "checkpoints")[1].name == "step-000000006.pt"
     assert not list((workdir / "checkpoints").glob(".*"))
 
@@ -216,12 +263,36 @@ def test_a_shard_truncated_during_the_run_is_named_before_the_next_epoch(demo_sh
     shards = Path(shutil.copytree(demo_shards, tmp_path / "shards"))
     tar = shards / "train-000001.tar"
     # Another process truncates a shard while epoch 1 is evaluated (a re-shard or a copy over the same folder).
-    driver = (f"import os, sys, run\nend = run.Trainer.end_epoch\n"
-              f"def truncating(self, epoch):\n    os.truncate({str(tar)!r}, 1000)\n    return end(self, epoch)\n"
-              f"run.Trainer.end_epoch = truncating\nsys.exit(run.main(sys.argv[1:]))\n")
-    out = subprocess.run([sys.executable, "-c", driver, "--shards", str(shards), "--workdir", str(tmp_path / "w"),
-                          *FAST, "--epochs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    driver = (
+        f"import os, sys, run\nend = run.Trainer.end_epoch\n"
+        f"def truncating(self, epoch):\n    os.truncate({str(tar)!r}, 1000)\n    return end(self, epoch)\n"
+        f"run.Trainer.end_epoch = truncating\nsys.exit(run.main(sys.argv[1:]))\n"
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            driver,
+            "--shards",
+            str(shards),
+            "--workdir",
+            str(tmp_path / "w"),
+            *FAST,
+            "--epochs",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     size = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["shards"][1]["tar_bytes"]
-    assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.strip().splitlines()[-1:] == [
-        f"run.py: {tar}: 1000 bytes now, the manifest says {size} (changed during the run); restore the shard folder, "
-        f"then run the same command to continue"]
+    assert (
+        out.returncode == 2
+        and "Traceback" not in out.stderr
+        and out.stderr.strip().splitlines()[-1:]
+        == [
+            f"run.py: {tar}: 1000 bytes now, the manifest says {size} (changed during the run); "
+            f"restore the shard folder, then run the same command to continue"
+        ]
+    )

@@ -1,4 +1,5 @@
 """run.py end to end on the CPU: it learns, stop + resume equals one run, torchrun/gloo, checkpoints, bad input."""
+
 import dataclasses
 import json
 import os
@@ -58,28 +59,42 @@ def test_training_learns_and_reports(one_run, demo_shards):
     assert summary["wall_s"] >= sum(r["epoch_s"] for r in rows)
     assert json.loads((one_run / "config.json").read_text())["epochs"] == 3
     assert (one_run / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [p.name for p in checkpoint.step_files(one_run / "checkpoints")] == \
-        ["step-000000018.pt", "step-000000012.pt", "step-000000006.pt"]
+    assert [p.name for p in checkpoint.step_files(one_run / "checkpoints")] == [
+        "step-000000018.pt",
+        "step-000000012.pt",
+        "step-000000006.pt",
+    ]
     # best.pt holds the epoch with the lowest error; --eval on it reproduces that error.
     best = min(r["val_top1_err"] for r in rows)
-    out = subprocess.run([sys.executable, "run.py", "--eval", str(one_run / "checkpoints" / "best.pt"), *MACHINE],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "run.py", "--eval", str(one_run / "checkpoints" / "best.pt"), *MACHINE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.splitlines()[-1])["center"]["top1_err"] == pytest.approx(best)
 
 
 @pytest.mark.slow
 def test_plot_metrics_script(one_run, tmp_path):
-    out = subprocess.run([sys.executable, "tools/plot_metrics.py", str(one_run / "metrics.jsonl"), "--out",
-                          str(tmp_path / "m.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "tools/plot_metrics.py", str(one_run / "metrics.jsonl"), "--out", str(tmp_path / "m.png")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def interrupted(argv, after: str, sig=signal.SIGTERM):
     """`python run.py ARGV`, sent `sig` once it has printed a line containing `after`: (exit status, stdout, stderr)."""
-    proc = subprocess.Popen([sys.executable, "run.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "run.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -98,8 +113,12 @@ def test_sigterm_saves_and_the_same_command_continues_to_where_one_run_ends(one_
     saved = checkpoint.step_files(workdir / "checkpoints")[0]
     assert code == 128 + signal.SIGTERM
     ours = [line for line in err.splitlines() if not line.startswith("[/opt/dali")]  # DALI's own warnings
-    assert ours == [(f"run.py: SIGTERM: stopped at epoch 2, step {int(saved.name[5:14])}; saved {saved}; run the same "
-                     f"command to continue from it")]
+    assert ours == [
+        (
+            f"run.py: SIGTERM: stopped at epoch 2, step {int(saved.name[5:14])}; saved {saved}; run the same "
+            f"command to continue from it"
+        )
+    ]
     assert 6 <= int(saved.name[5:14]) < 18 and [r["epoch"] for r in metrics(workdir)] == [1]
     # A newer checkpoint that is truncated (a disk fault) is reported, and the previous one is used.
     (saved.parent / "step-000000017.pt").write_bytes(saved.read_bytes()[:1000])
@@ -111,8 +130,10 @@ def test_sigterm_saves_and_the_same_command_continues_to_where_one_run_ends(one_
     timings = ("img_per_s", "data_wait_frac", "epoch_s", "wall_s")
     untimed = [[{k: v for k, v in r.items() if k not in timings} for r in metrics(w)] for w in (one_run, workdir)]
     assert untimed[0] == untimed[1]  # bit-exact: losses and errors are compared with ==
-    a, b = ({k: v for k, v in json.loads((w / "summary.json").read_text()).items() if k not in timings}
-            for w in (one_run, workdir))
+    a, b = (
+        {k: v for k, v in json.loads((w / "summary.json").read_text()).items() if k not in timings}
+        for w in (one_run, workdir)
+    )
     assert a == b
 
 
@@ -143,10 +164,15 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(demo_shards, tmp_path, 
 
 @pytest.mark.slow
 def test_demo_reduced(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(demo.DEMO_DATA, "cpu", dict(classes=3, per_class=16, val_per_class=4, size_range=(72, 90),
-                                                    resize="short:72"))
-    assert run.main(["--demo", "--device", "cpu", "--workdir", str(tmp_path / "demo"), "--epochs", "1",
-                     "--batch-size", "16"]) == 0
+    monkeypatch.setitem(
+        demo.DEMO_DATA, "cpu", dict(classes=3, per_class=16, val_per_class=4, size_range=(72, 90), resize="short:72")
+    )
+    assert (
+        run.main(
+            ["--demo", "--device", "cpu", "--workdir", str(tmp_path / "demo"), "--epochs", "1", "--batch-size", "16"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "demo: 3 synthetic classes" in out and "AlexNet learned 3 synthetic classes from 48 images" in out
     assert "chance 67%" in out
@@ -207,8 +233,7 @@ def test_bad_input_workdir_of_another_run(demo_shards, tmp_path, capsys):
 
 
 def test_bad_input_resume_with_nothing(demo_shards, tmp_path, capsys):
-    err = _one_line_exit_2(capsys, ["--shards", str(demo_shards), "--workdir", str(tmp_path / "w"), *FAST,
-                                    "--resume"])
+    err = _one_line_exit_2(capsys, ["--shards", str(demo_shards), "--workdir", str(tmp_path / "w"), *FAST, "--resume"])
     assert "no readable checkpoint" in err and "without --resume" in err
     assert [p.name for p in (tmp_path / "w").iterdir()] == ["run.lock"]  # released: the same command can start
 
@@ -222,8 +247,9 @@ def test_bad_input_resume_with_other_settings(demo_shards, tmp_path, capsys):
 
 
 def test_bad_input_model_parallel_without_two_devices(demo_shards, tmp_path, capsys):
-    err = _one_line_exit_2(capsys, ["--shards", str(demo_shards), "--workdir", str(tmp_path / "w"), "--device", "cpu",
-                                    "--model-parallel"])
+    err = _one_line_exit_2(
+        capsys, ["--shards", str(demo_shards), "--workdir", str(tmp_path / "w"), "--device", "cpu", "--model-parallel"]
+    )
     assert "--model-parallel needs two cpu devices" in err
     assert not (tmp_path / "w").exists()
 
@@ -235,9 +261,11 @@ def test_bad_input_crop_larger_than_the_smallest_image(demo_shards, tmp_path, ca
     raw["splits"]["train"]["min_side"] = 60  # as the sharder records it; the demo's resize side is 80
     (small / "manifest.json").write_text(json.dumps(raw))
     err = _one_line_exit_2(capsys, ["--shards", str(small), "--workdir", str(tmp_path / "w"), *FAST])
-    assert err == (f"run.py: {small / 'manifest.json'}: the smallest 'train' image has a short side of 60, smaller "
-                   f"than crop_size 64; pass a smaller --crop-size, or re-shard with tools/shard_imagenet.py "
-                   f"--resize short:64")
+    assert err == (
+        f"run.py: {small / 'manifest.json'}: the smallest 'train' image has a short side of 60, smaller "
+        f"than crop_size 64; pass a smaller --crop-size, or re-shard with tools/shard_imagenet.py "
+        f"--resize short:64"
+    )
     assert not (tmp_path / "w").exists()
 
 
@@ -246,9 +274,21 @@ def test_bad_input_eval_of_a_missing_checkpoint(tmp_path, capsys):
     assert "nope.pt: unreadable" in err and "WORKDIR/checkpoints" in err
 
 
-@pytest.mark.parametrize("flag", [["--threads", "-1"], ["--prefetch", "0"], ["--hw-decoder-load", "1.5"],
-                                  ["--batch-size", "0"], ["--lr", "-1"], ["--log-interval", "0"], ["--epochs", "0"],
-                                  ["--keep", "0"], ["--checkpoint-minutes", "-1"], ["--warmup-epochs", "-1"]])
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ["--threads", "-1"],
+        ["--prefetch", "0"],
+        ["--hw-decoder-load", "1.5"],
+        ["--batch-size", "0"],
+        ["--lr", "-1"],
+        ["--log-interval", "0"],
+        ["--epochs", "0"],
+        ["--keep", "0"],
+        ["--checkpoint-minutes", "-1"],
+        ["--warmup-epochs", "-1"],
+    ],
+)
 def test_bad_input_values_refused_before_anything_is_written(flag, demo_shards, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run.main(["--shards", str(demo_shards), "--workdir", str(tmp_path / "w"), *FAST, *flag])
@@ -259,23 +299,30 @@ def test_bad_input_values_refused_before_anything_is_written(flag, demo_shards, 
 
 
 def test_bad_input_batch_larger_than_the_split(demo_shards, tmp_path, capsys):
-    err = _one_line_exit_2(capsys, ["--shards", str(demo_shards), "--workdir", str(tmp_path / "w"), *FAST,
-                                    "--batch-size", "97"])
+    err = _one_line_exit_2(
+        capsys, ["--shards", str(demo_shards), "--workdir", str(tmp_path / "w"), *FAST, "--batch-size", "97"]
+    )
     assert "--batch-size 97 x 1 process(es) is more than the 96 train images" in err
     assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.slow
 def test_bad_input_unknown_flag_from_the_shell():
-    out = subprocess.run([sys.executable, "run.py", "--shards", "x", "--epochz", "3"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "run.py", "--shards", "x", "--epochz", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.splitlines() == ["run.py: unrecognized arguments: --epochz 3 (see python run.py --help)"]
 
 
 @pytest.mark.slow
-def test_a_checkpoint_of_an_older_run_py_evaluates_and_refuses_resume_in_one_line(one_run, demo_shards, tmp_path,
-                                                                                   capsys):
+def test_a_checkpoint_of_an_older_run_py_evaluates_and_refuses_resume_in_one_line(
+    one_run, demo_shards, tmp_path, capsys
+):
     """Before one DALI pipeline per run: `num_threads` for `threads`, no decoder settings, one loader position."""
     state = checkpoint.read(checkpoint.step_files(one_run / "checkpoints")[0])
     config = {k: v for k, v in state["config"].items() if k not in ("threads", "hw_decoder_load", "prefetch")}

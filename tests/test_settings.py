@@ -1,4 +1,5 @@
 """The settings layer: one declaration gives the flag, its check, the saved JSON and --config."""
+
 from __future__ import annotations
 
 import json
@@ -74,12 +75,15 @@ def test_other_programs_settings_are_named_and_left_out(tmp_path, capsys):
     assert "left out: epochs, lr" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
-    (["--load", "1.5"], "--load 1.5: must be between 0.0 and 1.0"),
-    (["--mode", "fast"], "invalid choice: 'fast'"),
-    (["--batch-size", "x"], "invalid int value: 'x'"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["--load", "1.5"], "--load 1.5: must be between 0.0 and 1.0"),
+        (["--mode", "fast"], "invalid choice: 'fast'"),
+        (["--batch-size", "x"], "invalid int value: 'x'"),
+    ],
+)
 def test_bad_values_are_one_line(argv, says, capsys):
     assert says in fails(argv, capsys)
 
@@ -102,13 +106,18 @@ def test_show_prints_every_setting():
 
 
 def test_help_groups_sections_and_shows_defaults():
-    out = subprocess.run([sys.executable, "tools/make_demo_data.py", "--help"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "tools/make_demo_data.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert "The synthetic set:" in out and "(default: 94)" in out and "(required)" in out
 
 
 def test_make_demo_data_refuses_bad_values_before_writing(tmp_path):
-    r = subprocess.run([sys.executable, "tools/make_demo_data.py", "--out", str(tmp_path / "o"), "--size-range", "9",
-                        "3"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "tools/make_demo_data.py", "--out", str(tmp_path / "o"), "--size-range", "9", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--size-range 9 3" in r.stderr
     assert not (tmp_path / "o").exists()

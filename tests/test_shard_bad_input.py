@@ -1,4 +1,5 @@
-"""Bad input: the real set's quirks are repaired, broken files rejected, all listed; usage errors are one line, exit 2."""
+"""Bad input: the real set's quirks are repaired, broken files rejected, all listed; usage errors one line, exit 2."""
+
 import io
 import json
 from pathlib import PurePath
@@ -7,16 +8,23 @@ import pytest
 from PIL import Image
 
 from pipeline.writer.synthetic import QUIRKS, make_dataset, wnid
-from tools.shard_imagenet import main
 from pipeline.writer.tars import read_shard
+from tools.shard_imagenet import main
 
 ARGS = ["--resize", "short:32", "--workers", "1", "--shard-size", "8"]
 
 
 @pytest.fixture(scope="module")
 def quirky(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("quirky"), classes=2, per_class=5, val_per_class=2, quirks=True,
-                        size_range=(40, 64), seed=5)
+    return make_dataset(
+        tmp_path_factory.mktemp("quirky"),
+        classes=2,
+        per_class=5,
+        val_per_class=2,
+        quirks=True,
+        size_range=(40, 64),
+        seed=5,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +32,7 @@ def quirky_run(quirky, tmp_path_factory):
     out = tmp_path_factory.mktemp("quirky_shards") / "out"
     capture = io.StringIO()
     import contextlib
+
     with contextlib.redirect_stdout(capture):
         rc = main(["--src", str(quirky), "--out", str(out), *ARGS])
     return rc, out, json.loads((out / "manifest.json").read_text()), capture.getvalue()
@@ -54,7 +63,9 @@ def test_quirks_are_repaired_and_broken_files_rejected_each_with_a_reason(quirky
 
 def test_everything_written_decodes_as_rgb_baseline_jpeg_and_repaired_files_are_kept(quirky_run):
     _, out, manifest, _ = quirky_run
-    samples = {PurePath(s.path).stem: s for sh in manifest["splits"]["train"]["shards"] for s in read_shard(out / sh["tar"])}
+    samples = {
+        PurePath(s.path).stem: s for sh in manifest["splits"]["train"]["shards"] for s in read_shard(out / sh["tar"])
+    }
     assert len(samples) == 2 * 5 + 3 and manifest["splits"]["train"]["count"] == 13
     for q in ("cmyk", "png", "gray"):
         assert f"{wnid(0)}_{q}" in samples
@@ -105,16 +116,19 @@ def existing(quirky_run):
     return quirky_run[1]
 
 
-@pytest.mark.parametrize("argv,says", [
-    ([], "--src and --out are both required"),
-    (["--src", "/nonexistent/imagenet", "--out", "{tmp}/o"], "no such folder"),
-    (["--src", "{src}", "--out", "{src}/shards"], "inside --src"),
-    (["--src", "{src}", "--out", "{existing}", "--quality", "80"], "different arguments"),
-    (["--src", "{src}", "--out", "{tmp}/junk"], "not empty and not a shard folder"),
-    (["--src", "{src}", "--out", "{tmp}/o", "--resize", "short"], "--resize"),
-    (["--src", "{src}", "--out", "{tmp}/o", "--splits", "train", "my val"], "--splits"),
-    (["--src", "{src}", "--out", "{tmp}/o", "--bogus"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "argv,says",
+    [
+        ([], "--src and --out are both required"),
+        (["--src", "/nonexistent/imagenet", "--out", "{tmp}/o"], "no such folder"),
+        (["--src", "{src}", "--out", "{src}/shards"], "inside --src"),
+        (["--src", "{src}", "--out", "{existing}", "--quality", "80"], "different arguments"),
+        (["--src", "{src}", "--out", "{tmp}/junk"], "not empty and not a shard folder"),
+        (["--src", "{src}", "--out", "{tmp}/o", "--resize", "short"], "--resize"),
+        (["--src", "{src}", "--out", "{tmp}/o", "--splits", "train", "my val"], "--splits"),
+        (["--src", "{src}", "--out", "{tmp}/o", "--bogus"], "unrecognized arguments"),
+    ],
+)
 def test_usage_errors_are_one_line_and_exit_2(quirky, existing, tmp_path, capsys, argv, says):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "holiday.jpg").write_bytes(b"x")
@@ -128,18 +142,22 @@ def test_usage_errors_are_one_line_and_exit_2(quirky, existing, tmp_path, capsys
 def test_gpu_decoder_takes_every_written_image_including_repaired_ones(quirky_run):
     """DALI dies on one undecodable JPEG: nvJPEG (device="mixed") must decode every sample we wrote."""
     from nvidia.dali import fn, pipeline_def, types
+
     _, out, manifest, _ = quirky_run
     shards = [sh for split in ("train", "val") for sh in manifest["splits"][split]["shards"]]
     total = sum(sh["count"] for sh in shards)
 
     @pipeline_def(batch_size=total, num_threads=2, device_id=0)
     def pipe():
-        jpg, lbl = fn.readers.webdataset(paths=[str(out / sh["tar"]) for sh in shards],
-                                         index_paths=[str(out / sh["index"]) for sh in shards],
-                                         ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT32])
+        jpg, lbl = fn.readers.webdataset(
+            paths=[str(out / sh["tar"]) for sh in shards],
+            index_paths=[str(out / sh["index"]) for sh in shards],
+            ext=["jpg", "lbl"],
+            dtypes=[types.UINT8, types.INT32],
+        )
         return fn.decoders.image(jpg, device="mixed", output_type=types.RGB), lbl
 
     p = pipe()
     p.build()
-    images, labels = p.run()
+    images, _labels = p.run()
     assert len(images) == total and all(images.as_cpu().at(i).shape[2] == 3 for i in range(total))

@@ -1,5 +1,6 @@
 """What machines do to a run: permissions, a full disk, a CSV saved by a spreadsheet, a '#' in a folder name. Each
 ends in one line naming the file and the fix (never a traceback), and the rerun after the fix completes."""
+
 import builtins
 import errno
 import json
@@ -30,8 +31,9 @@ def one_line(capsys, *says: str) -> None:
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("env"), classes=2, per_class=12, val_per_class=2,
-                        size_range=(40, 64), seed=4)
+    return make_dataset(
+        tmp_path_factory.mktemp("env"), classes=2, per_class=12, val_per_class=2, size_range=(40, 64), seed=4
+    )
 
 
 def test_out_without_write_permission(src, tmp_path, deny, capsys):
@@ -79,8 +81,9 @@ class FullDisk:
         self.f.close()
 
 
-def test_disk_full_names_the_file_keeps_nothing_half_written_and_the_rerun_completes(src, tmp_path, monkeypatch,
-                                                                                      capsys):
+def test_disk_full_names_the_file_keeps_nothing_half_written_and_the_rerun_completes(
+    src, tmp_path, monkeypatch, capsys
+):
     assert main(["--src", str(src), "--out", str(tmp_path / "reference"), *ARGS]) == 0
     out = tmp_path / "out"
 
@@ -116,14 +119,25 @@ def test_kaggle_csv_saved_by_a_spreadsheet_with_a_byte_order_mark(src, tmp_path)
 def test_baseline_loader_reads_shards_under_a_folder_with_a_hash_in_its_name(demo_shards, tmp_path):
     from pipeline.baseline import baseline_loader
     from pipeline.manifest import load_manifest
+
     shards = Path(shutil.copytree(demo_shards, tmp_path / "run #1" / "shards"))
     images, labels = next(iter(baseline_loader(load_manifest(shards), 4, crop_size=48, workers=0)))
     assert images.shape == (4, 3, 48, 48) and labels.shape == (4,)
 
 
 def test_config_is_printed_one_option_per_line(demo_src, demo_shards, capsys):
-    argv = ["--src", str(demo_src), "--out", str(demo_shards), "--resize", "short:80", "--shard-size", "32",
-            "--workers", "1"]
+    argv = [
+        "--src",
+        str(demo_src),
+        "--out",
+        str(demo_shards),
+        "--resize",
+        "short:80",
+        "--shard-size",
+        "32",
+        "--workers",
+        "1",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "ShardConfig(" not in out

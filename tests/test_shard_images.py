@@ -1,4 +1,5 @@
 """Per-image repairs: EXIF orientation written upright, high bit depths scaled, sizes JPEG cannot hold rejected."""
+
 import io
 import json
 
@@ -11,9 +12,15 @@ from tools.shard_imagenet import main
 
 POLICIES = [Resize("paper", 256), Resize("short", 200), Resize("none", None)]
 # EXIF orientation -> how the stored pixels are laid out, given the upright ones (inverse of what a viewer does)
-STORED = {2: lambda u: u[:, ::-1], 3: lambda u: u[::-1, ::-1], 4: lambda u: u[::-1],
-          5: lambda u: u.transpose(1, 0, 2), 6: lambda u: np.rot90(u, 1), 7: lambda u: u[::-1, ::-1].transpose(1, 0, 2),
-          8: lambda u: np.rot90(u, -1)}
+STORED = {
+    2: lambda u: u[:, ::-1],
+    3: lambda u: u[::-1, ::-1],
+    4: lambda u: u[::-1],
+    5: lambda u: u.transpose(1, 0, 2),
+    6: lambda u: np.rot90(u, 1),
+    7: lambda u: u[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda u: np.rot90(u, -1),
+}
 
 
 def decode(jpeg: bytes) -> np.ndarray:
@@ -44,7 +51,7 @@ def oriented(tmp_path_factory):
 
 
 def test_stored_layouts_are_what_exif_defines():
-    """The fixture's own check: 6 is 'rotate 90 CW to view', so the top row shown is the stored left column, bottom up."""
+    """The fixture's own check: 6 is 'rotate 90 CW to view': the top row shown is the stored left column, bottom up."""
     u = upright_photo()
     s = STORED[6](u)
     assert s.shape == (1024, 768, 3) and np.array_equal(u[0], s[::-1, 0])
@@ -65,6 +72,7 @@ def test_every_orientation_is_written_as_a_viewer_shows_it(oriented, resize, ori
 def test_dali_decodes_the_written_photos_as_pillow_does(oriented):
     """DALI applies EXIF orientation, Pillow does not: with the tag gone and the pixels upright, both agree."""
     from nvidia.dali import fn, pipeline_def, types
+
     jpegs = [prepare(oriented / f"o{o}.jpg", "o", Resize("none", None), 95, None).jpeg for o in sorted(STORED)]
 
     @pipeline_def(batch_size=len(jpegs), num_threads=1, device_id=None)
@@ -112,8 +120,9 @@ def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path, fmt, suffix):
 def test_16_bit_photo_is_turned_upright_too(tmp_path):
     exif = Image.Exif()
     exif[ExifTags.Base.Orientation] = 6
-    Image.fromarray(np.ascontiguousarray(STORED[6](gray_ramp16()[..., None])[..., 0])).save(tmp_path / "a.png",
-                                                                                         exif=exif.tobytes())
+    Image.fromarray(np.ascontiguousarray(STORED[6](gray_ramp16()[..., None])[..., 0])).save(
+        tmp_path / "a.png", exif=exif.tobytes()
+    )
     out = prepare(tmp_path / "a.png", "a", Resize("none", None), 95, None)
     assert out.repaired == "PNG file re-encoded as JPEG; EXIF orientation 6 applied: written upright"
     assert np.abs(decode(out.jpeg)[..., 0] - np.arange(256)[None, :]).mean() < 1.0

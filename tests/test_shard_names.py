@@ -1,5 +1,6 @@
 """Folders as people have them: camera names in every class, names a tar header cannot hold, subfolders, hidden
 files. Every file ends up in the shards (once, its path recorded) or in the manifest's rejected list."""
+
 import json
 import os
 import re
@@ -24,8 +25,11 @@ def photo(path: Path | bytes, colour: str) -> None:
 
 def every_file(src: Path) -> list[str]:
     """Every file under src/train, as os lists it, through symbolic links (what a user counts with find -L)."""
-    return sorted(os.path.relpath(os.path.join(d, f), src) for d, _, files in os.walk(src / "train", followlinks=True)
-                  for f in files)
+    return sorted(
+        os.path.relpath(os.path.join(d, f), src)
+        for d, _, files in os.walk(src / "train", followlinks=True)
+        for f in files
+    )
 
 
 def shard(src: Path, out: Path) -> tuple[dict, list]:
@@ -54,7 +58,8 @@ def test_camera_names_repeated_in_every_class_are_all_kept(tmp_path):
     assert all(re.fullmatch(r"train_\d{8}", s.key) for s in samples)
     classes = [c["wnid"] for c in manifest["classes"]]
     assert sorted((s.path, classes[s.label]) for s in samples) == sorted(
-        (f"train/{place}/IMG_{i:04d}.JPG", place) for place in COLOURS for i in range(1, 5))
+        (f"train/{place}/IMG_{i:04d}.JPG", place) for place in COLOURS for i in range(1, 5)
+    )
     accounted_once(src, manifest, samples)
 
 
@@ -94,7 +99,7 @@ def test_any_name_the_filesystem_allows_is_sharded_and_recorded_exactly(tmp_path
 def test_source_and_output_folders_whose_own_names_are_not_utf8(tmp_path, capsys):
     root = tmp_path / os.fsdecode(b"fotos \xe9t\xe9")
     photo(root / "src" / "train" / "misc" / "a.jpg", "red")
-    manifest, samples = shard(root / "src", root / "out")
+    _manifest, samples = shard(root / "src", root / "out")
     assert [s.path for s in samples] == ["train/misc/a.jpg"]
     assert capsys.readouterr().out.startswith("config:\n  src ")  # the name printed escaped, not raised on
 
@@ -114,13 +119,17 @@ def test_images_in_subfolders_belong_to_their_class_and_nothing_is_skipped_unlis
     manifest, samples = shard(src, tmp_path / "out")
     assert [c["wnid"] for c in manifest["classes"]] == ["cats", "dogs"]
     assert sorted((s.path, s.label) for s in samples) == [
-        ("train/cats/.thumbnails/c.jpg", 0), ("train/cats/2019/summer/b.jpg", 0), ("train/cats/a.jpg", 0),
-        ("train/dogs/d.jpg", 1)]
+        ("train/cats/.thumbnails/c.jpg", 0),
+        ("train/cats/2019/summer/b.jpg", 0),
+        ("train/cats/a.jpg", 0),
+        ("train/dogs/d.jpg", 1),
+    ]
     assert {r["file"]: r["reason"] for r in manifest["rejected"]} == {
         "train/.ipynb_checkpoints/e.jpg": "in a hidden folder, not a class folder",
         "train/dogs/old": "folder already included through another path (symbolic link)",
         "train/dogs/pipe.jpg": "not a regular file",
-        "train/dogs/self.jpg": "unreadable (Too many levels of symbolic links)"}
+        "train/dogs/self.jpg": "unreadable (Too many levels of symbolic links)",
+    }
     assert manifest["skipped"] == [{"file": "train/dogs/.DS_Store", "reason": "hidden file"}]
 
 
@@ -136,6 +145,7 @@ def test_nested_camera_folder_accounts_for_every_file(tmp_path, workers):
     assert main(["--src", str(src), "--out", str(tmp_path / "out"), *ARGS, "--workers", workers]) == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     samples = [s for sh in manifest["splits"]["train"]["shards"] for s in read_shard(tmp_path / "out" / sh["tar"])]
-    assert len(samples) == 29 and manifest["rejected"] == [{"file": "train/city/2020/DSC_0003.JPG",
-                                                             "reason": "empty file (0 bytes)"}]
+    assert len(samples) == 29 and manifest["rejected"] == [
+        {"file": "train/city/2020/DSC_0003.JPG", "reason": "empty file (0 bytes)"}
+    ]
     accounted_once(src, manifest, samples)

@@ -1,5 +1,6 @@
 """Photos as people have them: 200 MP phone photos (but not decompression bombs), colour profiles, JPEG kinds that
 not every decoder reads, bytes after the end of the image, sidecar and system files, empty and look-alike classes."""
+
 import base64
 import io
 import json
@@ -27,7 +28,8 @@ ARITHMETIC = base64.b64decode(
     "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDAAMCAgMCAgMDAwMEAwMEBQgFBQQEBQoHBwYIDAoMDAsKCwsNDhIQDQ4RDgsLEBYQERMUFRUVDA8XGBYU"
     "GBIUFRT/2wBDAQMEBAUEBQkFBQkUDQsNFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBT/yQARCAAYACAD"
     "ASIAAhEBAxEB/8wACgAQEAUBEBEF/9oADAMBAAIRAxEAPwD/ALeIMm12+5wmr0QWr5tDfoc0qy4LStjgpe+1OwD2Scw3FerdDnfHdy4cBJFX8QdF"
-    "2wRlmWta4dOvSvdUgMD/2Q==")
+    "2wRlmWta4dOvSvdUgMD/2Q=="
+)
 
 
 def gradient(width: int, height: int) -> np.ndarray:
@@ -42,10 +44,10 @@ def tall_jpeg(width: int, height: int) -> bytes:
     Image.fromarray(gradient(width, 32)).save(buf, "JPEG", quality=90, restart_marker_rows=1)
     data = buf.getvalue()
     sof, sos = data.index(b"\xff\xc0"), data.index(b"\xff\xda")
-    scan = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
-    row = data[scan:data.index(b"\xff\xd0", scan)]
-    assert height % 16 == 0 and data[scan + len(row) + 2:-2] == row
-    head = data[:sof + 5] + height.to_bytes(2, "big") + data[sof + 7:scan]
+    scan = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
+    row = data[scan : data.index(b"\xff\xd0", scan)]
+    assert height % 16 == 0 and data[scan + len(row) + 2 : -2] == row
+    head = data[: sof + 5] + height.to_bytes(2, "big") + data[sof + 7 : scan]
     return head + row + b"".join(bytes([0xFF, 0xD0 + k % 8]) + row for k in range(height // 16 - 1)) + b"\xff\xd9"
 
 
@@ -55,8 +57,8 @@ def png_bomb(width: int, height: int) -> bytes:
     Image.new("RGB", (1, 1)).save(buf, "PNG")
     data = bytearray(buf.getvalue())
     ihdr = data.index(b"IHDR")
-    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
-    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
     return bytes(data)
 
 
@@ -98,8 +100,15 @@ def test_phone_photos_of_96_and_200_megapixels_are_kept_in_little_memory_and_a_p
     put(big / "train" / "phone" / "bomb.png", png_bomb(40000, 40000))  # 1.6 G pixels declared in 69 bytes
 
     def run(src):
-        cmd = [sys.executable, "tools/shard_imagenet.py", "--src", str(src), "--out", str(tmp_path / f"{src.name}-out"),
-               *ARGS]
+        cmd = [
+            sys.executable,
+            "tools/shard_imagenet.py",
+            "--src",
+            str(src),
+            "--out",
+            str(tmp_path / f"{src.name}-out"),
+            *ARGS,
+        ]
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
     baseline, r = run(small), run(big)
@@ -130,23 +139,43 @@ SRGB_D50 = np.array([[0.43607, 0.38515, 0.14307], [0.22249, 0.71687, 0.06061], [
 
 def matrix_profile(colorants: np.ndarray, gamma: float, name: bytes) -> bytes:
     """An ICC v2 RGB display profile (matrix + tone curve), as cameras embed for Adobe RGB."""
+
     def s15(v):
         return struct.pack(">i", round(v * 65536))
 
     def xyz(v):
         return b"XYZ \0\0\0\0" + b"".join(s15(c) for c in v)
+
     curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0"
     desc = b"desc\0\0\0\0" + struct.pack(">I", len(name) + 1) + name + b"\0" + b"\0" * 78
-    tags = [(b"desc", desc), (b"wtpt", xyz((0.9642, 1.0, 0.8249))), (b"rXYZ", xyz(colorants[:, 0])),
-            (b"gXYZ", xyz(colorants[:, 1])), (b"bXYZ", xyz(colorants[:, 2])), (b"rTRC", curve), (b"gTRC", curve),
-            (b"bTRC", curve)]
+    tags = [
+        (b"desc", desc),
+        (b"wtpt", xyz((0.9642, 1.0, 0.8249))),
+        (b"rXYZ", xyz(colorants[:, 0])),
+        (b"gXYZ", xyz(colorants[:, 1])),
+        (b"bXYZ", xyz(colorants[:, 2])),
+        (b"rTRC", curve),
+        (b"gTRC", curve),
+        (b"bTRC", curve),
+    ]
     offset, table, body = 128 + 4 + 12 * len(tags), b"", b""
     for sig, data in tags:
         data += b"\0" * (-len(data) % 4)
         table += sig + struct.pack(">II", offset + len(body), len(data))
         body += data
-    header = (struct.pack(">I", offset + len(body)) + b"lcms" + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
-              + b"\0" * 12 + b"acsp" + b"\0" * 28 + s15(0.9642) + s15(1.0) + s15(0.8249) + b"\0" * 48)
+    header = (
+        struct.pack(">I", offset + len(body))
+        + b"lcms"
+        + struct.pack(">I", 0x02100000)
+        + b"mntrRGB XYZ "
+        + b"\0" * 12
+        + b"acsp"
+        + b"\0" * 28
+        + s15(0.9642)
+        + s15(1.0)
+        + s15(0.8249)
+        + b"\0" * 48
+    )
     return header + struct.pack(">I", len(tags)) + table + body
 
 
@@ -196,7 +225,8 @@ def test_none_keeps_only_8_bit_huffman_baseline_jpegs(tmp_path):
     rc, manifest, samples = shard(tmp_path / "src", tmp_path / "out", "--resize", "none")
     assert rc == 0 and samples["train/a/baseline.jpg"] == base
     assert reasons(manifest, "repaired") == {
-        "train/a/arithmetic.jpg": "8-bit arithmetic-coded sequential JPEG re-encoded as 8-bit baseline"}
+        "train/a/arithmetic.jpg": "8-bit arithmetic-coded sequential JPEG re-encoded as 8-bit baseline"
+    }
     assert structure(ARITHMETIC).frame == 0xC9 and structure(samples["train/a/arithmetic.jpg"]).frame == 0xC0
     assert reasons(manifest, "rejected")["train/a/twelve.jpg"].startswith("12-bit baseline JPEG: not decodable")
     assert main(["--verify", str(tmp_path / "out")]) == 0
@@ -209,7 +239,8 @@ def test_bytes_after_the_end_of_image_are_dropped_without_a_re_encode(tmp_path):
     rc, manifest, samples = shard(tmp_path / "src", tmp_path / "none", "--resize", "none")
     assert rc == 0 and samples["train/a/trailer.jpg"] == photo  # the same bytes up to the marker: not re-encoded
     assert reasons(manifest, "repaired") == {
-        "train/a/trailer.jpg": "300 bytes after the end-of-image marker dropped (not re-encoded)"}
+        "train/a/trailer.jpg": "300 bytes after the end-of-image marker dropped (not re-encoded)"
+    }
     assert samples["train/a/padded.jpg"] == photo + b"\0" * 64
     gap = photo.index(b"\xff\xdb")  # junk between two segments, which libjpeg skips: not a reason to re-encode
     put(tmp_path / "src" / "train" / "a" / "junk.jpg", junk := photo[:gap] + b"junk" + photo[gap:])
@@ -225,8 +256,13 @@ def test_a_photo_folder_with_sidecars_and_system_files_passes_strict(tmp_path, c
         put(folder / f"IMG_{i:04d}.JPG", jpeg(gradient(48, 32)))
         put(folder / f"IMG_{i:04d}.xmp", b"<x:xmpmeta xmlns:x='adobe:ns:meta/'/>")
         put(folder / f"._IMG_{i:04d}.JPG", b"\0\5\26\7\0\2\0\0Mac OS X")  # AppleDouble: a .JPG that is no image
-    for name, data in {".DS_Store": b"\0\0\0\1Bud1", "Thumbs.db": b"\xd0\xcf\x11\xe0", "desktop.ini": b"[.Shell]",
-                       "notes": b"day one", "album.json": b"{}"}.items():
+    for name, data in {
+        ".DS_Store": b"\0\0\0\1Bud1",
+        "Thumbs.db": b"\xd0\xcf\x11\xe0",
+        "desktop.ini": b"[.Shell]",
+        "notes": b"day one",
+        "album.json": b"{}",
+    }.items():
         put(folder / name, data)
     put(folder / "scan0001", jpeg(gradient(48, 32)))  # no extension, but a JPEG: kept, by its content
     rc, manifest, samples = shard(tmp_path / "src", tmp_path / "out", "--strict")
@@ -235,7 +271,8 @@ def test_a_photo_folder_with_sidecars_and_system_files_passes_strict(tmp_path, c
     assert sorted(samples) == [f"train/holiday/IMG_{i:04d}.JPG" for i in range(3)] + ["train/holiday/scan0001"]
     assert len(manifest["skipped"]) == 11
     assert [line for line in out.splitlines() if "skipped" in line] == [
-        "skipped, not images: 11 (4 hidden, 3 .xmp, 1 .db, 1 .ini, 1 .json, 1 notes), listed in manifest.json"]
+        "skipped, not images: 11 (4 hidden, 3 .xmp, 1 .db, 1 .ini, 1 .json, 1 notes), listed in manifest.json"
+    ]
     assert main(["--verify", str(tmp_path / "out")]) == 0
     put(folder / "IMG_0004.HEIC", b"\0\0\0\x18ftypheic\0\0\0\0mif1heic")  # a photo: never skipped unseen
     rc, manifest, _ = shard(tmp_path / "src", tmp_path / "heic", "--strict")
@@ -252,7 +289,9 @@ def test_a_class_folder_without_a_usable_image_is_warned_and_fails_strict(tmp_pa
     assert rc == 0 and manifest["empty_classes"] == ["train/dogs", "train/owls"]
     assert [line for line in err.splitlines() if line.startswith("warning")] == [
         f"warning: class folder train/{c} has no usable image: its class keeps its index with 0 samples; add images "
-        f"or remove the folder" for c in ("dogs", "owls")]
+        f"or remove the folder"
+        for c in ("dogs", "owls")
+    ]
     assert main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "strict"), *ARGS, "--strict"]) == 1
     assert main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "strict"), *ARGS, "--strict"]) == 1  # rerun
 

@@ -2,6 +2,7 @@
 process, Ctrl-C in the terminal, a worker taken by the OOM killer. Each run under test stops itself (SIGSTOP) right
 after writing its first progress record, so the test acts on a run that is certainly mid-way, however loaded the
 machine; then no worker survives, and the rerun gives the bytes of an uninterrupted run."""
+
 import json
 import os
 import signal
@@ -44,8 +45,9 @@ def errors(err: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("runs"), classes=4, per_class=75, val_per_class=8,
-                        size_range=(48, 96), seed=11)
+    return make_dataset(
+        tmp_path_factory.mktemp("runs"), classes=4, per_class=75, val_per_class=8, size_range=(48, 96), seed=11
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +66,15 @@ def stopped_run(tmp_path):
     def start(src: Path, out: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
         script = tmp_path / "shard_imagenet_stopping.py"
         script.write_text(STOPPING)
-        proc = subprocess.Popen([sys.executable, str(script), "--src", str(src), "--out", str(out), *ARGS], cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), "--src", str(src), "--out", str(out), *ARGS],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         main_process = psutil.Process(proc.pid)
         started.append(main_process)
         deadline = time.monotonic() + 300  # a hang guard, not a speed requirement
@@ -89,11 +97,13 @@ def stopped_run(tmp_path):
 
 def survivors(procs: list[psutil.Process], patience: float = 60) -> list[psutil.Process]:
     """The processes still alive (zombies count as gone) once `patience` seconds have passed, or none sooner."""
+
     def alive(p):
         try:
             return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
             return False
+
     deadline = time.monotonic() + patience
     while any(alive(p) for p in procs) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -105,7 +115,8 @@ def rerun(src: Path, out: Path) -> int:
 
 
 def test_kill_9_of_the_main_process_takes_the_workers_with_it_and_the_rerun_is_byte_identical(
-        pristine, reference, tmp_path, stopped_run):
+    pristine, reference, tmp_path, stopped_run
+):
     out = tmp_path / "out"
     proc, workers = stopped_run(pristine, out)
     proc.kill()  # the OOM killer's choice: the main process alone
@@ -130,7 +141,8 @@ def test_sigterm_prints_one_line_exits_143_and_leaves_no_worker(pristine, refere
 
 
 def test_ctrl_c_prints_one_line_not_a_traceback_per_worker_and_the_rerun_completes(
-        pristine, reference, tmp_path, stopped_run):
+    pristine, reference, tmp_path, stopped_run
+):
     out = tmp_path / "out"
     proc, workers = stopped_run(pristine, out)
     os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the main process and every worker get SIGINT
@@ -144,7 +156,8 @@ def test_ctrl_c_prints_one_line_not_a_traceback_per_worker_and_the_rerun_complet
 
 
 def test_a_worker_killed_by_the_oom_killer_stops_the_run_with_one_line_and_the_rerun_completes(
-        pristine, reference, tmp_path, stopped_run):
+    pristine, reference, tmp_path, stopped_run
+):
     out = tmp_path / "out"
     proc, workers = stopped_run(pristine, out)
     workers[0].kill()
@@ -159,7 +172,8 @@ def test_a_worker_killed_by_the_oom_killer_stops_the_run_with_one_line_and_the_r
 
 
 def test_a_second_run_on_a_live_folder_is_refused_whatever_its_arguments(
-        pristine, reference, tmp_path, capsys, stopped_run):
+    pristine, reference, tmp_path, capsys, stopped_run
+):
     """The retried job and the other --src of the issue: both refused at once in one line naming the live run, and
     --verify says the folder is being written; the folder ends as the one run alone makes it."""
     out = tmp_path / "out"
@@ -170,11 +184,15 @@ def test_a_second_run_on_a_live_folder_is_refused_whatever_its_arguments(
         for src, extra in ((pristine, []), (other, ["--resize", "none"])):
             capsys.readouterr()
             assert main(["--src", str(src), "--out", str(out), *ARGS, *extra]) == 2
-            line, = errors(capsys.readouterr().err)
-            assert (f"--out {out} is being written by another run (pid {proc.pid}, started {holder['started']}, "
-                    f"command: ") in line and f"--src {pristine}" in line and "Traceback" not in line
+            (line,) = errors(capsys.readouterr().err)
+            assert (
+                (f"--out {out} is being written by another run (pid {proc.pid}, started {holder['started']}, command: ")
+                in line
+                and f"--src {pristine}" in line
+                and "Traceback" not in line
+            )
         assert main(["--verify", str(out)]) == 2
-        line, = errors(capsys.readouterr().err)
+        (line,) = errors(capsys.readouterr().err)
         assert "being written" in line and f"pid {proc.pid}" in line
     finally:
         proc.kill()

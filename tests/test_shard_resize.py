@@ -1,4 +1,5 @@
 """Resize policies: paper (§2: shorter side 256, centre 256x256), short:N (aspect kept), none (original bytes)."""
+
 import io
 import json
 
@@ -11,9 +12,9 @@ from PIL import Image
 from pipeline.writer import images
 from pipeline.writer.images import Resize, draft_request, geometry, parse_resize, prepare, resample
 from pipeline.writer.synthetic import make_dataset
+from pipeline.writer.tars import read_shard
 from tools import profile_sharder
 from tools.shard_imagenet import main
-from pipeline.writer.tars import read_shard
 
 
 def save(path, rgb: np.ndarray, **kw):
@@ -50,10 +51,16 @@ def test_geometry():
     assert (w, h) == (342, 256) and min(1200 // w, 900 // h) == 3  # libjpeg then picks scale 1/2, shorter side 450
 
 
-@pytest.mark.parametrize("src,box,size", [((1000, 750), (0, 0, 1000, 750), (341, 256)),  # downscale 2.9x
-                                          ((478, 375), (51, 0, 426, 375), (256, 256)),  # paper's crop, 1.46x
-                                          ((120, 90), (0, 0, 120, 90), (341, 256)),  # upscale
-                                          ((8, 8), (0, 0, 8, 8), (256, 256)), ((4000, 8), (0, 0, 4000, 8), (256, 1))])
+@pytest.mark.parametrize(
+    "src,box,size",
+    [
+        ((1000, 750), (0, 0, 1000, 750), (341, 256)),  # downscale 2.9x
+        ((478, 375), (51, 0, 426, 375), (256, 256)),  # paper's crop, 1.46x
+        ((120, 90), (0, 0, 120, 90), (341, 256)),  # upscale
+        ((8, 8), (0, 0, 8, 8), (256, 256)),
+        ((4000, 8), (0, 0, 4000, 8), (256, 1)),
+    ],
+)
 def test_resample_is_pillows_antialiased_bicubic(src, box, size):
     """The fast kernel against Pillow's own filter on noise, where rounding differences show most."""
     im = Image.fromarray(np.random.default_rng(0).integers(0, 256, (src[1], src[0], 3), dtype=np.uint8))
@@ -62,9 +69,14 @@ def test_resample_is_pillows_antialiased_bicubic(src, box, size):
     assert diff.max() <= 2 and diff.mean() < 0.01
 
 
-@pytest.mark.parametrize("src,box,size", [((1000, 750), (0, 0, 1000, 750), (341, 256)),
-                                          ((478, 375), (51, 0, 426, 375), (256, 256)),
-                                          ((120, 90), (0, 0, 120, 90), (341, 256))])
+@pytest.mark.parametrize(
+    "src,box,size",
+    [
+        ((1000, 750), (0, 0, 1000, 750), (341, 256)),
+        ((478, 375), (51, 0, 426, 375), (256, 256)),
+        ((120, 90), (0, 0, 120, 90), (341, 256)),
+    ],
+)
 def test_private_resize_op_gives_the_public_apis_pixels_and_falls_back_to_it(monkeypatch, src, box, size):
     """The private out= op stays for speed; F.interpolate(antialias=True) is the reference and the fallback."""
     im = Image.fromarray(np.random.default_rng(1).integers(0, 256, (src[1], src[0], 3), dtype=np.uint8))
@@ -75,6 +87,7 @@ def test_private_resize_op_gives_the_public_apis_pixels_and_falls_back_to_it(mon
 
     def changed_signature(*a, **k):
         raise RuntimeError("_upsample_bicubic2d_aa() got an unexpected keyword argument")
+
     for private in (None, changed_signature):  # a torch without the op, or with another signature
         monkeypatch.setattr(images, "AA_OUT", private)
         assert np.array_equal(resample(im, size, box), public)
@@ -82,14 +95,14 @@ def test_private_resize_op_gives_the_public_apis_pixels_and_falls_back_to_it(mon
 
 @pytest.mark.parametrize("w,h", [(1200, 900), (700, 1000), (300, 200)])
 def test_paper_matches_full_decode_resize_then_centre_crop(tmp_path, w, h):
-    """Draft (DCT-domain) decoding + one box resize equals the paper's two steps on the full decode, up to JPEG noise."""
+    """Draft (DCT-domain) decoding + one box resize equals the paper's two steps on the full decode, up to JPEG loss."""
     src = save(tmp_path / "a.JPEG", ramp(h, w))
     out = prepare(src, "a", Resize("paper", 256), 95, None)
     full = Image.open(src).convert("RGB")
     s = 256 / min(w, h)
     scaled = np.asarray(full.resize((round(w * s), round(h * s)), Image.Resampling.BICUBIC)).astype(np.float64)
     y0, x0 = (scaled.shape[0] - 256) // 2, (scaled.shape[1] - 256) // 2
-    reference = scaled[y0:y0 + 256, x0:x0 + 256]
+    reference = scaled[y0 : y0 + 256, x0 : x0 + 256]
     got = decode(out.jpeg)
     assert got.shape == (256, 256, 3) and out.repaired is None and out.rejected is None
     assert np.abs(got - reference).mean() < 2.0
@@ -119,8 +132,9 @@ def test_none_keeps_rgb_baseline_bytes_and_re_encodes_the_rest(tmp_path):
 @pytest.fixture(scope="module")
 def mid_src(tmp_path_factory):
     """ImageNet-like sizes so draft decoding actually engages."""
-    return make_dataset(tmp_path_factory.mktemp("mid"), classes=2, per_class=3, val_per_class=1,
-                        size_range=(300, 640), seed=3)
+    return make_dataset(
+        tmp_path_factory.mktemp("mid"), classes=2, per_class=3, val_per_class=1, size_range=(300, 640), seed=3
+    )
 
 
 @pytest.mark.parametrize("resize", ["paper", "short:100", "none"])
@@ -132,7 +146,9 @@ def test_every_policy_end_to_end(mid_src, tmp_path, resize):
         samples = [s for sh in manifest["splits"][split]["shards"] for s in read_shard(tmp_path / sh["tar"])]
         assert len(samples) == n
         sizes = [Image.open(io.BytesIO(s.jpeg)).size for s in samples]
-        assert manifest["splits"][split]["min_side"] == min(min(size) for size in sizes)  # run.py refuses crops above it
+        assert manifest["splits"][split]["min_side"] == min(
+            min(size) for size in sizes
+        )  # run.py refuses crops above it
         for s, size in zip(samples, sizes):
             source = mid_src / s.path
             if resize == "paper":
@@ -146,9 +162,19 @@ def test_every_policy_end_to_end(mid_src, tmp_path, resize):
 def test_profile_sharder_times_every_stage(demo_src, tmp_path, capsys):
     assert profile_sharder.main(["--src", str(demo_src), "--resize", "short:80", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
-    stages = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines() if line.startswith("|")}
-    assert set(stages) == {"decode (draft)", "depth + orientation", "crop + resize", "encode", "statistics", "other",
-                           "tar + sha256", "total"}
+    stages = {
+        line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.splitlines() if line.startswith("|")
+    }
+    assert set(stages) == {
+        "decode (draft)",
+        "depth + orientation",
+        "crop + resize",
+        "encode",
+        "statistics",
+        "other",
+        "tar + sha256",
+        "total",
+    }
     assert stages["decode (draft)"] > 0 and stages["total"] > stages["decode (draft)"] + stages["encode"]
     assert "120 files" in out and "img/s per core" in out
     assert profile_sharder.main(["--src", str(tmp_path)]) == 2

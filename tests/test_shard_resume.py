@@ -1,6 +1,7 @@
 """Reruns as real runs meet them: after a stop byte-identical to an uninterrupted run, with debris, after the source
 was edited, --strict; --verify finds one flipped byte or a file written twice. (Stops of separate processes: kill -9,
 SIGTERM, Ctrl-C, the OOM killer, a second run: test_shard_processes.py.)"""
+
 import json
 import os
 import shutil
@@ -38,8 +39,9 @@ def shard(src: Path, out: Path, *extra: str) -> int:
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("rerun"), classes=4, per_class=75, val_per_class=8,
-                        size_range=(48, 96), seed=11)
+    return make_dataset(
+        tmp_path_factory.mktemp("rerun"), classes=4, per_class=75, val_per_class=8, size_range=(48, 96), seed=11
+    )
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +111,7 @@ def test_shards_are_exactly_once_and_seed_changes_the_order(pristine, reference,
 
 def read_shard_bytes(data: bytes) -> list[Sample]:
     import tempfile
+
     with tempfile.NamedTemporaryFile(suffix=".tar") as f:
         f.write(data)
         f.flush()
@@ -135,6 +138,7 @@ def test_verify_names_the_shard_with_one_flipped_byte(restored, capsys, victim):
 def test_verify_decodes_every_image(restored, capsys):
     """A shard whose checksums were recomputed around a broken JPEG still fails: verify decodes everything."""
     import hashlib
+
     manifest = json.loads((restored / "manifest.json").read_text())
     shard = manifest["splits"]["val"]["shards"][0]
     samples = read_shard(restored / shard["tar"])
@@ -142,8 +146,9 @@ def test_verify_decodes_every_image(restored, capsys):
     tar, index = build_shard(samples)
     (restored / shard["tar"]).write_bytes(tar)
     (restored / shard["index"]).write_bytes(index)
-    shard.update(tar_bytes=len(tar), tar_sha256=hashlib.sha256(tar).hexdigest(),
-                 index_sha256=hashlib.sha256(index).hexdigest())
+    shard.update(
+        tar_bytes=len(tar), tar_sha256=hashlib.sha256(tar).hexdigest(), index_sha256=hashlib.sha256(index).hexdigest()
+    )
     (restored / "manifest.json").write_text(json.dumps(manifest))
     assert main(["--verify", str(restored)]) == 1
     assert shard["tar"] in capsys.readouterr().err
@@ -158,7 +163,8 @@ def edit(src: Path) -> None:
 
 
 def test_interrupted_run_on_an_edited_source_plans_again_and_holds_the_folder_exactly_once(
-        src, tmp_path, monkeypatch, capsys):
+    src, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "out"
     interrupt_after(monkeypatch, 3)
     assert shard(src, out) == 130

@@ -1,4 +1,5 @@
 """The manifest's RGB mean/std and PCA eigen-pairs (paper §4.1) equal NumPy's on the pixels written, before encoding."""
+
 import io
 import json
 
@@ -32,8 +33,12 @@ def numpy_stats(pixels: np.ndarray):
 
 def test_stats_equal_numpy_reference_on_the_sampled_pixels_before_encoding(demo_src, demo_shards):
     stats = json.loads((demo_shards / "manifest.json").read_text())["stats"]
-    pixels = np.concatenate([sample_pixels(before_encoding(demo_src, s.path, "short:80"), s.key, seed=0)
-                             for s, _ in written_train_images(demo_shards)])
+    pixels = np.concatenate(
+        [
+            sample_pixels(before_encoding(demo_src, s.path, "short:80"), s.key, seed=0)
+            for s, _ in written_train_images(demo_shards)
+        ]
+    )
     mean, std, eigval, eigvec = numpy_stats(pixels)
     assert stats["pixels"] == len(pixels) == 96 * PIXELS_PER_IMAGE
     np.testing.assert_allclose(stats["rgb_mean"], mean, rtol=1e-12)
@@ -50,8 +55,9 @@ def test_stats_stay_close_to_the_decoded_jpegs(demo_shards):
 
     Measured on these small texture-heavy images: mean within 0.08 level, std 1.5% and eigenvalues 3.6% lower."""
     stats = json.loads((demo_shards / "manifest.json").read_text())["stats"]
-    mean, std, eigval, _ = numpy_stats(np.concatenate([sample_pixels(rgb, s.key, seed=0)
-                                                       for s, rgb in written_train_images(demo_shards)]))
+    mean, std, eigval, _ = numpy_stats(
+        np.concatenate([sample_pixels(rgb, s.key, seed=0) for s, rgb in written_train_images(demo_shards)])
+    )
     np.testing.assert_allclose(stats["rgb_mean"], mean, atol=0.25)
     np.testing.assert_allclose(stats["rgb_std"], std, rtol=0.03)
     np.testing.assert_allclose(stats["eigval"], eigval, rtol=0.08)

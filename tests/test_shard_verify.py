@@ -1,4 +1,5 @@
 """--verify sees the whole folder: a stray file is named, and so is every damaged shard, not just the first."""
+
 import json
 import shutil
 

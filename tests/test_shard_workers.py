@@ -1,5 +1,6 @@
 """pipeline/writer/workers.py: every task's result once, a task's own error raised as itself, a killed worker as
 WorkerDied (never a hang), and no worker left running however the iteration ends."""
+
 import multiprocessing
 import os
 import signal
@@ -31,7 +32,7 @@ def test_every_result_once_under_its_task(workers):
 
 
 def test_a_tasks_own_error_is_raised_as_itself_and_the_workers_are_stopped():
-    with pytest.raises(FileNotFoundError, match="photo-5.jpg"):
+    with pytest.raises(FileNotFoundError, match=r"photo-5\.jpg"):
         list(completed(fails_on_five, list(range(20)), 2))
     assert multiprocessing.active_children() == []
 

@@ -1,12 +1,13 @@
 """Synthetic ImageNet: layout, determinism, sizes, learnable class cues, quirks, CLI."""
+
 import csv
 
 import numpy as np
 from PIL import Image
 
+from pipeline.writer.devkit import synsets
 from pipeline.writer.synthetic import QUIRKS, class_look, make_dataset, wnid
 from tools.make_demo_data import main
-from pipeline.writer.devkit import synsets
 
 
 def files(folder):
@@ -55,7 +56,9 @@ def test_the_shape_carries_the_class_colour(tmp_path):
 
 
 def test_devkit_layout(tmp_path):
-    out = make_dataset(tmp_path, classes=3, per_class=1, val_per_class=2, size_range=(40, 64), seed=4, val_layout="devkit")
+    out = make_dataset(
+        tmp_path, classes=3, per_class=1, val_per_class=2, size_range=(40, 64), seed=4, val_layout="devkit"
+    )
     data = out / "ILSVRC2012_devkit_t12" / "data"
     ids = synsets(data / "meta.mat")
     assert sorted(w for w, _ in ids.values()) == [wnid(k) for k in range(3)] and sorted(ids) == [1, 2, 3]
@@ -65,8 +68,27 @@ def test_devkit_layout(tmp_path):
 
 
 def test_quirks_and_cli(tmp_path, capsys):
-    assert main(["--out", str(tmp_path / "q"), "--classes", "2", "--per-class", "2", "--val-per-class", "1",
-                 "--size-range", "40", "64", "--quirks", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "--out",
+                str(tmp_path / "q"),
+                "--classes",
+                "2",
+                "--per-class",
+                "2",
+                "--val-per-class",
+                "1",
+                "--size-range",
+                "40",
+                "64",
+                "--quirks",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     folder = tmp_path / "q" / "train" / wnid(0)
     assert Image.open(folder / f"{wnid(0)}_cmyk.JPEG").mode == "CMYK"
     assert Image.open(folder / f"{wnid(0)}_png.JPEG").format == "PNG"

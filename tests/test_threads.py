@@ -1,4 +1,5 @@
 """pipeline/threads.py: DALI's threads leave cores free for the training thread and nvJPEG, and share the node."""
+
 import os
 
 from pipeline import threads

@@ -14,32 +14,41 @@ object per mode and the derived `overlap`, `speedup_vs_baseline`, `loader_vs_bas
 --tower-convs dense grouped split the model alone is also timed with each other way of running the towers
 (`towers`); the first one named is the one every mode uses.
 """
+
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import psutil
 import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import AlexNet  # noqa: E402
-from model.alexnet import TOWER_CONVS  # noqa: E402
-from model.recipe import AMP_DTYPES, ComputeSettings, make_train_step, sgd  # noqa: E402
-from pipeline import DaliLoader  # noqa: E402
-from pipeline.manifest import Manifest, ShardError, load_manifest  # noqa: E402
-from pipeline.baseline import baseline_loader, device_batches  # noqa: E402
-from pipeline.bench.report import derive, table, write_json, write_plot  # noqa: E402
-from pipeline.bench.sweep import (HEADER, SWEPT, best_line, coordinate_search, parse_values, sweep_grid,  # noqa: E402
-                                  trial_row)
-from pipeline.bench.timing import (Clock, CpuMeter, boundary_stall, describe_machine, peak_memory,  # noqa: E402
-                                   release_pools, summarise, time_windows, warm_up)
-from pipeline.settings import LoaderSettings, at_least, option, parse, show, to_json  # noqa: E402
-from pipeline.threads import default_threads  # noqa: E402
+from model import AlexNet
+from model.alexnet import TOWER_CONVS
+from model.recipe import AMP_DTYPES, ComputeSettings, make_train_step, sgd
+from pipeline import DaliLoader
+from pipeline.baseline import baseline_loader, device_batches
+from pipeline.bench.report import derive, table, write_json, write_plot
+from pipeline.bench.sweep import HEADER, SWEPT, best_line, coordinate_search, parse_values, sweep_grid, trial_row
+from pipeline.bench.timing import (
+    Clock,
+    CpuMeter,
+    boundary_stall,
+    describe_machine,
+    peak_memory,
+    release_pools,
+    summarise,
+    time_windows,
+    warm_up,
+)
+from pipeline.manifest import Manifest, ShardError, load_manifest
+from pipeline.settings import LoaderSettings, at_least, option, parse, show, to_json
+from pipeline.threads import default_threads
 
 # --quick: about a minute on a 2-core CPU, where one training step of the 60M-parameter model takes seconds
 QUICK = {"steps": 2, "windows": 3, "warmup": 1}
@@ -55,23 +64,35 @@ class BenchConfig(LoaderSettings, ComputeSettings):
     """What is timed, and how"""
 
     shards: str = option(help="shard folder written by tools/shard_imagenet.py")
-    workers: int = option(help="baseline DataLoader processes: one per core", check=at_least(1),
-                          default_factory=psutil.cpu_count)
+    workers: int = option(
+        help="baseline DataLoader processes: one per core", check=at_least(1), default_factory=psutil.cpu_count
+    )
     steps: int = option(20, "steps per timed window", check=at_least(1))
     windows: int = option(5, "timed windows per figure; the median is reported", check=at_least(1))
-    warmup: int = option(10, "untimed steps first (cudnn autotuning, compilation, worker start-up, DALI prefetch)",
-                         check=at_least(0))
-    tower_convs: tuple[str, ...] = option(("dense",), "the model alone timed with each way of running the towers "
-                                          "(model.alexnet.TowerConv); the first is the one every mode uses",
-                                          choices=TOWER_CONVS)
+    warmup: int = option(
+        10, "untimed steps first (cudnn autotuning, compilation, worker start-up, DALI prefetch)", check=at_least(0)
+    )
+    tower_convs: tuple[str, ...] = option(
+        ("dense",),
+        "the model alone timed with each way of running the towers "
+        "(model.alexnet.TowerConv); the first is the one every mode uses",
+        choices=TOWER_CONVS,
+    )
     sweep: bool = option(False, "tune batch size, threads, hw_decoder_load and prefetch first")
-    sweep_values: tuple[str, ...] = option((), f"KNOB=V,V ...: sweep only these values (KNOB one of "
-                                           f"{', '.join(SWEPT)}; implies --sweep), e.g. hw_decoder_load=1,0.65,0")
+    sweep_values: tuple[str, ...] = option(
+        (),
+        f"KNOB=V,V ...: sweep only these values (KNOB one of "
+        f"{', '.join(SWEPT)}; implies --sweep), e.g. hw_decoder_load=1,0.65,0",
+    )
     quick: bool = option(False, "short windows: 2 steps, 3 windows, 1 warm-up step; on the CPU also batch 32, crop 64")
-    json: str | None = option(None, "write every figure and the machine here", check=(writable, "in a folder "
-                              "that exists; create it or pick another path"))
-    plot: str | None = option(None, "write a PNG bar chart here", check=(writable, "in a folder that exists; "
-                              "create it or pick another path"))
+    json: str | None = option(
+        None,
+        "write every figure and the machine here",
+        check=(writable, "in a folder that exists; create it or pick another path"),
+    )
+    plot: str | None = option(
+        None, "write a PNG bar chart here", check=(writable, "in a folder that exists; create it or pick another path")
+    )
 
 
 def quick_preset(given: dict) -> dict:
@@ -86,8 +107,9 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         dict(map(parse_values, cfg.sweep_values))
     except ValueError as e:
         p.error(f"--sweep-values {e}")
-    cfg = replace(cfg, **cfg.resolve_device(), threads=cfg.threads or default_threads(),
-                  sweep=cfg.sweep or bool(cfg.sweep_values))
+    cfg = replace(
+        cfg, **cfg.resolve_device(), threads=cfg.threads or default_threads(), sweep=cfg.sweep or bool(cfg.sweep_values)
+    )
     if cfg.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here; leave --device out to use the CPU")
     return cfg
@@ -131,10 +153,21 @@ class Bench:
 
     def dali(self, s: dict) -> DaliLoader:
         c = self.cfg
-        return DaliLoader(self.manifest, "train", s["batch_size"], augment="paper", crop_size=c.crop_size,
-                          device=c.device, device_id=0 if self.cuda else None, seed=c.seed, num_threads=s["threads"],
-                          hw_decoder_load=s["hw_decoder_load"], prefetch=s["prefetch"], dtype=self.dtype,
-                          divide_std=c.divide_std)
+        return DaliLoader(
+            self.manifest,
+            "train",
+            s["batch_size"],
+            augment="paper",
+            crop_size=c.crop_size,
+            device=c.device,
+            device_id=0 if self.cuda else None,
+            seed=c.seed,
+            num_threads=s["threads"],
+            hw_decoder_load=s["hw_decoder_load"],
+            prefetch=s["prefetch"],
+            dtype=self.dtype,
+            divide_std=c.divide_std,
+        )
 
     def measure(self, name: str, step: Callable[[], None], batch_size: int, reset=lambda: None) -> dict:
         """Warm up, then time the windows with CPU use recorded; `reset` clears counters warm-up touched."""
@@ -164,7 +197,8 @@ class Bench:
     def model_alone(self, batch_size: int, tower_convs: str | None = None) -> dict:
         c = self.cfg
         images = torch.randn(batch_size, 3, c.crop_size, c.crop_size, device=c.device).to(
-            self.dtype, memory_format=torch.channels_last)
+            self.dtype, memory_format=torch.channels_last
+        )
         labels = torch.randint(0, self.manifest.num_classes, (batch_size,), device=c.device)
         step = self.train_step(batch_size, tower_convs)
         return self.measure("model", lambda: step(images, labels), batch_size)
@@ -175,8 +209,8 @@ class Bench:
         data_wait_frac: host time blocked in next(loader) over wall time, less the time the loader held back a host
         that ran ahead of the GPU (loader.gpu_wait_s: the GPU was busy then, not waiting). gpu_busy_frac: the span of
         each step on the training stream (CUDA events recorded before and after it) summed, over wall time; 1 - busy
-        is the time the training stream sat idle, waiting for data or for the host. torch.cuda.utilization (NVML) is not used:
-        it samples at about 1/6 s and counts DALI's own kernels as busy, so it cannot tell training from decoding.
+        is the time the training stream sat idle, waiting for data or for the host. torch.cuda.utilization (NVML) is not
+        used: it samples at about 1/6 s and counts DALI's own kernels as busy, so it cannot tell training from decoding.
         """
         train = self.train_step(batch_size)
         waited, spans = [0.0], []
@@ -208,8 +242,11 @@ class Bench:
         """loader, model and e2e at one setting; the loader's stream continues from `loader` into `e2e`."""
         with self.dali(s) as loader:
             batches = endless(loader)
-            r = {"loader": self.loader_alone(loader, batches, s["batch_size"]),
-                 "model": self.model_alone(s["batch_size"]), "e2e": self.end_to_end(loader, batches, s["batch_size"])}
+            r = {
+                "loader": self.loader_alone(loader, batches, s["batch_size"]),
+                "model": self.model_alone(s["batch_size"]),
+                "e2e": self.end_to_end(loader, batches, s["batch_size"]),
+            }
             return {**r, "memory": peak_memory(self.cfg.device)}  # while the loader still holds its buffers
 
     def sweep_trial(self, s: dict) -> dict:
@@ -219,15 +256,26 @@ class Bench:
             batches = endless(loader)
             alone = self.measure("loader", lambda: next(batches), s["batch_size"])
             r = self.end_to_end(loader, batches, s["batch_size"])
-        r = {"img_per_s": r["img_per_s"], "loader_img_per_s": alone["img_per_s"], "data_wait_frac": r["data_wait_frac"],
-             "gpu_busy_frac": r.get("gpu_busy_frac")}
+        r = {
+            "img_per_s": r["img_per_s"],
+            "loader_img_per_s": alone["img_per_s"],
+            "data_wait_frac": r["data_wait_frac"],
+            "gpu_busy_frac": r.get("gpu_busy_frac"),
+        }
         print(trial_row({**s, **r}), flush=True)
         return r
 
     def baseline(self) -> dict:
         c = self.cfg
-        loader = baseline_loader(self.manifest, c.batch_size, crop_size=c.crop_size, workers=c.workers, seed=c.seed,
-                                 divide_std=c.divide_std, pin_memory=self.cuda)
+        loader = baseline_loader(
+            self.manifest,
+            c.batch_size,
+            crop_size=c.crop_size,
+            workers=c.workers,
+            seed=c.seed,
+            divide_std=c.divide_std,
+            pin_memory=self.cuda,
+        )
         batches = device_batches(loader, c.device, self.dtype)
         try:
             return {**self.measure("baseline", lambda: next(batches), c.batch_size), "workers": c.workers}
@@ -237,9 +285,15 @@ class Bench:
 
 def run(cfg: BenchConfig, manifest: Manifest) -> dict:
     bench = Bench(cfg, manifest)
-    report = {"machine": describe_machine(), "config": to_json(cfg),
-              "data": {"shards": str(Path(cfg.shards).resolve()), "train_images": manifest.count("train"),
-                       "preprocessing": manifest.raw.get("preprocessing")}}
+    report = {
+        "machine": describe_machine(),
+        "config": to_json(cfg),
+        "data": {
+            "shards": str(Path(cfg.shards).resolve()),
+            "train_images": manifest.count("train"),
+            "preprocessing": manifest.raw.get("preprocessing"),
+        },
+    }
     setting = {k: getattr(cfg, k) for k in SWEPT}
     bench.dali(setting).close()  # the loader's checks (index files, crop vs image size) before anything runs
     # The baseline forks its workers first, before DALI's threads exist in this process.
@@ -255,8 +309,10 @@ def run(cfg: BenchConfig, manifest: Manifest) -> dict:
     report.update(bench.dali_modes(setting))
     report["memory"]["after_sweep"] = cfg.sweep
     if len(cfg.tower_convs) > 1:
-        report["towers"] = {cfg.tower_convs[0]: report["model"],
-                            **{t: bench.model_alone(setting["batch_size"], t) for t in cfg.tower_convs[1:]}}
+        report["towers"] = {
+            cfg.tower_convs[0]: report["model"],
+            **{t: bench.model_alone(setting["batch_size"], t) for t in cfg.tower_convs[1:]},
+        }
     report.update(derive(report))
     return report
 

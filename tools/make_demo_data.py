@@ -1,7 +1,8 @@
 """Write a synthetic ImageNet-layout folder (pipeline/writer/synthetic.py) for the demo, tests and benchmarks.
 
-    python tools/make_demo_data.py --out data/synth --classes 10 --per-class 200 [--quirks]
+python tools/make_demo_data.py --out data/synth --classes 10 --per-class 200 [--quirks]
 """
+
 from __future__ import annotations
 
 import os
@@ -11,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.settings import at_least, between, option, parse, show  # noqa: E402
-from pipeline.writer.synthetic import make_dataset  # noqa: E402
+from pipeline.settings import at_least, between, option, parse, show
+from pipeline.writer.synthetic import make_dataset
 
 
 @dataclass
@@ -23,8 +24,11 @@ class DemoConfig:
     classes: int = option(4, "class folders", check=at_least(1))
     per_class: int = option(50, "training images per class", check=at_least(1))
     val_per_class: int = option(10, "validation images per class", check=at_least(0))
-    val_layout: str = option("kaggle", "kaggle: flat + LOC_val_solution.csv; devkit: flat + ground truth + meta.mat; "
-                             "folders: class folders", choices=("kaggle", "devkit", "folders"))
+    val_layout: str = option(
+        "kaggle",
+        "kaggle: flat + LOC_val_solution.csv; devkit: flat + ground truth + meta.mat; folders: class folders",
+        choices=("kaggle", "devkit", "folders"),
+    )
     quirks: bool = option(False, "add CMYK/PNG/grayscale files and broken ones")
     size_range: tuple[int, int] = option((300, 640), "MIN MAX: image sides, ImageNet's typical ones by default")
     quality: int = option(94, "JPEG quality: ~100 KB at ImageNet sizes, like the real files", check=between(1, 100))
@@ -40,8 +44,18 @@ def main(argv=None) -> int:
     if cfg.out.exists() and any(cfg.out.iterdir()):
         print(f"{cfg.out}: exists and is not empty; pick a new --out", file=sys.stderr)
         return 2
-    make_dataset(cfg.out, cfg.classes, cfg.per_class, cfg.val_per_class, cfg.quirks, cfg.size_range, cfg.seed,
-                 cfg.val_layout, cfg.quality, cfg.workers)
+    make_dataset(
+        cfg.out,
+        cfg.classes,
+        cfg.per_class,
+        cfg.val_per_class,
+        cfg.quirks,
+        cfg.size_range,
+        cfg.seed,
+        cfg.val_layout,
+        cfg.quality,
+        cfg.workers,
+    )
     print(f"wrote {cfg.classes * (cfg.per_class + cfg.val_per_class)} images to {cfg.out}")
     return 0
 

@@ -4,6 +4,7 @@
 
 run.py writes both files after every epoch through write_metrics.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from pipeline.atomic import atomic_write  # noqa: E402
+from pipeline.atomic import atomic_write
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -8,6 +8,7 @@ Without --src it times 200 synthetic ImageNet-like JPEGs (375-500 px, ~110 KB: I
 synthetic texture needs quality 97 for that, at quality 90 it is ~60 KB and decodes faster). CPU time, not wall time,
 so other processes on the machine disturb it less; the best of several rounds is reported with the spread.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,14 +23,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.writer import images  # noqa: E402
-from pipeline.writer.build import ShardConfig, shard  # noqa: E402
-from pipeline.writer.synthetic import make_dataset  # noqa: E402
-from pipeline.writer.tars import Sample, write_shard  # noqa: E402
+from pipeline.writer import images
+from pipeline.writer.build import ShardConfig, shard
+from pipeline.writer.synthetic import make_dataset
+from pipeline.writer.tars import Sample, write_shard
 
 # images.prepare's stages, as the module-level functions it calls, grouped for the report
-STAGES = {"decode": "decode (draft)", "to_8bit": "depth + orientation", "upright": "depth + orientation",
-          "resample": "crop + resize", "encode": "encode", "sample_pixels": "statistics", "moments": "statistics"}
+STAGES = {
+    "decode": "decode (draft)",
+    "to_8bit": "depth + orientation",
+    "upright": "depth + orientation",
+    "resample": "crop + resize",
+    "encode": "encode",
+    "sample_pixels": "statistics",
+    "moments": "statistics",
+}
 
 
 def timed(fn, group: str, clock: dict):
@@ -39,6 +47,7 @@ def timed(fn, group: str, clock: dict):
             return fn(*args, **kwargs)
         finally:
             clock[group] += time.process_time() - start
+
     return wrapper
 
 
@@ -70,11 +79,13 @@ def cpu_seconds(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def sharder_run(src: Path, out: Path, workers: int, resize: str, quality: int, shard_size: int) -> tuple[float, float,
-                                                                                                         float]:
+def sharder_run(
+    src: Path, out: Path, workers: int, resize: str, quality: int, shard_size: int
+) -> tuple[float, float, float]:
     """One real run of the sharder into `out`: (wall seconds, CPU seconds of this process, CPU seconds of workers)."""
-    cfg = ShardConfig(src=src, out=out, splits=("train",), resize=resize, quality=quality, shard_size=shard_size,
-                      workers=workers)
+    cfg = ShardConfig(
+        src=src, out=out, splits=("train",), resize=resize, quality=quality, shard_size=shard_size, workers=workers
+    )
     before = time.perf_counter(), cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         if shard(cfg) != 0:
@@ -92,16 +103,22 @@ def scaling(src: Path, n: int, workers: int, resize: str, quality: int, rounds: 
         best[w] = min(runs)
     (wall1, _, _), (wall, main_cpu, worker_cpu) = best[1], best[workers]
     share = main_cpu / (main_cpu + worker_cpu)
-    print(f"sharder on {n} images, --shard-size {shard_size}, best of {rounds} runs: --workers 1 {wall1:.2f} s "
-          f"({n / wall1:.0f} img/s), --workers {workers} {wall:.2f} s ({n / wall:.0f} img/s): "
-          f"speedup {wall1 / wall:.2f}")
-    print(f"main process at --workers {workers}: {main_cpu:.2f} s CPU of {main_cpu + worker_cpu:.2f} s "
-          f"({100 * share:.1f}%, {1000 * main_cpu / n:.2f} ms per image)")
+    print(
+        f"sharder on {n} images, --shard-size {shard_size}, best of {rounds} runs: --workers 1 {wall1:.2f} s "
+        f"({n / wall1:.0f} img/s), --workers {workers} {wall:.2f} s ({n / wall:.0f} img/s): "
+        f"speedup {wall1 / wall:.2f}"
+    )
+    print(
+        f"main process at --workers {workers}: {main_cpu:.2f} s CPU of {main_cpu + worker_cpu:.2f} s "
+        f"({100 * share:.1f}%, {1000 * main_cpu / n:.2f} ms per image)"
+    )
     # An upper bound: all of the main process's time counted as per image, though forking and the manifest do not grow
     per_core = n / worker_cpu  # img/s per busy worker core
     for cores in (16, 64):
-        print(f"  at {cores} cores ({cores * per_core:.0f} img/s): the main process needs at most "
-              f"{cores * per_core * main_cpu / n:.2f} of a core")
+        print(
+            f"  at {cores} cores ({cores * per_core:.0f} img/s): the main process needs at most "
+            f"{cores * per_core * main_cpu / n:.2f} of a core"
+        )
 
 
 def main(argv=None) -> int:
@@ -114,21 +131,27 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        src = a.src or make_dataset(tmp / "src", classes=10, per_class=20, val_per_class=0, size_range=(375, 500),
-                                    quality=97, seed=1)
+        src = a.src or make_dataset(
+            tmp / "src", classes=10, per_class=20, val_per_class=0, size_range=(375, 500), quality=97, seed=1
+        )
         files = sorted(f for f in src.rglob("*") if f.suffix.lower() in images.JPEG_SUFFIXES and f.is_file())
         if not files:
-            print(f"profile_sharder: no .jpg or .jpeg files under {src}; point --src at a folder of JPEGs",
-                  file=sys.stderr)
+            print(
+                f"profile_sharder: no .jpg or .jpeg files under {src}; point --src at a folder of JPEGs",
+                file=sys.stderr,
+            )
             return 2
         mean_kb = sum(f.stat().st_size for f in files) / len(files) / 1e3
         resize = images.parse_resize(a.resize)
         one_round(src, files[:20], resize, a.quality, tmp)  # warm caches and imports
-        rounds = sorted((one_round(src, files, resize, a.quality, tmp) for _ in range(a.rounds)),
-                        key=lambda r: r["total"])
+        rounds = sorted(
+            (one_round(src, files, resize, a.quality, tmp) for _ in range(a.rounds)), key=lambda r: r["total"]
+        )
         best = rounds[0]
-        print(f"{len(files)} files, {mean_kb:.0f} KB on average, --resize {resize}, best of {a.rounds} rounds "
-              f"(totals {rounds[0]['total']:.2f}-{rounds[-1]['total']:.2f} ms)")
+        print(
+            f"{len(files)} files, {mean_kb:.0f} KB on average, --resize {resize}, best of {a.rounds} rounds "
+            f"(totals {rounds[0]['total']:.2f}-{rounds[-1]['total']:.2f} ms)"
+        )
         for stage in [*dict.fromkeys(STAGES.values()), "other", "tar + sha256", "total"]:
             print(f"| {stage} | {best.get(stage, 0.0):.2f} |")
         print(f"{1000 / best['total']:.0f} img/s per core")

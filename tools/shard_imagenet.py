@@ -1,8 +1,9 @@
 """ImageNet (or any folder of class folders) -> shuffled WebDataset shards + DALI indexes + manifest.json.
 
-    python tools/shard_imagenet.py --src /data/imagenet --out /data/shards [--resize paper|short:N|none] [--strict]
-    python tools/shard_imagenet.py --verify /data/shards
+python tools/shard_imagenet.py --src /data/imagenet --out /data/shards [--resize paper|short:N|none] [--strict]
+python tools/shard_imagenet.py --verify /data/shards
 """
+
 from __future__ import annotations
 
 import signal
@@ -11,11 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.settings import parse, show  # noqa: E402
-from pipeline.writer.build import ShardConfig, UsageError, shard  # noqa: E402
-from pipeline.writer.layout import LayoutError  # noqa: E402
-from pipeline.writer.verify import verify  # noqa: E402
-from pipeline.writer.workers import WorkerDied  # noqa: E402
+from pipeline.settings import parse, show
+from pipeline.writer.build import ShardConfig, UsageError, shard
+from pipeline.writer.layout import LayoutError
+from pipeline.writer.verify import verify
+from pipeline.writer.workers import WorkerDied
 
 
 class Terminated(BaseException):

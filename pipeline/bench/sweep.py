@@ -1,14 +1,15 @@
 """bench_io --sweep: which batch size, DALI threads, hw_decoder_load and prefetch depth feed the step fastest."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 SWEPT = ("batch_size", "threads", "hw_decoder_load", "prefetch")
 KINDS = {"batch_size": int, "threads": int, "hw_decoder_load": float, "prefetch": int}
 
 
 def parse_values(spec: str) -> tuple[str, list]:
-    """"hw_decoder_load=1,0.65,0" -> ("hw_decoder_load", [1.0, 0.65, 0.0]): one knob's values for a chosen grid."""
+    """ "hw_decoder_load=1,0.65,0" -> ("hw_decoder_load", [1.0, 0.65, 0.0]): one knob's values for a chosen grid."""
     name, _, values = spec.partition("=")
     name = name.strip().replace("-", "_")
     if name not in KINDS or not values:
@@ -22,10 +23,12 @@ def parse_values(spec: str) -> tuple[str, list]:
 def sweep_grid(start: dict, cores: int, cuda: bool) -> dict[str, list]:
     """Values tried per knob around the `start` setting; hw_decoder_load only matters where DALI decodes on a GPU."""
     batch, hw = start["batch_size"], start["hw_decoder_load"]
-    return {"batch_size": sorted({max(1, batch // 2), batch, 2 * batch}),
-            "threads": sorted({t for t in (1, 2, 4, 8, 16, 32, 64) if t <= cores} | {start["threads"]}),
-            "hw_decoder_load": sorted({0.0, 0.5, 0.65, 0.8, 1.0, hw}) if cuda else [hw],
-            "prefetch": sorted({1, 2, 3, 4, start["prefetch"]})}
+    return {
+        "batch_size": sorted({max(1, batch // 2), batch, 2 * batch}),
+        "threads": sorted({t for t in (1, 2, 4, 8, 16, 32, 64) if t <= cores} | {start["threads"]}),
+        "hw_decoder_load": sorted({0.0, 0.5, 0.65, 0.8, 1.0, hw}) if cuda else [hw],
+        "prefetch": sorted({1, 2, 3, 4, start["prefetch"]}),
+    }
 
 
 def coordinate_search(grid: dict[str, list], start: dict, measure: Callable[[dict], dict]) -> tuple[dict, list]:
@@ -49,15 +52,21 @@ def coordinate_search(grid: dict[str, list], start: dict, measure: Callable[[dic
     return best, trials
 
 
-HEADER = (f"{'batch':>6} {'threads':>7} {'hw load':>7} {'prefetch':>8} {'loader img/s':>12} {'e2e img/s':>10} "
-          f"{'data wait':>9}")
+HEADER = (
+    f"{'batch':>6} {'threads':>7} {'hw load':>7} {'prefetch':>8} {'loader img/s':>12} {'e2e img/s':>10} "
+    f"{'data wait':>9}"
+)
 
 
 def trial_row(t: dict) -> str:
-    return (f"{t['batch_size']:>6} {t['threads']:>7} {t['hw_decoder_load']:>7.2f} {t['prefetch']:>8} "
-            f"{t['loader_img_per_s']:>12,.1f} {t['img_per_s']:>10,.1f} {100 * t['data_wait_frac']:>7.0f} %")
+    return (
+        f"{t['batch_size']:>6} {t['threads']:>7} {t['hw_decoder_load']:>7.2f} {t['prefetch']:>8} "
+        f"{t['loader_img_per_s']:>12,.1f} {t['img_per_s']:>10,.1f} {100 * t['data_wait_frac']:>7.0f} %"
+    )
 
 
 def best_line(best: dict) -> str:
-    return (f"best, as run.py flags: --batch-size {best['batch_size']} --threads {best['threads']} "
-            f"--hw-decoder-load {best['hw_decoder_load']} --prefetch {best['prefetch']}")
+    return (
+        f"best, as run.py flags: --batch-size {best['batch_size']} --threads {best['threads']} "
+        f"--hw-decoder-load {best['hw_decoder_load']} --prefetch {best['prefetch']}"
+    )

@@ -1,5 +1,6 @@
 """How bench_io times: warm-up excluded, windows marked on the stream (CUDA events), median of windows; the
 epoch-boundary stall; CPU use; the memory held; the machine measured."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,10 +11,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from itertools import pairwise
 from pathlib import Path
-from typing import Callable
 
 import psutil
 import torch
@@ -47,8 +48,9 @@ def warm_up(step: Callable[[], None], steps: int) -> None:
         step()
 
 
-def time_windows(step: Callable[[], None], windows: int, steps: int, clock: Clock,
-                 on_window: Callable[[], object] = lambda: None) -> list[float]:
+def time_windows(
+    step: Callable[[], None], windows: int, steps: int, clock: Clock, on_window: Callable[[], object] = lambda: None
+) -> list[float]:
     """Seconds of each of `windows` back-to-back runs of `steps` calls, from one mark to the next."""
     marks = [clock.mark()]
     for _ in range(windows):
@@ -63,14 +65,20 @@ def summarise(seconds: list[float], images_per_window: int) -> dict:
     """Images/s as the median over windows, with min, max and spread (max - min) / median in percent."""
     rates = [images_per_window / s for s in seconds]
     median = statistics.median(rates)
-    return {"img_per_s": median, "img_per_s_min": min(rates), "img_per_s_max": max(rates),
-            "spread_pct": 100.0 * (max(rates) - min(rates)) / median, "windows": len(rates),
-            "images_per_window": images_per_window, "seconds": sum(seconds)}
+    return {
+        "img_per_s": median,
+        "img_per_s_min": min(rates),
+        "img_per_s_max": max(rates),
+        "spread_pct": 100.0 * (max(rates) - min(rates)) / median,
+        "windows": len(rates),
+        "images_per_window": images_per_window,
+        "seconds": sum(seconds),
+    }
 
 
 def boundary_stall(seconds: list[float], first: int, around: int = 2) -> dict:
     """The longest of the steps within `around` of an epoch's first (seconds[first]), in median steps."""
-    longest = max(seconds[max(0, first - around):first + around + 1])
+    longest = max(seconds[max(0, first - around) : first + around + 1])
     median = statistics.median(seconds)
     return {"longest_s": longest, "median_step_s": median, "stall_steps": longest / median, "steps": len(seconds)}
 
@@ -82,7 +90,7 @@ class CpuMeter:
     the machine-wide figure also shows whoever else shares the machine.
     """
 
-    def __enter__(self) -> "CpuMeter":
+    def __enter__(self) -> CpuMeter:
         self._proc = psutil.Process()
         psutil.cpu_percent(None)
         self._start_cpu, self._start = self._tree_cpu_seconds(), time.perf_counter()
@@ -90,8 +98,11 @@ class CpuMeter:
 
     def __exit__(self, *exc) -> None:
         wall = time.perf_counter() - self._start
-        self.result = {"cores_used": (self._tree_cpu_seconds() - self._start_cpu) / wall,
-                       "machine_cpu_pct": psutil.cpu_percent(None), "cores": psutil.cpu_count()}
+        self.result = {
+            "cores_used": (self._tree_cpu_seconds() - self._start_cpu) / wall,
+            "machine_cpu_pct": psutil.cpu_percent(None),
+            "cores": psutil.cpu_count(),
+        }
 
     def _tree_cpu_seconds(self) -> float:
         total = 0.0
@@ -121,7 +132,7 @@ def peak_memory(device: str) -> dict:
 
     DALI's pools have no public counter; they are most of `gpu_other_gib` (the device's use beyond torch's pool,
     CUDA contexts included). Pools keep what they grew to, so a reading after the run is its peak."""
-    gib = 2.0 ** 30
+    gib = 2.0**30
     r = {"host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib}  # Linux counts KiB
     if device == "cuda":
         free, total = torch.cuda.mem_get_info()
@@ -134,17 +145,27 @@ def describe_machine() -> dict:
     """What the numbers were measured on: CPU, cores, memory, GPU and driver, library versions, date."""
     try:
         import nvidia.dali as dali
+
         dali_version = dali.__version__
     except ImportError:
         dali_version = None
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), "host_os": platform.platform(),
-            "cpu": _cpu_model(), "cores_logical": psutil.cpu_count(), "cores_physical": psutil.cpu_count(logical=False),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "load_avg_1min": round(psutil.getloadavg()[0], 2),  # others' work on a shared machine skews the figures
-            "gpu": gpu, "gpu_count": torch.cuda.device_count(), "driver": _nvidia_driver() if gpu else None,
-            "cuda": torch.version.cuda, "python": sys.version.split()[0], "torch": torch.__version__,
-            "dali": dali_version}
+    return {
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "host_os": platform.platform(),
+        "cpu": _cpu_model(),
+        "cores_logical": psutil.cpu_count(),
+        "cores_physical": psutil.cpu_count(logical=False),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_avg_1min": round(psutil.getloadavg()[0], 2),  # others' work on a shared machine skews the figures
+        "gpu": gpu,
+        "gpu_count": torch.cuda.device_count(),
+        "driver": _nvidia_driver() if gpu else None,
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "dali": dali_version,
+    }
 
 
 def _cpu_model() -> str:
@@ -162,8 +183,9 @@ def _nvidia_driver() -> str | None:
             if word.count(".") >= 1 and word.replace(".", "").isdigit():
                 return word
     if shutil.which("nvidia-smi"):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        )
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.splitlines()[0].strip()
     return None

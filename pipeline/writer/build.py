@@ -1,5 +1,6 @@
 """Sharding a source folder: hold its lock, plan the shuffled shards, hand each shard to a worker process, write the
 manifest from their records, and resume a stopped run from its finished shards."""
+
 from __future__ import annotations
 
 import errno
@@ -11,7 +12,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -52,14 +53,21 @@ class ShardConfig:
 
     src: Path | None = option(None, "ImageNet root: train/<wnid>/*, val/ (class folders or flat)")
     out: Path | None = option(None, "shard folder to create (outside --src)")
-    splits: tuple[str, ...] = option(("train", "val"), "the folders of --src to shard", check=(
-        splits_named, "folder names of letters, digits, '-' and '_' (they name shard files and keys)"))
-    resize: str = option("paper", "paper (§2: shorter side 256, central 256x256 crop) | short:N (keeps the aspect "
-                         "ratio) | none (the original JPEG where DALI reads it as it is)", check=(resize_named, (
-                             "paper, short:N with N at least 1, or none")))
+    splits: tuple[str, ...] = option(
+        ("train", "val"),
+        "the folders of --src to shard",
+        check=(splits_named, "folder names of letters, digits, '-' and '_' (they name shard files and keys)"),
+    )
+    resize: str = option(
+        "paper",
+        "paper (§2: shorter side 256, central 256x256 crop) | short:N (keeps the aspect "
+        "ratio) | none (the original JPEG where DALI reads it as it is)",
+        check=(resize_named, ("paper, short:N with N at least 1, or none")),
+    )
     quality: int = option(95, "JPEG quality of re-encoded images", check=between(1, 100))
-    shard_size: int = option(5000, "samples per shard: ~150 MB at 256x256, ~500 MB with --resize none",
-                             check=at_least(1))
+    shard_size: int = option(
+        5000, "samples per shard: ~150 MB at 256x256, ~500 MB with --resize none", check=at_least(1)
+    )
     workers: int = option(os.cpu_count() or 1, "worker processes, each writing whole shards", check=at_least(1))
     seed: int = option(0, "the shuffle across shards and the statistics' pixel sample")
     strict: bool = option(False, "exit 1 if any image was rejected or a class folder has none")
@@ -67,8 +75,13 @@ class ShardConfig:
 
     def output_args(self) -> dict:
         """The arguments that determine the output bytes (recorded in the manifest, compared on reruns)."""
-        return {"splits": list(self.splits), "resize": self.resize, "quality": self.quality,
-                "shard_size": self.shard_size, "seed": self.seed}
+        return {
+            "splits": list(self.splits),
+            "resize": self.resize,
+            "quality": self.quality,
+            "shard_size": self.shard_size,
+            "seed": self.seed,
+        }
 
 
 def run_record(cfg: ShardConfig) -> dict:
@@ -88,15 +101,19 @@ def previous(cfg: ShardConfig) -> tuple[dict | None, bool]:
             except ValueError:
                 raise UsageError(f"{path}: unreadable; delete {out} and re-shard") from None
             if done and record.get("format_version") != FORMAT_VERSION:
-                raise UsageError(f"--out {out} holds shards of format {record.get('format_version')}, this sharder "
-                                 f"writes {FORMAT_VERSION}; pick a new --out or delete it")
+                raise UsageError(
+                    f"--out {out} holds shards of format {record.get('format_version')}, this sharder "
+                    f"writes {FORMAT_VERSION}; pick a new --out or delete it"
+                )
             theirs = {"source": record.get("source"), **(record.get("args") or {})}
             ours = run_record(cfg)
             ours = {"source": ours["source"], **ours["args"]}
             differ = [f"{k} {theirs.get(k)!r} (now {v!r})" for k, v in ours.items() if theirs.get(k) != v]
             if differ:
-                raise UsageError(f"--out {out} holds shards made with different arguments: {', '.join(differ)}; "
-                                 f"pick a new --out or delete it")
+                raise UsageError(
+                    f"--out {out} holds shards made with different arguments: {', '.join(differ)}; "
+                    f"pick a new --out or delete it"
+                )
             return record, done
     raise UsageError(f"--out {out} is not empty and not a shard folder; pick an empty or new folder")
 
@@ -160,8 +177,10 @@ def resume(cfg: ShardConfig, resize: Resize) -> int:
     if complete:
         return already_complete(cfg, record, current)
     if record is not None and record.get("fingerprint") != current:
-        print(f"{out}: --src changed since the interrupted run (files added, removed or changed), or that run was "
-              f"an older version of the sharder: planning again; the shards written so far are discarded")
+        print(
+            f"{out}: --src changed since the interrupted run (files added, removed or changed), or that run was "
+            f"an older version of the sharder: planning again; the shards written so far are discarded"
+        )
         discard(out, cfg.splits)
     (out / PROGRESS).mkdir(parents=True, exist_ok=True)
     atomic_write(out / PROGRESS / "args.json", json.dumps({**run_record(cfg), "fingerprint": current}).encode())
@@ -171,8 +190,10 @@ def resume(cfg: ShardConfig, resize: Resize) -> int:
 def already_complete(cfg: ShardConfig, manifest: dict, current: str) -> int:
     out = cfg.out
     if manifest.get("fingerprint") != current:
-        raise UsageError(f"--out {out} holds shards of an earlier --src: files were added, removed or changed since; "
-                         f"shard into a new --out, or delete {out} and rerun")
+        raise UsageError(
+            f"--out {out} holds shards of an earlier --src: files were added, removed or changed since; "
+            f"shard into a new --out, or delete {out} and rerun"
+        )
     shutil.rmtree(out / PROGRESS, ignore_errors=True)  # a crash between the manifest and this cleanup
     print(f"{out}: already complete for these arguments and this --src; check it with --verify {out}")
     return strict_status(cfg, manifest)
@@ -191,11 +212,17 @@ def write_all(cfg: ShardConfig, src, resize: Resize) -> int:
     """Plan every split's shards, write the unfinished ones in worker processes, then the manifest."""
     out = cfg.out
     stats_split = "train" if "train" in cfg.splits else cfg.splits[0]
-    shards = [(split, stem, samples) for split in cfg.splits
-              for stem, samples in plan(src.samples[split], split, cfg.shard_size, cfg.seed)]
+    shards = [
+        (split, stem, samples)
+        for split in cfg.splits
+        for stem, samples in plan(src.samples[split], split, cfg.shard_size, cfg.seed)
+    ]
     records = {stem: finished(out, stem) for _, stem, _ in shards}
-    todo = [ShardTask(out, stem, samples, resize, cfg.quality, cfg.seed if split == stats_split else None)
-            for split, stem, samples in shards if records[stem] is None]
+    todo = [
+        ShardTask(out, stem, samples, resize, cfg.quality, cfg.seed if split == stats_split else None)
+        for split, stem, samples in shards
+        if records[stem] is None
+    ]
     if len(todo) < len(shards):
         print(f"resuming: {len(shards) - len(todo)} of {len(shards)} shards already complete")
     start, images = time.time(), sum(len(t.samples) for t in todo)
@@ -209,8 +236,13 @@ def write_all(cfg: ShardConfig, src, resize: Resize) -> int:
     manifest = build_manifest(cfg, src, resize, shards, records, stats_split)
     atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     shutil.rmtree(out / PROGRESS)
-    summarize(manifest, images, elapsed, sum(records[t.stem]["bytes_written"] for t in todo),
-              max((records[t.stem].get("peak_rss", 0) for t in todo), default=0))
+    summarize(
+        manifest,
+        images,
+        elapsed,
+        sum(records[t.stem]["bytes_written"] for t in todo),
+        max((records[t.stem].get("peak_rss", 0) for t in todo), default=0),
+    )
     return strict_status(cfg, manifest)
 
 
@@ -219,9 +251,12 @@ def strict_status(cfg: ShardConfig, manifest: dict) -> int:
     and on every rerun. Skipped files (not images) never fail it."""
     empty = manifest.get("empty_classes", [])
     if cfg.strict and (manifest["rejected"] or empty):
-        print(f"--strict: {len(manifest['rejected'])} files rejected, {len(empty)} class folders without a usable "
-              f"image (listed in {cfg.out / MANIFEST}); repair or remove them in --src, then delete {cfg.out} and "
-              f"rerun", file=sys.stderr)
+        print(
+            f"--strict: {len(manifest['rejected'])} files rejected, {len(empty)} class folders without a usable "
+            f"image (listed in {cfg.out / MANIFEST}); repair or remove them in --src, then delete {cfg.out} and "
+            f"rerun",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -247,14 +282,28 @@ def build_manifest(cfg, src, resize: Resize, shards, records, stats_split: str) 
     for split in cfg.splits:
         splits.setdefault(split, {"count": 0, "shards": [], "min_side": None})
     rejected = sorted(rejected, key=lambda r: r["file"])
-    return {"format_version": FORMAT_VERSION, "tool": TOOL, **run_record(cfg), "fingerprint": fingerprint(src),
-            "layout": src.layout,
-            "preprocessing": {"resize": cfg.resize, "size": resize.size, "quality": cfg.quality,
-                              "resample": "bicubic", "chroma_subsampling": "4:2:0", "stats_split": stats_split},
-            "classes": src.classes, "splits": splits, "stats": stats.finish(moments),
-            "repaired": sorted(repaired, key=lambda r: r["file"]), "rejected": rejected,
-            "skipped": sorted(src.skipped, key=lambda r: r["file"]),
-            "empty_classes": empty_classes(src, {r["file"] for r in rejected})}
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": TOOL,
+        **run_record(cfg),
+        "fingerprint": fingerprint(src),
+        "layout": src.layout,
+        "preprocessing": {
+            "resize": cfg.resize,
+            "size": resize.size,
+            "quality": cfg.quality,
+            "resample": "bicubic",
+            "chroma_subsampling": "4:2:0",
+            "stats_split": stats_split,
+        },
+        "classes": src.classes,
+        "splits": splits,
+        "stats": stats.finish(moments),
+        "repaired": sorted(repaired, key=lambda r: r["file"]),
+        "rejected": rejected,
+        "skipped": sorted(src.skipped, key=lambda r: r["file"]),
+        "empty_classes": empty_classes(src, {r["file"] for r in rejected}),
+    }
 
 
 def summarize(manifest: dict, processed: int, elapsed: float, nbytes: int, peak_rss: int) -> None:
@@ -262,16 +311,27 @@ def summarize(manifest: dict, processed: int, elapsed: float, nbytes: int, peak_
         for r in manifest[kind]:
             print(f"{kind}: {shown(r['file'])}: {r['reason']}")
     if manifest["skipped"]:
-        kinds = Counter(os.path.splitext(r["file"])[1].lower() or os.path.basename(r["file"])
-                        if r["reason"] != "hidden file" else "hidden" for r in manifest["skipped"])
-        print(f"skipped, not images: {len(manifest['skipped'])} "
-              f"({', '.join(f'{n} {shown(k)}' for k, n in sorted(kinds.items(), key=lambda kn: (-kn[1], kn[0])))}), "
-              f"listed in manifest.json")
+        kinds = Counter(
+            os.path.splitext(r["file"])[1].lower() or os.path.basename(r["file"])
+            if r["reason"] != "hidden file"
+            else "hidden"
+            for r in manifest["skipped"]
+        )
+        print(
+            f"skipped, not images: {len(manifest['skipped'])} "
+            f"({', '.join(f'{n} {shown(k)}' for k, n in sorted(kinds.items(), key=lambda kn: (-kn[1], kn[0])))}), "
+            f"listed in manifest.json"
+        )
     for folder in manifest["empty_classes"]:
-        print(f"warning: class folder {shown(folder)} has no usable image: its class keeps its index with 0 samples; "
-              f"add images or remove the folder", file=sys.stderr)
+        print(
+            f"warning: class folder {shown(folder)} has no usable image: its class keeps its index with 0 samples; "
+            f"add images or remove the folder",
+            file=sys.stderr,
+        )
     counts = ", ".join(f"{s} {v['count']} in {len(v['shards'])} shards" for s, v in manifest["splits"].items())
     written = sum(v["count"] for v in manifest["splits"].values())
-    print(f"done: {written} images written ({counts}); {len(manifest['repaired'])} repaired, "
-          f"{len(manifest['rejected'])} rejected; this run {processed} images, {nbytes / 1e6:.1f} MB, "
-          f"{processed / max(elapsed, 1e-9):.0f} images/s; peak memory per worker {peak_rss / 2**20:.0f} MiB")
+    print(
+        f"done: {written} images written ({counts}); {len(manifest['repaired'])} repaired, "
+        f"{len(manifest['rejected'])} rejected; this run {processed} images, {nbytes / 1e6:.1f} MB, "
+        f"{processed / max(elapsed, 1e-9):.0f} images/s; peak memory per worker {peak_rss / 2**20:.0f} MiB"
+    )

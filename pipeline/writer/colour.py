@@ -1,4 +1,5 @@
 """Embedded ICC profiles: pixels in any other colour space converted to sRGB (LittleCMS through Pillow's ImageCms)."""
+
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
 """One source file -> one RGB baseline JPEG (resized per policy), or the reason it was repaired or rejected."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -176,8 +177,10 @@ def decode(data: bytes, resize: Resize) -> Image.Image:
         im.draft("RGB", draft_request(*im.size, resize.size))
     if im.width * im.height > MAX_DECODED_PIXELS:
         at = "" if im.size == declared else f", {im.width}x{im.height} at the smallest scale --resize {resize} allows"
-        raise Rejected(f"{declared[0]}x{declared[1]} {im.format} would decode to {im.width * im.height / 1e6:.0f} MP"
-                       f"{at}: over the {MAX_DECODED_PIXELS / 1e6:.0f} MP limit for one image (a decompression bomb?)")
+        raise Rejected(
+            f"{declared[0]}x{declared[1]} {im.format} would decode to {im.width * im.height / 1e6:.0f} MP"
+            f"{at}: over the {MAX_DECODED_PIXELS / 1e6:.0f} MP limit for one image (a decompression bomb?)"
+        )
     im.load()
     return im
 
@@ -205,11 +208,16 @@ def prepare_quietly(path: Path, key: str, resize: Resize, quality: int, stats_se
     except UnidentifiedImageError:
         jpeg = structure(data)
         if jpeg.frame is not None and jpeg.precision != 8:  # libjpeg as Pillow builds it reads 8-bit samples only
-            return Prepared(None, None, f"{jpeg.precision}-bit {jpeg.kind} JPEG: not decodable here; convert it to "
-                                        f"8 bits", None)
+            return Prepared(
+                None, None, f"{jpeg.precision}-bit {jpeg.kind} JPEG: not decodable here; convert it to 8 bits", None
+            )
         if path.suffix.lower() in (".heic", ".heif"):  # an iPhone's photos; Pillow reads them through a plugin
-            return Prepared(None, None, "HEIC photo that Pillow cannot decode here: pip install pillow-heif, or "
-                                        "convert it to JPEG", None)
+            return Prepared(
+                None,
+                None,
+                "HEIC photo that Pillow cannot decode here: pip install pillow-heif, or convert it to JPEG",
+                None,
+            )
         return Prepared(None, None, "not an image", None)
     except Exception as e:  # Pillow raises many types on corrupt data; every one means "cannot decode"
         return Prepared(None, None, f"undecodable ({type(e).__name__}: {e})", None)
@@ -229,11 +237,12 @@ def jpeg_repairs(data: bytes) -> tuple[list[str], bytes | None]:
         return [f"{jpeg.precision}-bit {jpeg.kind} JPEG re-encoded as 8-bit baseline"], None
     if jpeg.end is None:
         return ["JPEG without an end-of-image marker re-encoded"], None
-    return [], data[:jpeg.end] if data[jpeg.end:].strip(b"\0") else data  # zero padding is harmless and kept
+    return [], data[: jpeg.end] if data[jpeg.end :].strip(b"\0") else data  # zero padding is harmless and kept
 
 
-def write(data: bytes, im: Image.Image, suffix: str, key: str, resize: Resize, quality: int,
-          stats_seed: int | None) -> Prepared:
+def write(
+    data: bytes, im: Image.Image, suffix: str, key: str, resize: Resize, quality: int, stats_seed: int | None
+) -> Prepared:
     """The decoded image upright, in 8-bit sRGB, resized and encoded; raises Rejected."""
     reasons, kept = [repair_reason(im.format, im.mode, suffix)], None
     if resize.policy == "none" and im.format == "JPEG":

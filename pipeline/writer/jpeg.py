@@ -1,15 +1,26 @@
 """A JPEG's structure from its markers: the frame type (SOF) and where the image ends (EOI), without decoding."""
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
 # Start-of-frame markers (ITU T.81, table B.1); 0xC4, 0xC8 and 0xCC share the range but are not frames.
-FRAMES = {0xC0: "baseline", 0xC1: "extended sequential", 0xC2: "progressive", 0xC3: "lossless",
-          0xC5: "hierarchical sequential", 0xC6: "hierarchical progressive", 0xC7: "hierarchical lossless",
-          0xC9: "arithmetic-coded sequential", 0xCA: "arithmetic-coded progressive", 0xCB: "arithmetic-coded lossless",
-          0xCD: "arithmetic-coded hierarchical sequential", 0xCE: "arithmetic-coded hierarchical progressive",
-          0xCF: "arithmetic-coded hierarchical lossless"}
+FRAMES = {
+    0xC0: "baseline",
+    0xC1: "extended sequential",
+    0xC2: "progressive",
+    0xC3: "lossless",
+    0xC5: "hierarchical sequential",
+    0xC6: "hierarchical progressive",
+    0xC7: "hierarchical lossless",
+    0xC9: "arithmetic-coded sequential",
+    0xCA: "arithmetic-coded progressive",
+    0xCB: "arithmetic-coded lossless",
+    0xCD: "arithmetic-coded hierarchical sequential",
+    0xCE: "arithmetic-coded hierarchical progressive",
+    0xCF: "arithmetic-coded hierarchical lossless",
+}
 BASELINE, PROGRESSIVE, SOS, EOI = 0xC0, 0xC2, 0xDA, 0xD9
 STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM and RST0-7 carry no length
 # In entropy-coded data 0xFF is followed by 0x00 (a stuffed byte) or a restart marker; anything else is a marker.
@@ -52,7 +63,7 @@ def structure(data: bytes) -> Structure:
             continue
         if pos + 4 > len(data):
             break
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
         if marker in FRAMES and pos + 4 < len(data):
             frame, precision = marker, data[pos + 4]
         pos += 2 + length

@@ -1,4 +1,5 @@
 """Find an ImageNet-style source's splits, classes, names and labels (class folders, Kaggle or devkit val)."""
+
 from __future__ import annotations
 
 import csv
@@ -23,8 +24,21 @@ DEVKIT_TRUTH, DEVKIT_META = "ILSVRC2012_validation_ground_truth.txt", "meta.mat"
 # AVIF: listed as rejected where Pillow has no decoder for them, not skipped). Files without an extension are images
 # if Pillow recognises their content. Anything else (.xmp, .json, .txt, Thumbs.db) and hidden files (.DS_Store,
 # macOS's ._IMG_0001.jpg) are skipped: listed in the manifest apart from the rejected images, never a sample.
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif", ".heic",
-                    ".heif", ".avif"}
+IMAGE_EXTENSIONS = {
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".ppm",
+    ".bmp",
+    ".pgm",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".gif",
+    ".heic",
+    ".heif",
+    ".avif",
+}
 
 
 class LayoutError(Exception):
@@ -59,7 +73,7 @@ class Source:
 
     def entry(self, path: str, st: os.stat_result, label: int) -> Entry:
         # Every path the scan finds starts with the root, so slicing gives what os.path.relpath would, ten times faster.
-        return Entry(Path(path), path[len(os.path.join(self.root, "")):], label, st.st_size, st.st_mtime_ns)
+        return Entry(Path(path), path[len(os.path.join(self.root, "")) :], label, st.st_size, st.st_mtime_ns)
 
 
 def find(root: Path, name: str, dirs=LABEL_DIRS) -> Path | None:
@@ -92,19 +106,23 @@ def class_folders(folder: Path) -> list[str]:
 
 
 def scan(root: Path, splits: list[str]) -> Source:
-    """Every candidate file of the requested splits with its label; whatever cannot be a sample is listed as rejected."""
+    """Every candidate file of the requested splits with its label; what cannot be a sample is listed as rejected."""
     try:
         return scan_splits(root, splits)
     except OSError as e:  # a folder or label file we may not read: refuse now rather than drop a class unseen
-        raise LayoutError(f"{e.filename or root}: cannot read ({e.strerror}); make it readable (chmod -R u+rX) "
-                          f"or move it out of --src") from None
+        raise LayoutError(
+            f"{e.filename or root}: cannot read ({e.strerror}); make it readable (chmod -R u+rX) "
+            f"or move it out of --src"
+        ) from None
 
 
 def scan_splits(root: Path, splits: list[str]) -> Source:
     dirs = {split: split_dir(root, split) for split in splits}
     for split, d in dirs.items():
         if d is None:
-            raise LayoutError(f"{root}: no {split}/ folder (expected {root / split} or {root / SPLIT_DIRS[1].format(split=split)})")
+            raise LayoutError(
+                f"{root}: no {split}/ folder (expected {root / split} or {root / SPLIT_DIRS[1].format(split=split)})"
+            )
     wnids = load_wnids(root, dirs)
     src = Source(root, [{"index": i, "wnid": w, "name": w} for i, w in enumerate(wnids)])
     src.warnings += normalisation_twins(wnids)
@@ -128,7 +146,9 @@ def load_wnids(root: Path, dirs: dict[str, Path]) -> list[str]:
     mapping = find(root, SYNSET_TXT)
     if mapping:
         return sorted(line.split()[0] for line in mapping.read_text().splitlines() if line.strip())
-    raise LayoutError(f"{root}: no class folders in train/ and no {SYNSET_TXT}; add train/<wnid>/ folders or {SYNSET_TXT}")
+    raise LayoutError(
+        f"{root}: no class folders in train/ and no {SYNSET_TXT}; add train/<wnid>/ folders or {SYNSET_TXT}"
+    )
 
 
 def listing(src: Source, folder: str) -> tuple[list[tuple[str, os.stat_result]], list[str]]:
@@ -154,7 +174,7 @@ def listing(src: Source, folder: str) -> tuple[list[tuple[str, os.stat_result]],
 
 
 def walk(src: Source, folder: str) -> list[tuple[str, os.stat_result]]:
-    """Every regular file under `folder`, at any depth, as torchvision's ImageFolder finds them; each real folder once."""
+    """Every regular file under `folder`, at any depth, as torchvision's ImageFolder finds them; each folder once."""
     files, todo, seen = [], [folder], set()
     while todo:
         d = todo.pop(0)
@@ -198,15 +218,19 @@ def normalisation_twins(wnids: list[str]) -> list[str]:
     """A warning for each set of class names that differ only in Unicode normalisation (café typed on macOS is NFD):
     they look the same and are two classes."""
     same = Counter(unicodedata.normalize("NFC", w) for w in wnids)
-    return [f"class folders {', '.join(ascii(w) for w in wnids if unicodedata.normalize('NFC', w) == n)} differ only "
-            f"in Unicode normalisation (NFC vs NFD): they are {k} classes; rename them to one form (NFC)"
-            for n, k in same.items() if k > 1]
+    return [
+        f"class folders {', '.join(ascii(w) for w in wnids if unicodedata.normalize('NFC', w) == n)} differ only "
+        f"in Unicode normalisation (NFC vs NFD): they are {k} classes; rename them to one form (NFC)"
+        for n, k in same.items()
+        if k > 1
+    ]
 
 
 def empty_classes(src: Source, rejected: set[str]) -> list[str]:
     """Each class folder (relative to the root) without a usable image: none found, or every one rejected."""
-    usable = Counter((split, e.label) for split, entries in src.samples.items() for e in entries
-                     if e.rel not in rejected)
+    usable = Counter(
+        (split, e.label) for split, entries in src.samples.items() for e in entries if e.rel not in rejected
+    )
     index = {c["wnid"]: c["index"] for c in src.classes}
     return [rel for split, found in src.folders.items() for w, rel in found if not usable[(split, index[w])]]
 
@@ -223,8 +247,10 @@ def scan_flat(src: Source, split: str, folder: Path, index: dict[str, int]) -> l
         src.layout[split] = "flat_devkit"
         labels, source = devkit_labels(src.root, truth), truth.name
     else:
-        raise LayoutError(f"{folder}: flat {split} folder without labels; put {KAGGLE_CSV} (Kaggle) or "
-                          f"{DEVKIT_TRUTH} + {DEVKIT_META} (devkit) in {src.root}")
+        raise LayoutError(
+            f"{folder}: flat {split} folder without labels; put {KAGGLE_CSV} (Kaggle) or "
+            f"{DEVKIT_TRUTH} + {DEVKIT_META} (devkit) in {src.root}"
+        )
     entries = []
     for p, st in files:
         wnid = labels.get(os.path.splitext(os.path.basename(p))[0])
@@ -245,7 +271,7 @@ def kaggle_labels(path: Path) -> dict[str, str]:
 
 
 def devkit_labels(root: Path, truth: Path) -> dict[str, str]:
-    """ILSVRC2012_val_%08d -> wnid: line n of the ground truth holds image n's ILSVRC2012_ID, meta.mat maps IDs to wnids."""
+    """ILSVRC2012_val_%08d -> wnid: ground-truth line n holds image n's ILSVRC2012_ID, meta.mat maps IDs to wnids."""
     meta = find(root, DEVKIT_META)
     if meta is None:
         raise LayoutError(f"{truth}: needs the devkit's {DEVKIT_META} beside it to map ILSVRC2012_IDs to wnids")

@@ -1,5 +1,6 @@
 """One writer per shard folder: an exclusive flock on --out/.lock, held for the run's whole life and released by the
 kernel however the process ends (kill -9 leaves no stale lock). The file names the holder for whoever is refused."""
+
 from __future__ import annotations
 
 import fcntl
@@ -38,8 +39,9 @@ def hold(out: Path):
         except BlockingIOError:
             holder = describe(fd)
             os.close(fd)
-            raise Busy(f"--out {out} is being written by another run ({holder}); wait for it to end or stop it, "
-                       f"then rerun") from None
+            raise Busy(
+                f"--out {out} is being written by another run ({holder}); wait for it to end or stop it, then rerun"
+            ) from None
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
@@ -48,8 +50,16 @@ def hold(out: Path):
         os.close(fd)  # the last holder removed the file between our open and our lock: lock the one there now
     try:
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                 "command": shlex.join(sys.orig_argv)}).encode())
+        os.write(
+            fd,
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "command": shlex.join(sys.orig_argv),
+                }
+            ).encode(),
+        )
         yield
     finally:
         path.unlink(missing_ok=True)  # while still locked: a run that opened it meanwhile sees the inode go, retries

@@ -1,4 +1,5 @@
 """From a scanned source to shards: sample keys, the listing's fingerprint, and the seeded shuffle cut into shards."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +9,7 @@ import zlib
 import numpy as np
 
 from pipeline.writer.layout import Entry, Source
+
 
 def keyed(entries: list[Entry], split: str) -> list[tuple[str, Entry]]:
     """Each sample's key: the split and the position in its sorted relative paths (train_00000000 ...). Unique in the
@@ -33,7 +35,9 @@ def plan(entries: list[Entry], split: str, shard_size: int, seed: int) -> list[t
     samples = keyed(entries, split)
     order = np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(len(samples))
     shuffled = [samples[i] for i in order]
-    return [(f"{split}-{i // shard_size:06d}", shuffled[i:i + shard_size]) for i in range(0, len(shuffled), shard_size)]
+    return [
+        (f"{split}-{i // shard_size:06d}", shuffled[i : i + shard_size]) for i in range(0, len(shuffled), shard_size)
+    ]
 
 
 def shown(name: str) -> str:

@@ -1,4 +1,5 @@
-"""Synthetic ImageNet-layout data: learnable classes (shape + colour over 1/f noise), optionally with the real set's quirks."""
+"""Synthetic ImageNet-layout data: learnable classes (shape + colour over 1/f noise), optionally with real quirks."""
+
 from __future__ import annotations
 
 import colorsys
@@ -16,8 +17,16 @@ SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond", "bar", "fram
 BANK = 6  # distinct noise textures per dataset; each image crops, flips and tints one
 # File name suffix -> how shard_imagenet must treat it. The first three are the real train set's quirks
 # (22 CMYK JPEGs, n02105855_2933 is a PNG saved as .JPEG, grayscale JPEGs); the rest are broken files.
-QUIRKS = {"cmyk": "repaired", "png": "repaired", "gray": "repaired", "truncated": "rejected",
-          "corrupt": "rejected", "empty": "rejected", "notes": "skipped", "unreadable": "rejected"}
+QUIRKS = {
+    "cmyk": "repaired",
+    "png": "repaired",
+    "gray": "repaired",
+    "truncated": "rejected",
+    "corrupt": "rejected",
+    "empty": "rejected",
+    "notes": "skipped",
+    "unreadable": "rejected",
+}
 
 
 def wnid(k: int) -> str:
@@ -37,8 +46,9 @@ def noise_bank(size: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng([seed, 1])
     f = np.sqrt(np.fft.fftfreq(size)[:, None] ** 2 + np.fft.rfftfreq(size)[None, :] ** 2)
     f[0, 0] = 1.0
-    spectrum = (rng.standard_normal((BANK, 3, size, size // 2 + 1))
-                + 1j * rng.standard_normal((BANK, 3, size, size // 2 + 1))) / f
+    spectrum = (
+        rng.standard_normal((BANK, 3, size, size // 2 + 1)) + 1j * rng.standard_normal((BANK, 3, size, size // 2 + 1))
+    ) / f
     tex = np.fft.irfft2(spectrum, s=(size, size)).astype(np.float32)
     mix = rng.uniform(0.3, 1.0, (BANK, 3, 3)).astype(np.float32)  # correlate channels like real colour
     tex = np.einsum("bcd,bdhw->bhwc", mix, tex)
@@ -55,7 +65,7 @@ def render(bank: np.ndarray, k: int, size_range: tuple[int, int], rng: np.random
     w, h = (long, short) if rng.random() < 0.75 else (short, long)
     tex = bank[rng.integers(BANK)]
     y, x = rng.integers(0, tex.shape[0] - h + 1), rng.integers(0, tex.shape[1] - w + 1)
-    crop = tex[y:y + h, x:x + w]
+    crop = tex[y : y + h, x : x + w]
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     tint = rng.uniform(0.4, 1.0, 3).astype(np.float32) * 255
@@ -106,9 +116,18 @@ def _write(job):
     return box
 
 
-def make_dataset(out, classes: int, per_class: int, val_per_class: int, quirks: bool = False,
-                 size_range: tuple[int, int] = (300, 640), seed: int = 0, val_layout: str = "kaggle",
-                 quality: int = 94, workers: int = 1) -> Path:
+def make_dataset(
+    out,
+    classes: int,
+    per_class: int,
+    val_per_class: int,
+    quirks: bool = False,
+    size_range: tuple[int, int] = (300, 640),
+    seed: int = 0,
+    val_layout: str = "kaggle",
+    quality: int = 94,
+    workers: int = 1,
+) -> Path:
     """Write an ImageNet-layout folder (train/<wnid>/, val/, LOC_* files) at `out`; same arguments, same bytes."""
     out = Path(out)
     bank = noise_bank(max(size_range), seed)
@@ -131,7 +150,7 @@ def make_dataset(out, classes: int, per_class: int, val_per_class: int, quirks: 
     else:
         _init(bank)
         boxes = [_write(job) for job in jobs]
-    val_rows = [(name, k, box) for (name, k), box in zip(val, boxes[len(jobs) - len(val):])]
+    val_rows = [(name, k, box) for (name, k), box in zip(val, boxes[len(jobs) - len(val) :])]
     if val_layout != "devkit":  # the devkit names classes in meta.mat instead
         (out / "LOC_synset_mapping.txt").write_text("".join(f"{wnid(k)} {class_look(k)[2]}\n" for k in range(classes)))
     write_val_labels(out, val_rows, classes, val_layout, seed)
@@ -173,9 +192,15 @@ def add_quirks(out: Path, bank: np.ndarray, classes: int, size_range, seed: int)
     img.save(png, "PNG")
     corrupt = bytearray(good)
     dht = good.find(b"\xff\xc4")
-    corrupt[dht + 5:dht + 21] = b"\xff" * 16  # a bogus Huffman table: the headers parse, decoding fails
-    files = {"cmyk": jpeg(img.convert("CMYK"), quality=90), "png": png.getvalue(), "gray": jpeg(img.convert("L")),
-             "truncated": good[: len(good) // 2], "corrupt": bytes(corrupt), "empty": b""}
+    corrupt[dht + 5 : dht + 21] = b"\xff" * 16  # a bogus Huffman table: the headers parse, decoding fails
+    files = {
+        "cmyk": jpeg(img.convert("CMYK"), quality=90),
+        "png": png.getvalue(),
+        "gray": jpeg(img.convert("L")),
+        "truncated": good[: len(good) // 2],
+        "corrupt": bytes(corrupt),
+        "empty": b"",
+    }
     for name, data in files.items():
         (folder / f"{wnid(0)}_{name}.JPEG").write_bytes(data)
     (folder / "notes.txt").write_text("downloaded from the ImageNet site\n")

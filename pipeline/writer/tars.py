@@ -1,4 +1,5 @@
 """Deterministic WebDataset tars with DALI index files, written atomically."""
+
 from __future__ import annotations
 
 import hashlib
@@ -39,9 +40,12 @@ class ShardRecord:
 def members(sample: Sample) -> list[tuple[str, bytes]]:
     """A sample's tar members in contract order: image, ASCII label, int32 little-endian label, original path (the
     file name's own bytes, so any name the filesystem allows is recorded exactly)."""
-    return [(f"{sample.key}.{IMAGE_EXT}", sample.jpeg), (f"{sample.key}.{CLS_EXT}", str(sample.label).encode()),
-            (f"{sample.key}.{LABEL_EXT}", struct.pack("<i", sample.label)),
-            (f"{sample.key}.{PATH_EXT}", sample.path.encode("utf-8", "surrogateescape"))]
+    return [
+        (f"{sample.key}.{IMAGE_EXT}", sample.jpeg),
+        (f"{sample.key}.{CLS_EXT}", str(sample.label).encode()),
+        (f"{sample.key}.{LABEL_EXT}", struct.pack("<i", sample.label)),
+        (f"{sample.key}.{PATH_EXT}", sample.path.encode("utf-8", "surrogateescape")),
+    ]
 
 
 MEMBERS = 4  # len(members(sample))
@@ -79,7 +83,7 @@ def read_shard(tar_path: Path) -> list[Sample]:
         raise ValueError(f"{len(files)} members, not a multiple of {MEMBERS}")
     samples = []
     for i in range(0, len(files), MEMBERS):
-        group = files[i:i + MEMBERS]
+        group = files[i : i + MEMBERS]
         key = group[0][0].rsplit(".", 1)[0]
         label, path = struct.unpack("<i", group[2][1])[0], group[3][1].decode("utf-8", "surrogateescape")
         sample = Sample(key, group[0][1], label, path)
@@ -100,5 +104,6 @@ def write_shard(out: Path, stem: str, samples: Iterable[Sample]) -> ShardRecord 
     with atomic_file(tar) as f:
         count, index = write_tar(f, itertools.chain([first], samples))
     atomic_write(idx, index)
-    return ShardRecord(tar.name, idx.name, count, tar.stat().st_size,
-                       sha256_file(tar), hashlib.sha256(index).hexdigest())
+    return ShardRecord(
+        tar.name, idx.name, count, tar.stat().st_size, sha256_file(tar), hashlib.sha256(index).hexdigest()
+    )

@@ -1,5 +1,6 @@
 """One shard as one worker's task: prepare its samples in plan order, stream the tar and the DALI index into --out,
 and return only the shard's record (counts, checksums, statistics sums, repairs, rejections)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ class ShardTask:
 @dataclass
 class Tally:
     """What a shard's record says beside the tar: repairs, rejections, pixel sums and the smallest side written."""
+
     repaired: list = field(default_factory=list)
     rejected: list = field(default_factory=list)
     moments: dict = field(default_factory=lambda: stats.ZERO)
@@ -52,6 +54,12 @@ def write_task(task: ShardTask) -> dict:
     tally = Tally()
     shard = write_shard(task.out, task.stem, prepared(task, tally))
     record = asdict(shard) if shard else None
-    return {"shard": record, "repaired": tally.repaired, "rejected": tally.rejected, "moments": tally.moments,
-            "min_side": min(tally.sides, default=None), "bytes_written": record["tar_bytes"] if record else 0,
-            "peak_rss": tally.peak_rss}
+    return {
+        "shard": record,
+        "repaired": tally.repaired,
+        "rejected": tally.rejected,
+        "moments": tally.moments,
+        "min_side": min(tally.sides, default=None),
+        "bytes_written": record["tar_bytes"] if record else 0,
+        "peak_rss": tally.peak_rss,
+    }

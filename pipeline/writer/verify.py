@@ -1,5 +1,6 @@
 """--verify: every shard and index against the manifest's checksums, every image decoded, every source file once, and
 nothing in the folder that the manifest does not list."""
+
 from __future__ import annotations
 
 import io
@@ -39,14 +40,26 @@ def verify_shard(task) -> tuple[str | None, bool, list[str]]:
             return f"{tar_path}: {len(samples)} samples, manifest says {shard.count}{RESHARD}", False, paths
         for s in samples:
             if not 0 <= s.label < num_classes:
-                return (f"{tar_path}: sample {s.key} ({shown(s.path)}) has label {s.label}, "
-                        f"outside 0..{num_classes - 1}{RESHARD}"), False, paths
+                return (
+                    (
+                        f"{tar_path}: sample {s.key} ({shown(s.path)}) has label {s.label}, "
+                        f"outside 0..{num_classes - 1}{RESHARD}"
+                    ),
+                    False,
+                    paths,
+                )
             im = Image.open(io.BytesIO(s.jpeg))
             im.load()
             jpeg = structure(s.jpeg)
             if im.format != "JPEG" or im.mode != "RGB" or not jpeg.kept_by_every_decoder():
-                return (f"{tar_path}: {s.key}.jpg ({shown(s.path)}) is not an RGB 8-bit baseline JPEG "
-                        f"({im.format} {im.mode}, {jpeg.precision}-bit {jpeg.kind}){RESHARD}"), False, paths
+                return (
+                    (
+                        f"{tar_path}: {s.key}.jpg ({shown(s.path)}) is not an RGB 8-bit baseline JPEG "
+                        f"({im.format} {im.mode}, {jpeg.precision}-bit {jpeg.kind}){RESHARD}"
+                    ),
+                    False,
+                    paths,
+                )
     except Exception as e:  # any failure to read or decode is the finding, reported with the shard's name
         return f"{tar_path}: {type(e).__name__}: {e}{RESHARD}", False, []
     return None, False, paths
@@ -56,9 +69,12 @@ def strays(shards_dir: Path, shards: list[Shard]) -> list[str]:
     """Files beside the shards that the manifest does not list: readers that glob *.tar would read a stray copy too.
     Hidden files (a run's own records) are not read by such globs."""
     listed = {MANIFEST, *(f.name for s in shards for f in (s.tar, s.index))}
-    return [f"{shards_dir / name}: not listed in {MANIFEST} (a stray copy? readers that glob the folder would read "
-            f"it too); move it out of {shards_dir}" for name in sorted(os.listdir(shards_dir))
-            if name not in listed and not name.startswith(".")]
+    return [
+        f"{shards_dir / name}: not listed in {MANIFEST} (a stray copy? readers that glob the folder would read "
+        f"it too); move it out of {shards_dir}"
+        for name in sorted(os.listdir(shards_dir))
+        if name not in listed and not name.startswith(".")
+    ]
 
 
 def verify(shards_dir: Path, workers: int) -> int:
@@ -66,8 +82,10 @@ def verify(shards_dir: Path, workers: int) -> int:
     shards twice and nothing else is in the folder; else 1, naming every problem; 2 when a file cannot be read or a
     run is writing them."""
     if holder := writer(shards_dir):
-        print(f"{shards_dir} is being written by a run in progress ({holder}); verify it once that run has ended",
-              file=sys.stderr)
+        print(
+            f"{shards_dir} is being written by a run in progress ({holder}); verify it once that run has ended",
+            file=sys.stderr,
+        )
         return 2
     try:
         m = load_manifest(shards_dir, check_shards=False)
@@ -77,15 +95,17 @@ def verify(shards_dir: Path, workers: int) -> int:
     shards = [s for split in m.splits for s in m.splits[split]]
     tasks = [(s, m.num_classes) for s in shards]
     problems, unreadable, sources = strays(shards_dir, shards), False, Counter()
-    results = tqdm(completed(verify_shard, tasks, workers), total=len(tasks), unit="shard", desc="verifying",
-                   disable=None)
+    results = tqdm(
+        completed(verify_shard, tasks, workers), total=len(tasks), unit="shard", desc="verifying", disable=None
+    )
     for _, (problem, denied, paths) in sorted(results, key=lambda r: r[0]):
         problems += [problem] if problem else []
         unreadable |= denied
         sources.update(paths)
     # Each source file is one sample: a path written twice means the shards were made from two different plans.
-    problems += [f"{shards_dir}: {shown(path)} is in the shards {n} times{RESHARD}" for path, n in sources.items()
-                 if n > 1]
+    problems += [
+        f"{shards_dir}: {shown(path)} is in the shards {n} times{RESHARD}" for path, n in sources.items() if n > 1
+    ]
     for p in problems:
         print(p, file=sys.stderr)
     if problems:

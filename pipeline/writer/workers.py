@@ -6,6 +6,7 @@ the parent dies, however it dies and whatever the worker is doing (blocked in a 
 GIL), with nothing to poll. A pipe is no signal here, since every forked worker holds its siblings' ends of the pool's
 pipes, and a polling thread needs the GIL and still waits a period. Linux only, as DALI is.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -45,16 +46,18 @@ def completed(fn: Callable, tasks: list, workers: int) -> Iterator[tuple[int, ob
         yield from ((i, fn(task)) for i, task in enumerate(tasks))
         return
     before = set(FORK.active_children())
-    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=FORK, initializer=_bind_to_parent,
-                               initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(
+        min(workers, len(tasks)), mp_context=FORK, initializer=_bind_to_parent, initargs=(os.getpid(),)
+    )
     try:
         futures = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
         for future in as_completed(futures):
             yield futures[future], future.result()
     except BrokenProcessPool:
         _stop(pool, before)
-        raise WorkerDied("a worker process was killed (by the out-of-memory killer? see dmesg; fewer --workers need "
-                         "less memory)") from None
+        raise WorkerDied(
+            "a worker process was killed (by the out-of-memory killer? see dmesg; fewer --workers need less memory)"
+        ) from None
     except BaseException:
         _stop(pool, before)
         raise
