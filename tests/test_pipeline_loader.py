@@ -374,13 +374,13 @@ def test_gpu_batches_outlive_a_late_consumer(demo_shards, dtype):
 
 @pytest.mark.gpu
 def test_gpu_back_pressure_is_counted_apart_from_data_wait(demo_shards):
-    """A host HOLD batches ahead of a busy GPU is held in next(): gpu_wait_s takes that time, run.py's timed() the
+    """A host HOLD batches ahead of a busy GPU is held in next(): gpu_wait_s takes that time, the trainer's timed() the
     rest."""
-    import run
+    from model.trainer import timed
 
     with loader(demo_shards, batch=8, device="cuda", device_id=0, seed=4) as ld:
         waits = []
-        for wait, _ in run.timed(ld):
+        for wait, _ in timed(ld):
             torch.cuda._sleep(100_000_000)  # a step of ~60 ms of GPU time that the host does not wait for
             waits.append(wait)
         torch.cuda.synchronize()

@@ -1,0 +1,320 @@
+"""One training run's machinery: the model and loaders built from the settings, where the run stands (TrainState),
+and the epoch loop with its evaluation, checkpoints and metrics (Trainer). run.py decides whether to start or
+continue, and drives it."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from model import checkpoint
+from model.agreement import Preemption
+from model.checkpoint import CheckpointError
+from model.parallel import Context, all_gather, all_sum
+from model.recipe import AMP_DTYPES, count_errors, initialise, lr_at, make_train_step, scaled_lr, set_lr, sgd
+from model.workdir import data_identity
+
+log = logging.getLogger("run")  # run.py's: its handlers print rank 0's lines
+
+
+class Diverged(Exception):
+    """The loss or the weights are not finite: one line naming the last good checkpoint, exit status 1."""
+
+
+def build(cfg, ctx: Context, num_classes: int):
+    """The model (channels-last, DDP-wrapped under torchrun) and the bare module whose weights are saved."""
+    from model import AlexNet, ModelParallelAlexNet
+
+    if cfg.model_parallel:
+        raw = ModelParallelAlexNet(devices=tuple(str(d) for d in ctx.devices), num_classes=num_classes)
+    else:
+        raw = AlexNet(num_classes=num_classes, towers=cfg.towers).to(ctx.devices[0])
+    initialise(raw, cfg.init)
+    raw = raw.to(memory_format=torch.channels_last)
+    if ctx.world == 1:  # under DDP, rank 0's initial weights are broadcast to the others
+        return raw, raw
+    ids = [ctx.devices[0]] if cfg.device == "cuda" and not cfg.model_parallel else None
+    return torch.nn.parallel.DistributedDataParallel(raw, device_ids=ids), raw
+
+
+def make_loader(cfg, ctx: Context, manifest, split: str, augment: str, crop_size: int):
+    from pipeline import DaliLoader
+
+    dev = ctx.devices[0]
+    return DaliLoader(
+        manifest,
+        split,
+        cfg.batch_size,
+        augment=augment,
+        crop_size=crop_size,
+        device=dev.type,
+        device_id=dev.index if dev.type == "cuda" else None,
+        rank=ctx.rank,
+        world_size=ctx.world,
+        seed=cfg.seed,
+        num_threads=cfg.threads,
+        hw_decoder_load=cfg.hw_decoder_load,
+        prefetch=cfg.prefetch,
+        dtype=AMP_DTYPES[cfg.amp] or torch.float32,
+        divide_std=cfg.divide_std,
+    )
+
+
+def evaluate(model, loader, amp: str, ctx: Context, views: int = 1) -> dict:
+    """Top-1/top-5 error on val, every rank's share counted once; views=10 averages ten crops' softmax (§4.1)."""
+    top1, top5, n = all_sum(count_errors(model, loader, amp, views, ctx.devices[0]), ctx).tolist()
+    return {"top1_err": top1 / max(n, 1), "top5_err": top5 / max(n, 1), "samples": n}
+
+
+def timed(loader):
+    """(seconds spent waiting for data, batch) for each batch: the data-wait figures. A host that ran ahead of the GPU
+    is held back inside next() too (loader.gpu_wait_s); that is the GPU being busy, not waiting, so it is left out."""
+    batches = iter(loader)
+    while True:
+        t0, held = time.perf_counter(), loader.gpu_wait_s
+        batch = next(batches, None)
+        if batch is None:
+            return
+        yield time.perf_counter() - t0 - (loader.gpu_wait_s - held), batch
+
+
+class TrainState:
+    """Where the run stands: the global step, each finished epoch's metrics, and the sums of the epoch under way
+    (on the device until the epoch ends)."""
+
+    def __init__(self, num_classes: int, steps_per_epoch: int, device):
+        self.spe, self.device, self.step, self.history = steps_per_epoch, device, 0, []
+        self.loss = torch.zeros((), device=device)
+        self.classes = torch.zeros(num_classes, dtype=torch.long, device=device)
+        self.wait_s = self.train_s = 0.0
+
+    def new_epoch(self) -> None:
+        self.loss, self.wait_s, self.train_s = torch.zeros_like(self.loss), 0.0, 0.0
+        self.classes = torch.zeros_like(self.classes)
+
+    def state_dict(self) -> dict:
+        within = self.step % self.spe != 0  # at an epoch's end its sums are in history already
+        partial = (
+            {
+                "loss": self.loss.cpu(),
+                "classes": self.classes.cpu(),
+                "wait_s": torch.tensor(self.wait_s),
+                "train_s": torch.tensor(self.train_s),
+            }
+            if within
+            else None
+        )
+        return {"step": self.step, "history": self.history, "partial": partial}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.history, partial = state["step"], state["history"], state["partial"]
+        if partial is not None:
+            self.loss, self.classes = partial["loss"].to(self.device), partial["classes"].to(self.device)
+            self.wait_s, self.train_s = float(partial["wait_s"]), float(partial["train_s"])
+
+
+class Trainer:
+    """One run: model, optimiser, train step and loaders, and its TrainState."""
+
+    def __init__(self, cfg, ctx: Context, manifest, preemption: Preemption):
+        torch.manual_seed(cfg.seed + ctx.rank)
+        self.cfg, self.ctx, self.manifest, self.preemption, self.dev = cfg, ctx, manifest, preemption, ctx.devices[0]
+        # The loaders first: they check the settings against the shards (crop size) before the model is built.
+        self.train_loader = make_loader(cfg, ctx, manifest, "train", cfg.augment, cfg.crop_size)
+        self.val_loader = make_loader(cfg, ctx, manifest, "val", "center", cfg.crop_size)
+        self.model, self.raw = build(cfg, ctx, manifest.num_classes)
+        self.optimizer = sgd(self.raw, cfg.lr, cfg.momentum, cfg.weight_decay)
+        self.train_step = make_train_step(self.model, self.optimizer, cfg.amp, cfg.compile != "off" and cfg.compile)
+        self.spe, self.global_batch = len(self.train_loader), cfg.batch_size * ctx.world
+        self.base_lr = scaled_lr(cfg.lr, self.global_batch) if cfg.lr_scaling == "linear" else cfg.lr
+        self.state = TrainState(manifest.num_classes, self.spe, self.dev)
+        self.workdir, self.lr, self.saved = Path(cfg.workdir), self.base_lr, None
+        log.info(
+            f"{manifest.count('train')} train images, {manifest.num_classes} classes; {ctx.world} process(es) x "
+            f"batch {cfg.batch_size} = {self.global_batch}, {self.spe} steps per epoch; lr {self.base_lr:g}"
+            + (f" ({cfg.lr} at batch 128, scaled linearly)" if cfg.lr_scaling == "linear" else "")
+        )
+
+    def resume(self, ckpt: dict, path: str) -> None:
+        """Weights, optimiser, RNG states, the TrainState, and this rank's loader where it stood."""
+        checkpoint.restore_training(ckpt, self.raw, self.optimizer, self.train_step.scaler)
+        checkpoint.set_rng_state(ckpt["rng"][self.ctx.rank])
+        try:
+            self.train_loader.load_state_dict(ckpt["loader"][self.ctx.rank])
+        except ValueError as e:  # e.g. --shards now names a folder sharded anew: other samples, other batches
+            raise CheckpointError(f"{path}: {e}") from None
+        self.state.load_state_dict(ckpt)
+        self.saved = path
+        log.info(f"continuing from {path}: epoch {self.state.step // self.spe + 1}, step {self.state.step}")
+
+    def train_epoch(self, epoch: int) -> str | None:
+        """The epoch's steps (the rest of them after a restart); returns why it stopped early, or None."""
+        cfg, dev, spe, st = self.cfg, self.dev, self.spe, self.state
+        self.train_loader.set_epoch(epoch)  # a check: the loader stands in this epoch (inside it, after a restart)
+        val_errors = [r["val_top1_err"] for r in st.history]
+        t_epoch = t_log = time.perf_counter()
+        t_save, n_log, wait_log, loss_log = time.monotonic(), 0, 0.0, torch.zeros((), device=dev)
+        stop = None
+        for wait, (images, labels) in timed(self.train_loader):
+            self.lr = lr_at(
+                cfg.schedule,
+                self.base_lr,
+                st.step,
+                spe,
+                cfg.epochs,
+                warmup_steps=round(cfg.warmup_epochs * spe),
+                val_errors=val_errors,
+            )
+            set_lr(self.optimizer, self.lr)
+            loss = self.train_step(images, labels)
+            st.loss += loss
+            loss_log += loss
+            st.classes.index_add_(0, labels.to(dev), torch.ones_like(labels, device=dev))
+            st.wait_s += wait
+            st.step, n_log, wait_log = st.step + 1, n_log + 1, wait_log + wait
+            stop = self.preemption.agreed() or ("max_steps" if st.step == cfg.max_steps else None)
+            if st.step % cfg.log_interval and not stop:
+                continue
+            # The loop's only host syncs: the interval's loss, and whether any rank is due a timed checkpoint.
+            due = time.monotonic() - t_save > 60 * cfg.checkpoint_minutes
+            stats = all_sum(torch.stack([loss_log, torch.tensor(float(due), device=dev)]), self.ctx).tolist()
+            interval_loss, dt = stats[0] / (n_log * self.ctx.world), time.perf_counter() - t_log
+            if not math.isfinite(interval_loss):
+                raise self.diverged(f"loss is {interval_loss}")
+            left = (cfg.epochs * spe - st.step) * dt / n_log
+            log.info(
+                f"epoch {epoch + 1}/{cfg.epochs} step {st.step - epoch * spe}/{spe} loss {interval_loss:.4f} "
+                f"lr {self.lr:.3g} {n_log * self.global_batch / dt:,.0f} img/s data-wait {wait_log / dt:.0%} "
+                f"eta {left / 60:.1f} min"
+            )
+            t_log, n_log, wait_log, loss_log = time.perf_counter(), 0, 0.0, torch.zeros((), device=dev)
+            if (stats[1] > 0 or stop) and st.step % spe:  # at the epoch's end, end_epoch saves
+                st.train_s += time.perf_counter() - t_epoch
+                t_epoch, t_save = time.perf_counter(), time.monotonic()
+                self.save()
+            if stop:
+                break
+        st.train_s += time.perf_counter() - t_epoch
+        return stop
+
+    def end_epoch(self, epoch: int) -> dict:
+        """Validation, the epoch's row of metrics.jsonl, its checkpoint (best.pt if best); returns the row."""
+        ctx, spe, st, t_eval = self.ctx, self.spe, self.state, time.perf_counter()
+        totals = all_sum(torch.cat([st.loss.double().view(1), st.classes.double()]), ctx)
+        ranks = all_gather(
+            torch.tensor([st.step - epoch * spe, int(st.classes.sum())], dtype=torch.float64, device=self.dev), ctx
+        )
+        val = evaluate(self.raw, self.val_loader, self.cfg.amp, ctx)
+        row = {
+            "epoch": epoch + 1,
+            "step": st.step,
+            "train_loss": float(totals[0]) / (spe * ctx.world),
+            "val_top1_err": val["top1_err"],
+            "val_top5_err": val["top5_err"],
+            "lr": self.lr,
+            "img_per_s": spe * self.global_batch / st.train_s,
+            "data_wait_frac": st.wait_s / st.train_s,
+            "samples_seen": int(totals[1:].sum()),
+            "epoch_s": st.train_s + time.perf_counter() - t_eval,
+            "steps_per_rank": [int(r[0]) for r in ranks],
+            "samples_seen_per_rank": [int(r[1]) for r in ranks],
+        }
+        if not math.isfinite(row["train_loss"]):
+            raise self.diverged(f"loss is {row['train_loss']}")
+        st.history.append(row)
+        st.new_epoch()
+        log.info(
+            f"epoch {epoch + 1}/{self.cfg.epochs}: train loss {row['train_loss']:.4f}, "
+            f"val top-1 error {val['top1_err']:.1%}, top-5 error {val['top5_err']:.1%}, "
+            f"{row['img_per_s']:,.0f} img/s, data-wait {row['data_wait_frac']:.0%}"
+        )
+        self.save(best=val["top1_err"] <= min(r["val_top1_err"] for r in st.history))
+        self.write_metrics()
+        return {**row, "samples_seen_per_class": [int(c) for c in totals[1:]], "val_samples": val["samples"]}
+
+    def summary(self, last: dict) -> dict:
+        """summary.json: the last epoch's errors, the run's shape and cost, and with --ten-crop its errors too."""
+        cfg, m, history = self.cfg, self.manifest, self.state.history
+        s = {
+            "num_classes": m.num_classes,
+            "val_top1_err": last["val_top1_err"],
+            "val_top5_err": last["val_top5_err"],
+            "train_loss": last["train_loss"],
+            "chance_top1_err": 1 - 1 / m.num_classes,
+            "world_size": self.ctx.world,
+            "global_batch": self.global_batch,
+            "steps_per_epoch": self.spe,
+            "samples_seen_per_epoch": last["samples_seen"],
+            "samples_seen_per_rank": last["samples_seen_per_rank"],
+            "steps_per_rank": last["steps_per_rank"],
+            "samples_seen_per_class": last["samples_seen_per_class"],
+            "train_samples": m.count("train"),
+            "val_samples": last["val_samples"],
+            "epochs": len(history),
+            "device": cfg.device,
+            "amp": cfg.amp,
+            "wall_s": sum(r["epoch_s"] for r in history),
+        }
+        if cfg.ten_crop:
+            t0 = time.perf_counter()
+            with make_loader(cfg, self.ctx, self.manifest, "val", "tencrop", cfg.crop_size) as tencrop:
+                ten = evaluate(self.raw, tencrop, cfg.amp, self.ctx, views=10)
+            s.update(val_top1_err_10crop=ten["top1_err"], val_top5_err_10crop=ten["top5_err"])
+            s["wall_s"] += time.perf_counter() - t0
+            log.info(f"ten-crop: val top-1 error {ten['top1_err']:.1%}, top-5 error {ten['top5_err']:.1%}")
+        return s
+
+    def save(self, best: bool = False) -> None:
+        """A checkpoint of all a restart needs, written by rank 0 (every rank's RNG and loader state gathered)."""
+        if not checkpoint.is_finite(self.raw, self.dev):
+            raise self.diverged("the weights are not finite")
+        state = {
+            "config": asdict(self.cfg),
+            "world_size": self.ctx.world,
+            "data": data_identity(self.manifest),
+            **self.state.state_dict(),
+            **checkpoint.training_state(self.raw, self.optimizer, self.train_step.scaler),
+            "rng": checkpoint.every_rank(checkpoint.rng_state(), self.ctx.world),
+            "loader": checkpoint.every_rank(self.train_loader.state_dict(), self.ctx.world),
+        }
+        self.saved = str(checkpoint.path_for(self.workdir / "checkpoints", self.state.step))
+        if self.ctx.rank == 0:
+            checkpoint.save(self.workdir / "checkpoints", state, self.state.step, self.cfg.keep, best)
+            log.info(f"checkpoint {self.saved}")
+
+    def write_metrics(self) -> None:
+        from model.metrics import write_metrics  # imports matplotlib: not for --help or bad input
+
+        if self.ctx.rank == 0:
+            write_metrics(self.workdir, self.state.history)
+
+    def diverged(self, what: str) -> Diverged:
+        last = checkpoint.step_files(self.workdir / "checkpoints")
+        fix = (
+            f"Last good checkpoint: {last[0]}; continue from it with --lr LOWER"
+            if last
+            else "No checkpoint was written yet; start again (in a new --workdir) with a lower --lr"
+        )
+        return Diverged(
+            f"run.py: {what} at epoch {self.state.step // self.spe + 1}, step {self.state.step} "
+            f"(lr {self.lr:.3g}); stopping. {fix}"
+        )
+
+    def stopped(self, why) -> int:
+        """Says why the run stopped early and how to continue; the exit status (128 + the signal's number after one)."""
+        if why == "max_steps":
+            log.info(
+                f"stopped at step {self.state.step} (--max-steps {self.cfg.max_steps}); run the same command "
+                f"with a larger --max-steps (or 0) to continue"
+            )
+            return 0
+        log.warning(
+            f"run.py: {why.name}: stopped at epoch {self.state.step // self.spe + 1}, step {self.state.step}; "
+            f"saved {self.saved}; run the same command to continue from it"
+        )
+        return 128 + why
