@@ -279,11 +279,13 @@ def main(argv=None) -> int:
             init_group("nccl" if cfg.device == "cuda" else "gloo", ctx)
         if cfg.eval:
             return evaluate_only(cfg, ctx)
-        preemption = Preemption(ctx.world)  # from here on, SIGTERM and SIGINT stop the run after a step
         agree(ctx.rank, ctx.world, lock.acquire, REFUSALS)  # rank 0 holds WORKDIR/run.lock until this process ends
         if cfg.demo:
             agree(ctx.rank, ctx.world, lambda: make_demo_data(cfg), REFUSALS)
             manifest = load_data(cfg, ctx)
+        # From here on SIGTERM and SIGINT stop the run after a step. Not before the demo's data: its pool's workers
+        # would inherit the handler, take the pool's SIGTERM for a request to stop later, and never end.
+        preemption = Preemption(ctx.world)
         start = agree(ctx.rank, ctx.world, lambda: continue_or_start(cfg, ctx, manifest), REFUSALS)
         log.info(show(cfg))
         code = train(cfg, ctx, manifest, start, preemption)

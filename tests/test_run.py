@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_line
 
 import run
 from model import checkpoint
@@ -209,9 +210,7 @@ def test_loader_settings_default_from_the_node_and_take_bench_io_sweeps_best(dem
 
 def _one_line_exit_2(capsys, argv):
     assert run.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    return err
+    return one_line(capsys.readouterr().err)
 
 
 def test_bad_input_no_shards(tmp_path, capsys):

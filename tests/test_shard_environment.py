@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import one_line, tree
 
 import pipeline.atomic
 from pipeline.writer.synthetic import make_dataset, wnid
@@ -16,17 +17,6 @@ from pipeline.writer.tars import read_shard
 from tools.shard_imagenet import main
 
 ARGS = ["--resize", "short:32", "--workers", "1", "--shard-size", "5"]
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_line(capsys, *says: str) -> None:
-    """stderr held one line (besides the progress bar) saying all of `says`."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and not line.startswith("sharding:")]
-    assert len(lines) == 1 and all(s in lines[0] for s in says), err
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +31,14 @@ def test_out_without_write_permission(src, tmp_path, deny, capsys):
     out.mkdir()
     deny(out)
     assert main(["--src", str(src), "--out", str(out), *ARGS]) == 2
-    one_line(capsys, str(out), "Permission denied")
+    one_line(capsys.readouterr().err, str(out), "Permission denied", progress="sharding:")
 
 
 def test_class_folder_without_read_permission_stops_before_any_work(src, tmp_path, deny, capsys):
     mine = Path(shutil.copytree(src, tmp_path / "src"))
     deny(mine / "train" / wnid(1))
     assert main(["--src", str(mine), "--out", str(tmp_path / "out"), *ARGS]) == 2
-    one_line(capsys, f"train/{wnid(1)}", "Permission denied", "chmod")
+    one_line(capsys.readouterr().err, f"train/{wnid(1)}", "Permission denied", "chmod", progress="sharding:")
     assert not list((tmp_path / "out").iterdir())
 
 
@@ -58,7 +48,7 @@ def test_verify_of_a_tar_without_read_permission(src, tmp_path, deny, capsys):
     capsys.readouterr()
     deny(out / "train-000001.tar")
     assert main(["--verify", str(out)]) == 2
-    one_line(capsys, "train-000001.tar", "Permission denied")
+    one_line(capsys.readouterr().err, "train-000001.tar", "Permission denied", progress="sharding:")
 
 
 class FullDisk:
@@ -94,7 +84,13 @@ def test_disk_full_names_the_file_keeps_nothing_half_written_and_the_rerun_compl
     monkeypatch.setattr(pipeline.atomic, "open", open_on_a_full_disk, raising=False)
     capsys.readouterr()
     assert main(["--src", str(src), "--out", str(out), *ARGS]) == 2
-    one_line(capsys, str(out / "train-000002.tar"), "disk full", "rerun the same command")
+    one_line(
+        capsys.readouterr().err,
+        str(out / "train-000002.tar"),
+        "disk full",
+        "rerun the same command",
+        progress="sharding:",
+    )
     assert not list(out.glob(".*.tmp")) and not (out / "train-000002.tar").exists()
     monkeypatch.undo()
     assert main(["--src", str(src), "--out", str(out), *ARGS]) == 0

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import decode
 from PIL import ExifTags, Image
 
 from pipeline.writer.images import Resize, prepare
@@ -21,10 +22,6 @@ STORED = {
     7: lambda u: u[::-1, ::-1].transpose(1, 0, 2),
     8: lambda u: np.rot90(u, -1),
 }
-
-
-def decode(jpeg: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).astype(np.float64)
 
 
 def upright_photo() -> np.ndarray:

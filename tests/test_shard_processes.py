@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import tree
 
 from pipeline.writer.synthetic import make_dataset
 from tools.shard_imagenet import main
@@ -33,10 +34,6 @@ def save_progress(*args):
 build.save_progress = save_progress
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def errors(err: str) -> list[str]:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import decode
 from PIL import Image
 
 from pipeline.writer import images
@@ -27,10 +28,6 @@ def ramp(h: int, w: int) -> np.ndarray:
     x = np.linspace(0, 255, w)[None, :].repeat(h, 0)
     y = np.linspace(0, 255, h)[:, None].repeat(w, 1)
     return np.stack([x, y, 255 - x], -1).astype(np.uint8)
-
-
-def decode(jpeg: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).astype(np.float64)
 
 
 def test_parse_resize():

@@ -10,6 +10,7 @@ from hashlib import sha256
 from pathlib import Path
 
 import pytest
+from conftest import tree
 
 import pipeline.writer.build as shard_build
 from pipeline.writer.synthetic import make_dataset, wnid
@@ -18,10 +19,6 @@ from tools.shard_imagenet import main
 
 ARGS = ["--resize", "short:40", "--shard-size", "16", "--seed", "3"]
 pytestmark = pytest.mark.slow  # each test runs the sharder, most in processes they interrupt
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def written_paths(out: Path, split: str) -> list[str]:

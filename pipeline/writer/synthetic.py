@@ -5,6 +5,7 @@ from __future__ import annotations
 import colorsys
 import csv
 import io
+import signal
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -107,6 +108,7 @@ _BANK: np.ndarray | None = None
 def _init(bank: np.ndarray) -> None:
     global _BANK
     _BANK = bank
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate's SIGTERM ends the worker, whatever its parent set
 
 
 def _write(job):
