@@ -61,6 +61,14 @@ def demo_shards(tmp_path_factory, demo_src) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def pristine(tmp_path_factory) -> Path:
+    """A source for the sharder's stop-and-rerun tests, which compare every rerun with one uninterrupted run."""
+    return make_dataset(
+        tmp_path_factory.mktemp("pristine"), classes=4, per_class=75, val_per_class=8, size_range=(48, 96), seed=11
+    )
+
+
 @pytest.fixture
 def deny(monkeypatch):
     """deny(path): take every permission on path away, as chmod 0 does for anyone but root. Root reads and writes

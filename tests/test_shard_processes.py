@@ -41,13 +41,6 @@ def errors(err: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    return make_dataset(
-        tmp_path_factory.mktemp("runs"), classes=4, per_class=75, val_per_class=8, size_range=(48, 96), seed=11
-    )
-
-
-@pytest.fixture(scope="module")
 def reference(pristine, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "out"
     assert main(["--src", str(pristine), "--out", str(out), *ARGS]) == 0

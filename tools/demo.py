@@ -17,34 +17,12 @@ DEMO_DATA = {
     "cuda": dict(classes=10, per_class=260, val_per_class=50, size_range=(256, 400), resize="short:256"),
 }
 # divide_std: He init at this lr diverges on 0-255 pixel units (on the CPU demo: loss nan at step 15 of epoch 1).
+DEMO_RECIPE = dict(
+    lr=0.02, lr_scaling="none", schedule="cosine", warmup_epochs=0.5, init="kaiming", divide_std=True, keep=1
+)
 DEMO_PRESET = {
-    "cpu": dict(
-        epochs=6,
-        batch_size=32,
-        lr=0.02,
-        lr_scaling="none",
-        schedule="cosine",
-        warmup_epochs=0.5,
-        init="kaiming",
-        crop_size=64,
-        divide_std=True,
-        threads=1,
-        log_interval=5,
-        keep=1,
-    ),
-    "cuda": dict(
-        epochs=12,
-        batch_size=128,
-        lr=0.02,
-        lr_scaling="none",
-        schedule="cosine",
-        warmup_epochs=0.5,
-        init="kaiming",
-        crop_size=224,
-        divide_std=True,
-        log_interval=10,
-        keep=1,
-    ),
+    "cpu": dict(DEMO_RECIPE, epochs=6, batch_size=32, crop_size=64, threads=1, log_interval=5),
+    "cuda": dict(DEMO_RECIPE, epochs=12, batch_size=128, crop_size=224, log_interval=10),
 }
 
 
