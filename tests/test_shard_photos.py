@@ -89,6 +89,7 @@ def peak_mib(stdout: str) -> int:
     return int(re.search(r"peak memory per worker (\d+) MiB", stdout).group(1))
 
 
+@pytest.mark.slow
 def test_phone_photos_of_96_and_200_megapixels_are_kept_in_little_memory_and_a_png_bomb_is_refused(tmp_path):
     """As a user runs it: the real command, its terminal output, its own memory. A 200 MP decode would take 600 MB
     as RGB; JPEG's draft decoding needs 1/64 of that under paper."""

@@ -19,6 +19,7 @@ from pipeline.writer.synthetic import make_dataset
 from tools.shard_imagenet import main
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # real sharder processes, signalled and rerun
 ARGS = ["--resize", "short:40", "--shard-size", "16", "--seed", "3", "--workers", "2"]
 
 # The real program, but its main process stops itself after its first progress record (the workers carry on).
