@@ -1,8 +1,14 @@
 """Synthetic ImageNet: layout, determinism, sizes, learnable class cues, quirks, CLI."""
 
 import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipeline.writer.devkit import synsets
@@ -98,3 +104,26 @@ def test_quirks_and_cli(tmp_path, capsys):
     assert set(QUIRKS) == {p.name.split("_", 1)[-1].split(".")[0] for p in folder.iterdir()} - {"0", "1"}
     assert list((tmp_path / "q" / "train" / wnid(2)).iterdir()) == []
     assert main(["--out", str(tmp_path / "q")]) == 2  # never writes into a non-empty folder
+
+
+@pytest.mark.slow
+def test_workers_end_when_the_parent_handles_sigterm_itself(tmp_path):
+    """run.py records SIGTERM instead of dying; the pool's workers must still end on Pool.terminate's SIGTERM (they
+    inherited the handler once, and the demo hung in make_dataset)."""
+    script = (
+        "import signal, sys\n"
+        "from pipeline.writer.synthetic import make_dataset\n"
+        "signal.signal(signal.SIGTERM, lambda *a: None)\n"
+        "for i in range(3):\n"
+        f"    make_dataset(r'{tmp_path}' + f'/{{i}}', 2, 8, 2, size_range=(32, 40), workers=2)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=root, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the hung workers too: they ignore SIGTERM
+        proc.communicate()
+        raise AssertionError("make_dataset's pool did not end: its workers outlived Pool.terminate") from None
+    assert proc.returncode == 0, err.decode()
+    assert len(list((tmp_path / "2" / "train").rglob("*.JPEG"))) == 16
