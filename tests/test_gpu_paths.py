@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import fn, pipeline_def
 
 from pipeline import DaliLoader, load_manifest
+from pipeline.dali import read_shards
 from pipeline.sharding import rank_range
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,11 +31,10 @@ def keys_of_epoch(ld) -> list[str]:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_gpu_ranks_cover_the_split_once(demo_shards, world):
-    count, seen = load_manifest(demo_shards).count("train"), Counter()
+    manifest, seen = load_manifest(demo_shards), Counter()
+    count = manifest.count("train")
     for rank in range(world):
-        with DaliLoader(
-            load_manifest(demo_shards), "train", 8, crop_size=CROP, rank=rank, world_size=world, seed=3
-        ) as ld:
+        with DaliLoader(manifest, "train", 8, crop_size=CROP, rank=rank, world_size=world, seed=3) as ld:
             start, stop = rank_range(count, rank, world)
             keys = keys_of_epoch(ld)
             assert len(keys) == len(ld) * 8 and set(keys[stop - start :]) <= set(keys[: stop - start])
@@ -49,11 +49,13 @@ def decode_val(shards_dir, **decode) -> list[np.ndarray]:
 
     @pipeline_def(batch_size=total, num_threads=1, device_id=0, seed=0)
     def whole():
-        jpegs, _ = fn.readers.webdataset(
-            paths=[str(s.tar) for s in shards],
-            index_paths=[str(s.index) for s in shards],
-            ext=["jpg", "lbl"],
-            dtypes=[types.UINT8, types.INT32],
+        jpegs, _ = read_shards(
+            [str(s.tar) for s in shards],
+            [str(s.index) for s in shards],
+            shard_id=0,
+            num_shards=1,
+            shuffle=False,
+            seed=0,
         )
         return fn.decoders.image(jpegs, **decode)
 

@@ -9,10 +9,11 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
-from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import fn, pipeline_def
 
 from pipeline import DaliLoader, load_manifest
 from pipeline.augment import crop_window, lighting_offset
+from pipeline.dali import read_shards
 
 CROP = 64  # the demo shards' short side is 80
 
@@ -23,11 +24,13 @@ def decoded_whole(shards_dir, split, device="cpu") -> dict:
 
     @pipeline_def(batch_size=8, num_threads=1, device_id=0 if device == "gpu" else None, seed=0)
     def whole():
-        jpegs, _ = fn.readers.webdataset(
-            paths=[str(s.tar) for s in shards],
-            index_paths=[str(s.index) for s in shards],
-            ext=["jpg", "lbl"],
-            dtypes=[types.UINT8, types.INT32],
+        jpegs, _ = read_shards(
+            [str(s.tar) for s in shards],
+            [str(s.index) for s in shards],
+            shard_id=0,
+            num_shards=1,
+            shuffle=False,
+            seed=0,
         )
         # the loader's mixed decoder upsamples chroma as libjpeg-turbo does (pipeline/dali.py); so must the reference
         decode = {"device": "mixed", "jpeg_fancy_upsampling": True} if device == "gpu" else {"device": "cpu"}
@@ -68,7 +71,7 @@ def check_paper_batches(shards_dir, whole, device):
     """Per sample: max and mean |loader - NumPy reference|, the same without lighting, and one column off."""
     manifest = load_manifest(shards_dir)
     loader = DaliLoader(
-        load_manifest(shards_dir),
+        manifest,
         "train",
         16,
         augment="paper",
@@ -114,7 +117,7 @@ def test_center_crop_normalisation_formula(demo_shards, whole, divide_std):
     std = manifest.rgb_std if divide_std else 1.0
     asked = {"divide_std": True} if divide_std else {}  # the default is §2's: the mean subtracted, no std
     with DaliLoader(
-        load_manifest(demo_shards),
+        manifest,
         "val",
         8,
         augment="center",
@@ -135,7 +138,7 @@ def test_center_crop_normalisation_formula(demo_shards, whole, divide_std):
 def test_tencrop_yields_the_ten_views_sample_major(demo_shards, whole):
     manifest = load_manifest(demo_shards)
     with DaliLoader(
-        load_manifest(demo_shards),
+        manifest,
         "val",
         5,
         augment="tencrop",
