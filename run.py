@@ -9,91 +9,30 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from model import checkpoint
-from model.agreement import Preemption, Refused, agree
-from model.checkpoint import CheckpointError
-from model.parallel import Context, process_context
-from model.recipe import ComputeSettings, RecipeSettings
-from model.trainer import Diverged, Trainer, build, evaluate, make_loader
-from model.workdir import WorkdirBusy, WorkdirLock, data_identity, other_classes, other_data, remove_temporaries
+from model.train import checkpoint
+from model.train.checkpoint import CheckpointError
+from model.train.cluster import Context, Preemption, Refused, agree, init_group, process_context
+from model.train.config import Config, UsageError, demo_preset, refuse_changes
+from model.train.demo import make_demo_data, report_demo
+from model.train.loop import Diverged, Trainer, build, evaluate, make_loader
+from model.train.workdir import WorkdirBusy, WorkdirLock, data_identity, other_classes, other_data, remove_temporaries
 from pipeline.atomic import atomic_write
 from pipeline.augment import WINDOW_AUGMENTS
 from pipeline.manifest import ShardError, check_crop, load_manifest
-from pipeline.settings import LoaderSettings, above, at_least, option, show
 from pipeline.settings import parse as parse_settings
+from pipeline.settings import show
 from pipeline.threads import default_threads
-from tools.demo import DEMO_PRESET, make_demo_data, report_demo
 
-
-@dataclass(kw_only=True)
-class Config(RecipeSettings, LoaderSettings, ComputeSettings):
-    """The run"""
-
-    shards: str = option("", "a folder written by tools/shard_imagenet.py")
-    workdir: str = option("runs/alexnet", "the run's folder: config, metrics, checkpoints; one run at a time")
-    towers: int = option(2, "§3.5: two towers, run on one device as a block-diagonal conv; 1: no split", choices=(1, 2))
-    model_parallel: bool = option(False, "§3.2: the two towers on two GPUs per process")
-    augment: str = option(
-        "paper",
-        "§4.1: random crops, flips, PCA lighting | inception (Szegedy et al. 2015)",
-        choices=("paper", "inception"),
-    )
-    ten_crop: bool = option(False, "§4.1: at the end, also average the softmax over ten views")
-    log_interval: int = option(50, "steps between progress lines (the only host syncs of the loop)", check=at_least(1))
-    checkpoint_minutes: float = option(30.0, "also checkpoint this often within an epoch", check=above(0))
-    keep: int = option(
-        3, "step checkpoints kept besides best.pt (a restart continues from the newest)", check=at_least(1)
-    )
-    max_steps: int = option(0, "stop (with a checkpoint) at this global step; 0: run all epochs", check=at_least(0))
-    resume: bool = option(
-        False,
-        "continue the run in --workdir, and fail if there is nothing to continue (the "
-        "same command without it continues too, or starts)",
-    )
-    eval: str = option("", "a checkpoint to evaluate only")
-    demo: bool = option(False, "make a small synthetic ImageNet, shard it, train and evaluate (no download)")
-
-
-class UsageError(Exception):
-    """Bad input: printed as one line, exit status 2."""
-
-
-# Settings a --resume may change; anything else must match the run being continued.
-RESUMABLE = {
-    "shards",
-    "workdir",
-    "lr",
-    "epochs",
-    "max_steps",
-    "resume",
-    "log_interval",
-    "checkpoint_minutes",
-    "keep",
-    "ten_crop",
-    "compile",
-    "eval",
-    "threads",
-    "prefetch",
-}
 REFUSALS = (UsageError, ShardError, CheckpointError, WorkdirBusy)
 log = logging.getLogger("run")
-
-
-def demo_preset(given: dict) -> dict:
-    """--demo: the demo's recipe for this machine's device, under whatever was given."""
-    if not given.get("demo"):
-        return {}
-    device = ComputeSettings(device=given.get("device", "auto")).resolve_device()["device"]
-    return {**DEMO_PRESET[device], "workdir": time.strftime("runs/demo-%Y%m%d-%H%M%S")}
 
 
 def parse(argv=None) -> Config:
@@ -108,14 +47,6 @@ def setup(cfg: Config) -> Context:
         return process_context(cfg.device, cfg.model_parallel, cfg.towers)
     except ValueError as e:
         raise UsageError(str(e)) from None
-
-
-def init_group(backend: str, ctx: Context) -> None:
-    """The process group, its keys apart for each of torchrun's restarts: the store outlives a restarted group, and
-    a rank that read the dead group's addresses could not connect (seen with torch 2.13's torchrun --max-restarts)."""
-    store, _, _ = next(dist.rendezvous("env://"))
-    store = dist.PrefixStore(f"restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world)
 
 
 def setup_logging(rank: int) -> None:
@@ -188,13 +119,6 @@ def continue_or_start(cfg: Config, ctx: Context, manifest) -> str | None:
             f"({ckpt['config']['shards']}), or a new --workdir"
         )
     return str(path)
-
-
-def refuse_changes(cfg: Config, saved: dict, where: Path) -> None:
-    changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
-    if changed:
-        was = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}" for k in changed)
-        raise UsageError(f"{where} was trained with {was}; pass the same settings to continue it, or a new --workdir")
 
 
 def train(cfg: Config, ctx: Context, manifest, start: str | None, preemption: Preemption) -> int:

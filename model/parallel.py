@@ -1,10 +1,6 @@
-"""Parallelism: the paper's two-GPU towers (§3.2), and each torchrun process's place in data parallelism."""
-
-import os
-from dataclasses import dataclass
+"""The paper's two-GPU model parallelism (§3.2): each tower's convolutions on a device of its own."""
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from model.alexnet import AlexNet
@@ -46,48 +42,3 @@ class ModelParallelAlexNet(AlexNet):
         h = [F.relu_(self.conv4[t](h[t])) for t in towers]
         h = [self.pool5(F.relu_(self.conv5[t](h[t]))) for t in towers]
         return self.classify(torch.cat([hi.to(self.devices[0], non_blocking=True) for hi in h], 1))
-
-
-@dataclass
-class Context:
-    rank: int
-    world: int
-    devices: tuple  # one torch.device, or two with model parallelism
-
-
-def process_context(device: str, model_parallel: bool, towers: int = 2) -> Context:
-    """Rank, world size and this process's devices from torchrun's environment; ValueError if they do not exist."""
-    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
-    per = 2 if model_parallel else 1
-    have = torch.cuda.device_count() if device == "cuda" else 1
-    if model_parallel and towers != 2:
-        raise ValueError("--model-parallel puts the paper's two towers on two devices: drop --towers 1")
-    if model_parallel and have < 2 * (local + 1):
-        raise ValueError(
-            f"--model-parallel needs two {device} devices per process ({2 * (local + 1)} for local "
-            f"rank {local}); {have} found: drop --model-parallel or run fewer processes per node"
-        )
-    if device == "cuda" and have < local + 1:
-        raise ValueError(
-            f"local rank {local} has no GPU of its own ({have} found): run at most {have} processes per node"
-        )
-    devices = tuple(
-        torch.device("cuda", per * local + i) if device == "cuda" else torch.device("cpu") for i in range(per)
-    )
-    return Context(rank, world, devices)
-
-
-def all_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:
-    if ctx.world > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def all_gather(t: torch.Tensor, ctx: Context) -> list[torch.Tensor]:
-    if ctx.world == 1:
-        return [t]
-    every = [torch.zeros_like(t) for _ in range(ctx.world)]
-    dist.all_gather(every, t)
-    return every

@@ -1,6 +1,6 @@
 """The augmentation maths as pure NumPy: DALI's crop-window convention, PCA lighting, ten-crop views, normalisation.
 
-The DALI graphs in pipeline/dali.py are built from these numbers, and the tests hold DALI's pixels to them.
+The DALI graphs in pipeline/graphs.py are built from these numbers, and the tests hold DALI's pixels to them.
 """
 
 from __future__ import annotations

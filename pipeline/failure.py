@@ -3,31 +3,50 @@ decoding up to the failed batch, and the JPEG that Pillow cannot decode either i
 
 The replay starts where the loader last took DALI's checkpoint of its pipeline (an epoch's start, or a resumed
 position). That checkpoint holds every operator's state; the reader-only pipeline takes the reader's alone.
+
+Also where each sample of a batch came from: its shard file and key, from DALI's source_info.
 """
 
 from __future__ import annotations
 
 import io
-import itertools
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import nvidia.dali
 from PIL import Image
 
-from pipeline.dali import READER
+from pipeline.graphs import READER, reason
 from pipeline.manifest import ShardError
-from pipeline.provenance import split_source
+
+OFFSET = re.compile(r":(\d+):")
+
+
+def split_source(source: str, tars) -> tuple[str, str]:
+    """(tar, member) of a webdataset sample's source_info "TAR:OFFSET:MEMBER", TAR being one of `tars`.
+
+    Paths and member names may hold ':' themselves, so the split is where what comes before is a tar that was read.
+    """
+    for m in OFFSET.finditer(source):
+        if source[: m.start()] in tars:
+            return source[: m.start()], source[m.end() :]
+    raise ValueError(f"source_info {source!r} names none of the shards read")
+
+
+def batch_info(sources, draws, names, n: int, tars) -> dict:
+    """The first `n` samples' shard file names and keys, and the draws (DALI batches, named by `names`) as NumPy."""
+    tar_names, keys = [], []
+    for i in range(n):
+        tar, member = split_source(bytes(np.asarray(sources[i])).decode(), tars)
+        tar_names.append(Path(tar).name)
+        keys.append(member.rsplit(".", 1)[0])
+    return {"tar": tar_names, "key": keys, **{name: np.array(t.as_tensor())[:n] for name, t in zip(names, draws)}}
+
 
 # The DALI releases whose checkpoint format with_reader_state was tested on: the format is DALI's own, not an API.
 TESTED_DALI = "2.4."
-
-
-def reason(error: Exception) -> str:
-    """The line of a DALI error that says what went wrong (DALI puts it after "encountered:")."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    after = [b for a, b in itertools.pairwise(lines) if a.endswith("encountered:")]
-    return (after or lines or [type(error).__name__])[0]
 
 
 def locate(

@@ -6,26 +6,24 @@ shuffles within a buffer), so an epoch boundary costs the training thread nothin
 held the GIL for ~0.2 s per 100k samples. The position is DALI's own checkpoint of this rank's pipeline (its reader
 and its random draws), from which a resumed run continues with exactly the batches the interrupted one would have.
 
-Its parts: the pipeline (pipeline.spec), the position (pipeline.position), the GPU's hold on batches
-(pipeline.holdback), a failure's replay (pipeline.failure) and where samples came from (pipeline.provenance).
+Here too: the loader's Position in its epochs and the GPU's HoldBack on batches. The graphs and their spec are in
+pipeline.graphs, a failure's replay and where samples came from in pipeline.failure.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from contextlib import nullcontext
 
 import torch
 
-from pipeline import dali
+from pipeline import graphs
 from pipeline.augment import TENCROP_VIEWS, TRAIN_AUGMENTS
-from pipeline.failure import locate
-from pipeline.holdback import HoldBack
+from pipeline.failure import batch_info, locate
+from pipeline.graphs import PipelineSpec, check_args
 from pipeline.manifest import Manifest
-from pipeline.position import Position
-from pipeline.provenance import batch_info
 from pipeline.sharding import steps_per_epoch, valid_in_step
-from pipeline.spec import PipelineSpec, check_args
 
 
 class DaliLoader:
@@ -150,7 +148,7 @@ class DaliLoader:
         if self._last is None:
             return {}
         sources, draws, n = self._last
-        return batch_info(sources, draws, dali.DRAWS[self.augment], n, self.spec.tars)
+        return batch_info(sources, draws, graphs.DRAWS[self.augment], n, self.spec.tars)
 
     def close(self) -> None:
         """Stop DALI's threads and free its buffers; safe to call twice."""
@@ -220,3 +218,80 @@ def _to_torch(tensors, device: torch.device) -> torch.Tensor:
     """A DALI batch as a torch tensor without a copy (DLPack), on the device DALI left it on."""
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         return torch.from_dlpack(tensors.as_tensor())
+
+
+# What a saved position was drawn with: a loader that differs in any of them would yield other batches.
+IDENTITY = ("rank", "seed", "world_size", "batch_size", "count")
+
+
+class Position:
+    """The next batch is `step` of `epoch`; `restore`, the DALI checkpoint to build the pipeline from; `anchor`,
+    (DALI checkpoint, step) where this epoch's batches can be replayed from (None: the pipeline's very start)."""
+
+    def __init__(self, steps_per_epoch: int, **identity):
+        self.steps_per_epoch, self.identity = steps_per_epoch, identity
+        self.epoch = self.step = 0
+        self.restore, self.anchor = None, (None, 0)
+
+    def state_dict(self, checkpoint: bytes | None) -> dict:
+        """The position with `checkpoint`, DALI's of the running pipeline (None: not built, so `restore`)."""
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "dali": self.restore if checkpoint is None else checkpoint,
+            **self.identity,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in IDENTITY:
+            if state[key] != self.identity[key]:
+                raise ValueError(
+                    f"loader state has {key} {state[key]}, this loader {self.identity[key]}: "
+                    f"a resumed run would see other batches; resume with the original settings"
+                )
+        if state["dali"] is None and (state["epoch"], state["step"]) != (0, 0):
+            raise ValueError(f"loader state at epoch {state['epoch']} step {state['step']} has no DALI checkpoint")
+        self.epoch, self.step, self.restore = state["epoch"], state["step"], state["dali"]
+
+    def built(self) -> None:
+        """The pipeline now runs from `restore`: replays of this epoch start there."""
+        self.anchor, self.restore = (self.restore, self.step), None
+
+    def advance(self, checkpoint) -> None:
+        """One batch yielded; at an epoch's end, `checkpoint()` (DALI's, ~0.2 ms) anchors the next epoch's replays."""
+        self.step += 1
+        if self.step == self.steps_per_epoch:  # DALI's reader has moved on to the next epoch by itself
+            self.epoch, self.step = self.epoch + 1, 0
+            self.anchor = (checkpoint(), 0)
+
+
+# Batches whose DALI buffers stay referenced after the caller moved on, until the kernels it queued on them have run;
+# the host runs at most this many batches ahead of the GPU before the next batch waits.
+HOLD = 4
+
+
+class HoldBack:
+    """DALI outputs held until the GPU has passed the work queued on them, at most HOLD at a time."""
+
+    def __init__(self, device: torch.device):
+        self.device, self._held = device, deque()
+        # Seconds release() spent holding a host that ran HOLD batches ahead of the GPU: back-pressure, not data wait.
+        self.wait_s = 0.0
+
+    def hold(self, outputs) -> None:
+        self._held.append([outputs, None])
+
+    def release(self) -> None:
+        """The caller has queued its work on the batches yielded so far: mark that point on the stream, and give each
+        batch's buffers back to DALI once the GPU has passed its mark."""
+        if self._held and self._held[-1][1] is None:
+            self._held[-1][1] = torch.cuda.current_stream(self.device).record_event()
+        start = time.perf_counter()
+        while self._held and (len(self._held) >= HOLD or self._held[0][1].query()):
+            self._held.popleft()[1].synchronize()
+        self.wait_s += time.perf_counter() - start
+
+    def clear(self) -> None:
+        if self._held:  # kernels queued on the last batches may still read them
+            torch.cuda.synchronize(self.device)
+        self._held.clear()

@@ -12,8 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.writer.synthetic import make_dataset
+from pipeline.synthetic import make_dataset
 from tools.shard_imagenet import main as shard_main
+
+# Programs the tests start (python run.py, python tools/...) import this checkout's packages, whatever is installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
+)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from model import checkpoint
-from model.checkpoint import CheckpointError
+from model.train import checkpoint
+from model.train.checkpoint import CheckpointError
 
 
 def _state(step):

@@ -6,7 +6,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from model import AlexNet
-from model.recipe import make_train_step, sgd
+from model.train.recipe import make_train_step, sgd
 
 pytestmark = pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile unavailable here")
 

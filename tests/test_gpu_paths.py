@@ -13,7 +13,7 @@ import torch
 from nvidia.dali import fn, pipeline_def
 
 from pipeline import DaliLoader, load_manifest
-from pipeline.dali import read_shards
+from pipeline.graphs import read_shards
 from pipeline.sharding import rank_range
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from nvidia.dali import fn, pipeline_def
 
 from pipeline import DaliLoader, load_manifest
 from pipeline.augment import crop_window, lighting_offset
-from pipeline.dali import read_shards
+from pipeline.graphs import read_shards
 
 CROP = 64  # the demo shards' short side is 80
 
@@ -32,7 +32,7 @@ def decoded_whole(shards_dir, split, device="cpu") -> dict:
             shuffle=False,
             seed=0,
         )
-        # the loader's mixed decoder upsamples chroma as libjpeg-turbo does (pipeline/dali.py); so must the reference
+        # the loader's mixed decoder upsamples chroma as libjpeg-turbo does (pipeline/graphs.py); so must the reference
         decode = {"device": "mixed", "jpeg_fancy_upsampling": True} if device == "gpu" else {"device": "cpu"}
         images = fn.decoders.image(jpegs, **decode)
         return images, fn.get_property(jpegs, key="source_info")

@@ -16,7 +16,7 @@ import torch
 from conftest import one_line
 
 from pipeline import DaliLoader, ShardError, load_manifest
-from pipeline.holdback import HOLD
+from pipeline.loader import HOLD
 from pipeline.sharding import rank_range
 from pipeline.writer.tars import Sample, read_shard, write_shard
 
@@ -376,7 +376,7 @@ def test_gpu_batches_outlive_a_late_consumer(demo_shards, dtype):
 def test_gpu_back_pressure_is_counted_apart_from_data_wait(demo_shards):
     """A host HOLD batches ahead of a busy GPU is held in next(): gpu_wait_s takes that time, the trainer's timed() the
     rest."""
-    from model.trainer import timed
+    from model.train.loop import timed
 
     with loader(demo_shards, batch=8, device="cuda", device_id=0, seed=4) as ld:
         waits = []

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.recipe import (
+from model.train.recipe import (
     count_errors,
     initialise,
     lr_at,

@@ -1,6 +1,7 @@
 """A run on a cluster: torchrun's restarts and SIGTERM, two runs in one workdir, other data, a full disk, a shard
 truncated under a run; each as a user meets it, with real processes and files."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -16,7 +17,7 @@ import pytest
 from test_run import FAST, ROOT, interrupted, metrics, train
 
 import run
-from model import checkpoint
+from model.train import checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TIMINGS = ("img_per_s", "data_wait_frac", "epoch_s", "wall_s")
@@ -173,7 +174,7 @@ def test_a_workdir_stopped_before_its_first_checkpoint_starts_again(demo_shards,
     code, _, _ = interrupted(argv, after="config:", sig=signal.SIGKILL)
     assert code == -signal.SIGKILL
     (workdir / "checkpoints").mkdir(parents=True)
-    (workdir / "config.json").write_text(json.dumps(run.asdict(run.parse(argv))))
+    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(run.parse(argv))))
     (workdir / "checkpoints" / ".step-000000003.pt.tmp").write_bytes(b"half a checkpoint")
     assert run.main([*argv, "--resume"]) == 2
     out = capsys.readouterr()

@@ -14,11 +14,10 @@ import torch
 from conftest import one_line
 
 import run
-from model import checkpoint
+from model.train import checkpoint, demo
 from pipeline.bench.sweep import best_line
 from pipeline.manifest import load_manifest
 from pipeline.threads import dali_threads
-from tools import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 # 96 train images / batch 16 = 6 steps per epoch; 64x64 is the smallest crop AlexNet's three poolings take.

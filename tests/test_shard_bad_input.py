@@ -7,7 +7,7 @@ from pathlib import PurePath
 import pytest
 from PIL import Image
 
-from pipeline.writer.synthetic import QUIRKS, make_dataset, wnid
+from pipeline.synthetic import QUIRKS, make_dataset, wnid
 from pipeline.writer.tars import read_shard
 from tools.shard_imagenet import main
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import one_line, tree
 
 import pipeline.atomic
-from pipeline.writer.synthetic import make_dataset, wnid
+from pipeline.synthetic import make_dataset, wnid
 from pipeline.writer.tars import read_shard
 from tools.shard_imagenet import main
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import scipy.io as sio
 
+from pipeline.synthetic import make_dataset
 from pipeline.writer.devkit import synsets, write_synsets
-from pipeline.writer.synthetic import make_dataset
 from pipeline.writer.tars import read_shard
 from tools.shard_imagenet import main
 

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from conftest import tree
 
-from pipeline.writer.synthetic import make_dataset
+from pipeline.synthetic import make_dataset
 from tools.shard_imagenet import main
 
 ROOT = Path(__file__).resolve().parents[1]

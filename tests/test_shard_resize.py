@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from conftest import decode
 from PIL import Image
 
+from pipeline.synthetic import make_dataset
 from pipeline.writer import images
 from pipeline.writer.images import Resize, draft_request, geometry, parse_resize, prepare, resample
-from pipeline.writer.synthetic import make_dataset
 from pipeline.writer.tars import read_shard
 from tools import profile_sharder
 from tools.shard_imagenet import main

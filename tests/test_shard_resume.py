@@ -13,7 +13,7 @@ import pytest
 from conftest import tree
 
 import pipeline.writer.build as shard_build
-from pipeline.writer.synthetic import make_dataset, wnid
+from pipeline.synthetic import make_dataset, wnid
 from pipeline.writer.tars import Sample, build_shard, read_shard
 from tools.shard_imagenet import main
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.synthetic import QUIRKS, class_look, make_dataset, wnid
 from pipeline.writer.devkit import synsets
-from pipeline.writer.synthetic import QUIRKS, class_look, make_dataset, wnid
 from tools.make_demo_data import main
 
 
@@ -112,7 +112,7 @@ def test_workers_end_when_the_parent_handles_sigterm_itself(tmp_path):
     inherited the handler once, and the demo hung in make_dataset)."""
     script = (
         "import signal, sys\n"
-        "from pipeline.writer.synthetic import make_dataset\n"
+        "from pipeline.synthetic import make_dataset\n"
         "signal.signal(signal.SIGTERM, lambda *a: None)\n"
         "for i in range(3):\n"
         f"    make_dataset(r'{tmp_path}' + f'/{{i}}', 2, 8, 2, size_range=(32, 40), workers=2)\n"

@@ -27,10 +27,9 @@ import psutil
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import AlexNet
 from model.alexnet import TOWER_CONVS
-from model.recipe import AMP_DTYPES, ComputeSettings, make_train_step, sgd
+from model.train.recipe import AMP_DTYPES, ComputeSettings, make_train_step, sgd
 from pipeline import DaliLoader
 from pipeline.baseline import baseline_loader, device_batches
 from pipeline.bench.report import derive, table, write_json, write_plot

@@ -1,4 +1,4 @@
-"""Write a synthetic ImageNet-layout folder (pipeline/writer/synthetic.py) for the demo, tests and benchmarks.
+"""Write a synthetic ImageNet-layout folder (pipeline/synthetic.py) for the demo, tests and benchmarks.
 
 python tools/make_demo_data.py --out data/synth --classes 10 --per-class 200 [--quirks]
 """
@@ -10,10 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from pipeline.settings import at_least, between, option, parse, show
-from pipeline.writer.synthetic import make_dataset
+from pipeline.synthetic import make_dataset
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
     python tools/plot_metrics.py WORKDIR/metrics.jsonl [--out WORKDIR/metrics.png]
 
-run.py writes both files after every epoch (model/metrics.py).
+run.py writes both files after every epoch (model/train/metrics.py).
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model.metrics import plot, read_metrics
+from model.train.metrics import plot, read_metrics
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,11 +21,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from pipeline.synthetic import make_dataset
 from pipeline.writer import images
 from pipeline.writer.build import ShardConfig, shard
-from pipeline.writer.synthetic import make_dataset
 from pipeline.writer.tars import Sample, write_shard
 
 # images.prepare's stages, as the module-level functions it calls, grouped for the report

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import signal
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.settings import parse, show
 from pipeline.writer.build import ShardConfig, UsageError, shard

@@ -18,12 +18,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_write
+from pipeline.lock import LOCK, Busy, hold
 from pipeline.manifest import FORMAT_VERSION, MANIFEST, sha256_file
 from pipeline.settings import at_least, between, option
 from pipeline.writer import stats
 from pipeline.writer.images import Resize, parse_resize
 from pipeline.writer.layout import empty_classes, scan
-from pipeline.writer.lock import LOCK, Busy, hold
 from pipeline.writer.plan import fingerprint, plan, shown
 from pipeline.writer.task import ShardTask, write_task
 from pipeline.writer.workers import completed

@@ -12,9 +12,9 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.lock import writer
 from pipeline.manifest import FIX_HINT, MANIFEST, Shard, ShardError, UnreadableShard, check_shard, load_manifest
 from pipeline.writer.jpeg import structure
-from pipeline.writer.lock import writer
 from pipeline.writer.plan import shown
 from pipeline.writer.tars import read_shard
 from pipeline.writer.workers import completed

@@ -1,4 +1,4 @@
-"""run.py --demo: a small synthetic ImageNet (pipeline/writer/synthetic.py), sharded, trained in minutes, then reported.
+"""run.py --demo: a small synthetic ImageNet (pipeline/synthetic.py), sharded, trained in minutes, then reported.
 
 On the CPU the images are small (shorter side 72, 64x64 crops) and the recipe is the demo's own (cosine, higher lr,
 He init, inputs divided by the std), printed like any run's config.
@@ -28,9 +28,9 @@ DEMO_PRESET = {
 
 def make_demo_data(cfg) -> None:
     """Generate and shard the demo set into WORKDIR (once); under torchrun rank 0 does, the others wait at a barrier."""
+    from pipeline.synthetic import make_dataset
     from pipeline.writer.build import ShardConfig, UsageError, shard
     from pipeline.writer.layout import LayoutError
-    from pipeline.writer.synthetic import make_dataset
     from pipeline.writer.workers import WorkerDied
 
     data = DEMO_DATA[cfg.device]

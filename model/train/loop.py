@@ -12,12 +12,11 @@ from pathlib import Path
 
 import torch
 
-from model import checkpoint
-from model.agreement import Preemption
-from model.checkpoint import CheckpointError
-from model.parallel import Context, all_gather, all_sum
-from model.recipe import AMP_DTYPES, count_errors, initialise, lr_at, make_train_step, scaled_lr, set_lr, sgd
-from model.workdir import data_identity
+from model.train import checkpoint
+from model.train.checkpoint import CheckpointError
+from model.train.cluster import Context, Preemption, all_gather, all_sum
+from model.train.recipe import AMP_DTYPES, count_errors, initialise, lr_at, make_train_step, scaled_lr, set_lr, sgd
+from model.train.workdir import data_identity
 
 log = logging.getLogger("run")  # run.py's: its handlers print rank 0's lines
 
@@ -288,7 +287,7 @@ class Trainer:
             log.info(f"checkpoint {self.saved}")
 
     def write_metrics(self) -> None:
-        from model.metrics import write_metrics  # imports matplotlib: not for --help or bad input
+        from model.train.metrics import write_metrics  # imports matplotlib: not for --help or bad input
 
         if self.ctx.rank == 0:
             write_metrics(self.workdir, self.state.history)

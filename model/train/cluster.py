@@ -1,0 +1,112 @@
+"""A process's place in a torchrun job (Context), the process group, and what every rank must do alike: act on rank
+0's decisions, and stop after the same step when any of them is sent SIGTERM (what SLURM and Kubernetes send before
+the kill) or SIGINT."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class Refused(Exception):
+    """Rank 0 refused what the ranks asked it to decide; it reports why, the other ranks exit quietly."""
+
+
+def agree(rank: int, world: int, decide, refusals: tuple):
+    """decide() on rank 0, its answer (or its refusal, one of `refusals`) given to every rank."""
+    answer = error = None
+    if rank == 0:
+        try:
+            answer = decide()
+        except refusals as e:
+            error = e
+    if world > 1:
+        box = [(answer, error)]
+        dist.broadcast_object_list(box, src=0)
+        answer, error = box[0]
+    if error is not None:
+        raise error if rank == 0 else Refused()
+    return answer
+
+
+class Preemption:
+    """Records the first SIGTERM/SIGINT instead of dying; `agreed()` says, after a step, whether any rank got one."""
+
+    def __init__(self, world: int):
+        self.signal = None
+        self.world = world
+        # gloo, whatever the training backend: the flag lives on the host, so reading it never waits for a GPU.
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        self.before = {s: signal.signal(s, self._record) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _record(self, signum, frame) -> None:
+        self.signal = self.signal or signal.Signals(signum)  # torchrun forwards a second one: not a reason to die
+
+    def agreed(self) -> signal.Signals | None:
+        """The signal that stops every rank after this step, or None; a collective under torchrun."""
+        if self.world == 1:
+            return self.signal
+        flag = torch.tensor([int(self.signal or 0)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return signal.Signals(int(flag)) if flag else None
+
+    def close(self) -> None:
+        for s, handler in self.before.items():
+            signal.signal(s, handler)
+
+
+@dataclass
+class Context:
+    rank: int
+    world: int
+    devices: tuple  # one torch.device, or two with model parallelism
+
+
+def process_context(device: str, model_parallel: bool, towers: int = 2) -> Context:
+    """Rank, world size and this process's devices from torchrun's environment; ValueError if they do not exist."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
+    per = 2 if model_parallel else 1
+    have = torch.cuda.device_count() if device == "cuda" else 1
+    if model_parallel and towers != 2:
+        raise ValueError("--model-parallel puts the paper's two towers on two devices: drop --towers 1")
+    if model_parallel and have < 2 * (local + 1):
+        raise ValueError(
+            f"--model-parallel needs two {device} devices per process ({2 * (local + 1)} for local "
+            f"rank {local}); {have} found: drop --model-parallel or run fewer processes per node"
+        )
+    if device == "cuda" and have < local + 1:
+        raise ValueError(
+            f"local rank {local} has no GPU of its own ({have} found): run at most {have} processes per node"
+        )
+    devices = tuple(
+        torch.device("cuda", per * local + i) if device == "cuda" else torch.device("cpu") for i in range(per)
+    )
+    return Context(rank, world, devices)
+
+
+def all_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:
+    if ctx.world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather(t: torch.Tensor, ctx: Context) -> list[torch.Tensor]:
+    if ctx.world == 1:
+        return [t]
+    every = [torch.zeros_like(t) for _ in range(ctx.world)]
+    dist.all_gather(every, t)
+    return every
+
+
+def init_group(backend: str, ctx: Context) -> None:
+    """The process group, its keys apart for each of torchrun's restarts: the store outlives a restarted group, and
+    a rank that read the dead group's addresses could not connect (seen with torch 2.13's torchrun --max-restarts)."""
+    store, _, _ = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world)
