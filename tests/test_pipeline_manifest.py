@@ -18,7 +18,7 @@ def hashed(monkeypatch):
     return seen
 
 
-# A small CPU run that does not diverge (as in tests/test_run.py): 6 steps of 16 images at 64x64.
+# A small CPU run that does not diverge (as in tests/test_train_run.py): 6 steps of 16 images at 64x64.
 FAST = [
     "--batch-size",
     "16",

@@ -270,7 +270,7 @@ def write(
     if stats_seed is None:
         return Prepared(out, repaired, None, None, written.size)
     # Sampled before encoding: decoding the JPEG again would cost a fifth of the time per image, and the JPEG's loss
-    # moves the mean < 0.1 level and the spread ~1% (tests/test_shard_stats.py)
+    # moves the mean < 0.1 level and the spread ~1% (tests/test_writer_stats.py)
     if resize.policy == "none":
         sample = sample_image(written, key, stats_seed)  # in place: a 200 MP photo's array would be another 600 MB
     else:

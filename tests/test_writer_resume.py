@@ -1,6 +1,6 @@
 """Reruns as real runs meet them: after a stop byte-identical to an uninterrupted run, with debris, after the source
 was edited, --strict; --verify finds one flipped byte or a file written twice. (Stops of separate processes: kill -9,
-SIGTERM, Ctrl-C, the OOM killer, a second run: test_shard_processes.py.)"""
+SIGTERM, Ctrl-C, the OOM killer, a second run: test_writer_processes.py.)"""
 
 import json
 import os
