@@ -28,10 +28,13 @@ def option(
     check: tuple[Callable[[Any], bool], str] | None = None,
     const: Any = None,
     default_factory: Callable[[], Any] | None = None,
+    resumable: bool = False,
+    saved: bool = True,
 ) -> Any:
     """A setting: its default, help, the values it may take (choices, or check: (predicate, what it must be)).
-    `const` is the value of the bare flag, for a flag whose value may be left out (--compile)."""
-    meta = {"help": help, "choices": choices, "check": check, "const": const}
+    `const` is the value of the bare flag, for a flag whose value may be left out (--compile). `resumable`: a
+    continued run may change it; `saved=False`: a switch of one invocation, left out of the saved settings."""
+    meta = {"help": help, "choices": choices, "check": check, "const": const, "resumable": resumable, "saved": saved}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -225,14 +228,18 @@ class LoaderSettings:
     """The loader (tools/bench_io.py --sweep prints its fastest setting as these flags)"""
 
     batch_size: int = option(128, "images per step and process", check=at_least(1))  # §5
-    crop_size: int = option(224, "side of the square crops the network sees", check=at_least(1))  # §3.5, §4.1
+    # §3.5, §4.1; 63 is the least AlexNet's stride-4 conv1 and three 3x3/2 poolings leave a pixel of
+    crop_size: int = option(224, "side of the square crops the network sees", check=at_least(63))
     divide_std: bool = option(False, "also divide the pixels by the per-channel std (§2 subtracts the mean only)")
     threads: int = option(
-        0, "DALI CPU threads per process; 0: the node's cores shared by its processes", check=at_least(0)
+        0,
+        "DALI CPU threads per process; 0: the node's cores shared by its processes",
+        check=at_least(0),
+        resumable=True,
     )
     hw_decoder_load: float = option(
         0.65,
         "share of the JPEGs for the GPU's hardware decoder, the rest on the SMs (docs/perf.md)",
         check=between(0.0, 1.0),
     )
-    prefetch: int = option(2, "batches DALI prepares ahead", check=at_least(1))
+    prefetch: int = option(2, "batches DALI prepares ahead", check=at_least(1), resumable=True)
