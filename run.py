@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 
 from model.train import checkpoint
-from model.train.checkpoint import CheckpointError
+from model.train.checkpoint import CheckpointError, with_statistics
 from model.train.cluster import Context, Preemption, Refused, agree, init_group, process_context
 from model.train.config import Config, UsageError, demo_preset, read_saved, refuse_changes, saved_settings
 from model.train.demo import make_demo_data, report_demo
-from model.train.loop import Diverged, Trainer, build, evaluate, make_loader, with_statistics
+from model.train.loop import Diverged, Trainer, build, evaluate, make_loader
 from model.train.workdir import data_identity, other_classes, other_data, remove_temporaries, workdir_lock
 from pipeline.atomic import atomic_write
 from pipeline.augment import WINDOW_AUGMENTS

@@ -1,21 +1,19 @@
-"""One training run: the model and loaders built from the settings, where the run stands (TrainState), and the loop:
+"""One training run: the model and loaders built from the settings, and the loop:
 train_one_epoch's steps and, between two steps, Trainer.after_step (progress, checkpoints, the epoch's end and the
 one decision to stop). run.py decides whether to start or continue, and drives it."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from model.train import checkpoint
-from model.train.checkpoint import CheckpointError
+from model.train.checkpoint import CheckpointError, TrainState, statistics
 from model.train.cluster import Context, Preemption, all_gather, all_sum
 from model.train.config import Config, saved_settings
 from model.train.recipe import (
@@ -33,7 +31,6 @@ from model.train.workdir import data_identity
 from pipeline.manifest import Manifest, ShardError
 
 log = logging.getLogger("run")  # run.py's: its handlers print rank 0's lines
-STATISTICS = ("rgb_mean", "rgb_std", "eigval", "eigvec")  # the inputs' normalisation and PCA lighting (§2, §4.1)
 
 
 class Diverged(Exception):
@@ -79,18 +76,6 @@ def make_loader(cfg: Config, ctx: Context, manifest: Manifest, split: str, augme
     )
 
 
-def statistics(manifest: Manifest) -> dict:
-    """The pixel statistics the inputs are normalised and lit with, as a checkpoint keeps them."""
-    return {k: np.asarray(getattr(manifest, k)).tolist() for k in STATISTICS}
-
-
-def with_statistics(manifest: Manifest, saved: dict | None) -> Manifest:
-    """`manifest` normalising with the statistics a checkpoint was trained with (None: an older one's, its own)."""
-    if saved is None:
-        return manifest
-    return dataclasses.replace(manifest, **{k: np.asarray(saved[k], np.float64) for k in STATISTICS})
-
-
 def check_shards(manifest: Manifest, split: str) -> None:
     """A stat per shard of `split`: DALI maps the tars, so one truncated under it would end in SIGBUS."""
     for s in manifest.shards(split):
@@ -118,51 +103,6 @@ def timed(loader):
         if batch is None:
             return
         yield time.perf_counter() - t0 - (loader.gpu_wait_s - held), batch
-
-
-class TrainState:
-    """Where the run stands: the global step, each finished epoch's metrics, and this rank's sums of the epoch under
-    way (on the device until the epoch ends)."""
-
-    def __init__(self, num_classes: int, steps_per_epoch: int, device):
-        self.spe, self.device, self.step, self.history = steps_per_epoch, device, 0, []
-        self.loss = torch.zeros((), device=device)
-        self.classes = torch.zeros(num_classes, dtype=torch.long, device=device)
-        self.wait_s = self.train_s = 0.0
-
-    def add(self, loss: torch.Tensor, labels: torch.Tensor, wait_s: float) -> None:
-        """One step's loss, labels and data wait into the epoch's sums, on the device (no host sync)."""
-        self.loss += loss
-        self.classes.index_add_(0, labels.to(self.device), torch.ones_like(labels, device=self.device))
-        self.wait_s += wait_s
-        self.step += 1
-
-    def new_epoch(self) -> None:
-        self.loss, self.wait_s, self.train_s = torch.zeros_like(self.loss), 0.0, 0.0
-        self.classes = torch.zeros_like(self.classes)
-
-    def partial(self) -> dict | None:
-        """This rank's sums of an epoch whose row is not in history yet (None between epochs)."""
-        if len(self.history) * self.spe == self.step:
-            return None
-        return {
-            "loss": self.loss.cpu(),
-            "classes": self.classes.cpu(),
-            "wait_s": torch.tensor(self.wait_s),
-            "train_s": torch.tensor(self.train_s),
-        }
-
-    def state_dict(self, world: int) -> dict:
-        """The step, history and every rank's partial sums (gathered: a collective under torchrun)."""
-        return {"step": self.step, "history": self.history, "partial": checkpoint.every_rank(self.partial(), world)}
-
-    def load_state_dict(self, state: dict, rank: int) -> None:
-        self.step, self.history, partial = state["step"], state["history"], state["partial"]
-        if isinstance(partial, list):  # one per rank; older checkpoints hold rank 0's alone
-            partial = partial[rank]
-        if partial is not None:
-            self.loss, self.classes = partial["loss"].to(self.device), partial["classes"].to(self.device)
-            self.wait_s, self.train_s = float(partial["wait_s"]), float(partial["train_s"])
 
 
 def train_one_epoch(t: Trainer, epoch: int) -> str | signal.Signals | None:
