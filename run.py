@@ -7,7 +7,6 @@ python run.py --demo [--workdir DIR]                        synthetic data -> sh
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -22,10 +21,17 @@ import torch.distributed as dist
 from model.train import checkpoint
 from model.train.checkpoint import CheckpointError, with_statistics
 from model.train.cluster import Context, Preemption, Refused, agree, init_group, process_context
-from model.train.config import Config, UsageError, demo_preset, read_saved, refuse_changes, saved_settings
+from model.train.config import Config, UsageError, demo_preset, read_json, read_saved, refuse_changes, saved_settings
 from model.train.demo import make_demo_data, report_demo
 from model.train.loop import Diverged, Trainer, build, evaluate, make_loader
-from model.train.workdir import data_identity, other_classes, other_data, remove_temporaries, workdir_lock
+from model.train.workdir import (
+    data_identity,
+    other_classes,
+    other_data,
+    remove_temporaries,
+    workdir_lock,
+    write_error,
+)
 from pipeline.atomic import atomic_write
 from pipeline.augment import WINDOW_AUGMENTS
 from pipeline.lock import Busy, FolderLock
@@ -121,17 +127,6 @@ def continue_or_start(cfg: Config, ctx: Context, manifest: Manifest) -> str | No
     return str(path)
 
 
-def read_json(path: Path) -> dict:
-    """A settings file the run wrote, or a one-line refusal naming it."""
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        saved = e
-    if not isinstance(saved, dict):
-        raise UsageError(f"{path}: damaged ({saved}); remove it to start the run again, or pass another --workdir")
-    return saved
-
-
 def train(cfg: Config, ctx: Context, manifest: Manifest, start: str | None, preemption: Preemption) -> int:
     """The recipe epoch by epoch, from step 0 or from the checkpoint `start`; WORKDIR gets metrics and summary.json."""
     ckpt = checkpoint.read(start) if start is not None else {}
@@ -203,15 +198,6 @@ def take(lock: FolderLock, workdir: str) -> None:
     except OSError as e:
         what = "is a file" if Path(workdir).is_file() else f"cannot be written ({e.strerror})"
         raise UsageError(f"--workdir {workdir} {what}; pass a folder you can write to") from None
-
-
-def write_error(e: OSError) -> str:
-    """A failed write during the run, in one line: the file, the cause, and the fix."""
-    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return (
-        f"run.py: cannot write {e.filename} ({e.strerror}); the checkpoints written before are intact: "
-        f"{'make room' if full else 'fix that'}, then run the same command to continue"
-    )
 
 
 def main(argv=None) -> int:

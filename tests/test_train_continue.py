@@ -128,3 +128,14 @@ def test_a_workdir_that_cannot_be_a_folder_is_one_line(kind, demo_shards, tmp_pa
     what = "is a file" if kind == "file" else "cannot be written (Not a directory)"
     assert err == [f"run.py: --workdir {workdir} {what}; pass a folder you can write to"]
     assert os.listdir(tmp_path) == ["f"] and (tmp_path / "f").read_text() == "a file"
+
+
+@pytest.mark.parametrize("text", ["", "{half", "[1, 2]"])
+def test_a_damaged_config_json_is_one_line(text, demo_shards, tmp_path, capsys):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "config.json").write_text(text)
+    assert train(demo_shards, tmp_path / "w", "--epochs", "1") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[/opt/dali")]
+    assert len(err) == 1 and err[0].startswith(f"run.py: {tmp_path / 'w' / 'config.json'}: damaged (")
+    assert err[0].endswith("remove it to start the run again, or pass another --workdir")
+    assert (tmp_path / "w" / "config.json").read_text() == text

@@ -3,6 +3,7 @@ against."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -75,6 +76,17 @@ def saved_settings(cfg: Config) -> dict:
     """What config.json and a checkpoint hold: the settings that trained, without one invocation's switches."""
     kept = {f.name for f in fields(Config) if f.metadata["saved"]}
     return {k: v for k, v in to_json(cfg).items() if k in kept}
+
+
+def read_json(path: Path) -> dict:
+    """A config.json the run wrote, or a one-line refusal naming it."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        saved = e
+    if not isinstance(saved, dict):
+        raise UsageError(f"{path}: damaged ({saved}); remove it to start the run again, or pass another --workdir")
+    return saved
 
 
 def read_saved(saved: dict, where: Path, warn: Callable[[str], None]) -> Config:

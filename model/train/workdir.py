@@ -3,6 +3,7 @@ trained on."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from pathlib import Path
@@ -18,6 +19,15 @@ def workdir_lock(workdir: Path) -> FolderLock:
     return FolderLock(
         path,
         lambda holder: f"{workdir}: in use by {holder} ({path}); wait for that run to end, or pass another --workdir",
+    )
+
+
+def write_error(e: OSError) -> str:
+    """A failed write during the run, in one line: the file, the cause, and the fix."""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return (
+        f"run.py: cannot write {e.filename} ({e.strerror}); the checkpoints written before are intact: "
+        f"{'make room' if full else 'fix that'}, then run the same command to continue"
     )
 
 
