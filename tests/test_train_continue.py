@@ -8,6 +8,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
+import torch
 from test_train_run import MACHINE, train
 
 import run
@@ -53,9 +54,11 @@ def test_a_checkpoint_saved_before_a_setting_existed_continues(demo_shards, tmp_
 
 
 @pytest.mark.slow
-def test_eval_normalises_as_trained_not_with_the_evaluated_folders_statistics(demo_src, demo_shards, tmp_path, capsys):
+def test_eval_normalises_as_trained_not_with_the_evaluated_folders_statistics(
+    demo_src, demo_shards, tmp_path, capsys, monkeypatch
+):
     """The same val tar, in a folder sharded with --splits val alone (whose manifest has the val images' own
-    statistics), scores exactly as from the training folder."""
+    statistics), gives the network the same inputs, and so the same scores, as from the training folder."""
     alone = tmp_path / "val-alone"
     argv = ["--src", str(demo_src), "--out", str(alone), "--resize", "short:80", "--shard-size", "32"]
     assert shard_main([*argv, "--workers", "1", "--splits", "val"]) == 0
@@ -63,14 +66,24 @@ def test_eval_normalises_as_trained_not_with_the_evaluated_folders_statistics(de
     stats = [json.loads((d / "manifest.json").read_text())["stats"]["rgb_mean"] for d in (demo_shards, alone)]
     assert stats[0] != stats[1]
     workdir = tmp_path / "w"
-    assert train(demo_shards, workdir, "--epochs", "1") == 0
+    assert train(demo_shards, workdir, "--epochs", "1", "--max-steps", "2") == 0
+    inputs, build = [], run.build
+
+    def seeing(*args):  # the network as --eval builds it, noting each batch it is given
+        model, raw = build(*args)
+        raw.register_forward_pre_hook(lambda m, x: inputs[-1].append(x[0].double().sum(dim=(1, 2, 3))))
+        return model, raw
+
+    monkeypatch.setattr(run, "build", seeing)
     scores = []
     for shards in (demo_shards, alone):
         capsys.readouterr()
-        best = workdir / "checkpoints" / "best.pt"
-        assert run.main(["--eval", str(best), "--shards", str(shards), *MACHINE]) == 0
+        inputs.append([])
+        saved = checkpoint.step_files(workdir / "checkpoints")[0]
+        assert run.main(["--eval", str(saved), "--shards", str(shards), *MACHINE]) == 0
         scores.append(json.loads(capsys.readouterr().out.splitlines()[-1])["center"])
-    assert scores[0] == scores[1]
+    assert len(inputs[0]) == len(inputs[1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(*inputs)) and scores[0] == scores[1]
 
 
 @pytest.fixture(scope="module")
