@@ -136,7 +136,7 @@ def test_a_refusal_under_torchrun_is_one_line_once(tmp_path):
     code, _, err = torchrun(["--shards", str(tmp_path / "nothing"), "--workdir", str(tmp_path / "w")], "", None)
     assert code != 0
     ours = [line for line in err.splitlines() if line.startswith("run.py:")]
-    assert len(ours) == 1 and "manifest.json" in ours[0]
+    assert len(ours) == 1 and "no such shard folder" in ours[0]
     assert not (tmp_path / "w").exists()
 
 
@@ -183,7 +183,7 @@ def test_a_second_run_in_a_busy_workdir_is_refused_and_ctrl_c_saves(demo_shards,
     _, err = proc.communicate(timeout=300)
     for code, message in second.values():
         assert code == 2 and len(message.strip().splitlines()) == 1
-        assert f"{workdir}: in use by pid {proc.pid} on " in message and "another --workdir" in message
+        assert f"{workdir}: in use by pid {proc.pid}, started " in message and "another --workdir" in message
     assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err
     saved = checkpoint.step_files(workdir / "checkpoints")[0]
     assert err.strip().splitlines() == [
