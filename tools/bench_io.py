@@ -152,21 +152,7 @@ class Bench:
 
     def dali(self, s: dict) -> DaliLoader:
         c = self.cfg
-        return DaliLoader(
-            self.manifest,
-            "train",
-            s["batch_size"],
-            augment="paper",
-            crop_size=c.crop_size,
-            device=c.device,
-            device_id=0 if self.cuda else None,
-            seed=c.seed,
-            num_threads=s["threads"],
-            hw_decoder_load=s["hw_decoder_load"],
-            prefetch=s["prefetch"],
-            dtype=self.dtype,
-            divide_std=c.divide_std,
-        )
+        return DaliLoader(self.manifest, "train", replace(c, **s), device=c.device, seed=c.seed, dtype=self.dtype)
 
     def measure(self, name: str, step: Callable[[], None], batch_size: int, reset=lambda: None) -> dict:
         """Warm up, then time the windows with CPU use recorded; `reset` clears counters warm-up touched."""
