@@ -1,12 +1,12 @@
 """Where a DALI failure happened, in one line: DALI names the failing operator, not the sample.
 
-First the shards are checked against the manifest, which names a tar truncated or replaced while the run read it.
+First the shards are checked against the manifest: a tar whose size changed while the run read it is named.
 Else the reader is replayed alone, reading only the labels, from the pipeline's very start to the failed batch, and
 the JPEG of that batch that Pillow cannot decode either is named with its shard. A resumed loader yields the batches
 an uninterrupted one would, so the replay from the start serves it too; the batch the loader yielded last checks that
 the replay agrees. Why from the start: DALI restores a checkpoint only into a pipeline of the very same operators, and
-the reader's state inside the loader's checkpoint is DALI's private format. Reading labels alone, the replay runs at
-about 110,000 samples/s on a 2-core VM: epoch 90 of ImageNet on 8 ranks is about 2 minutes.
+the reader's state inside the loader's checkpoint is DALI's private format. Reading labels alone from mapped tars, the
+replay ran at ~370,000 samples/s on a loaded 2-core VM: a failure in epoch 90 of ImageNet on 8 ranks takes ~40 s.
 
 Also where each sample of a batch came from: its shard file and key, from DALI's source_info.
 """

@@ -35,6 +35,10 @@ READER = "shards"
 # full size). The sharder shuffled samples across files, and the reader visits the files in a new order every
 # epoch, so a buffer of a few shards' worth mixes classes about as well as a full permutation would.
 INITIAL_FILL = 4096
+# Shards are read with read(), not mapped: a tar truncated or rewritten mid-epoch is then an error of DALI's that
+# pipeline.failure names in one line, where a mapped one kills the process with SIGBUS. The reader alone takes ~3x the
+# CPU per sample (~29 against ~10 us for 35 kB JPEGs on a 2-core VM); the CPU loader, no difference within noise.
+MMAP = False
 SAMPLE = {IMAGE_EXT: types.UINT8, LABEL_EXT: types.INT32}  # the members the loader reads: the JPEG and int32 label
 DRAWS = {
     "paper": ("crop_pos_x", "crop_pos_y", "mirror", "alpha"),
@@ -44,7 +48,7 @@ DRAWS = {
 }
 
 
-def read_shards(files, index_files, *, shard_id, num_shards, shuffle, seed, members=SAMPLE):
+def read_shards(files, index_files, *, shard_id, num_shards, shuffle, seed, members=SAMPLE, mmap=MMAP):
     """The `members` (extension: DALI type) of this rank's contiguous share of the files, epoch after epoch; each
     epoch's last batch is padded by repeating a sample. shuffle (training): every epoch the files in a new order, drawn
     from `seed` (the same on every rank, so the shares still split the samples), and the samples shuffled in a buffer;
@@ -65,8 +69,7 @@ def read_shards(files, index_files, *, shard_id, num_shards, shuffle, seed, memb
         shard_id=shard_id,
         num_shards=num_shards,
         pad_last_batch=True,
-        # read(), not mmap: a shard truncated or rewritten mid-epoch is then an error naming it, not SIGBUS
-        dont_use_mmap=True,
+        dont_use_mmap=not mmap,
         name=READER,
     )
 
@@ -138,7 +141,8 @@ def augment_pipeline(spec: PipelineSpec):
 @pipeline_def
 def label_pipeline(spec: PipelineSpec):
     """The reader of augment_pipeline reading the labels alone: the same samples in the same order, a few bytes each."""
-    labels = spec.read({LABEL_EXT: types.INT32})  # one member: one DataNode
+    # Mapped: ~4x as fast as read() here, and the shards' sizes were checked against the manifest just before.
+    labels = spec.read({LABEL_EXT: types.INT32}, mmap=True)  # one member: one DataNode
     return fn.get_property(labels, key="source_info")
 
 
@@ -183,7 +187,7 @@ class PipelineSpec:
         self.lighting = lighting_matrix(manifest.eigval, manifest.eigvec)
         self.decoder, self.device_id = ("mixed", device.index) if device.type == "cuda" else ("cpu", None)
 
-    def read(self, members: dict):
+    def read(self, members: dict, mmap: bool = MMAP):
         """read_shards of this rank's share of the split (inside a pipeline definition)."""
         return read_shards(
             [str(s.tar) for s in self.shards],
@@ -193,6 +197,7 @@ class PipelineSpec:
             shuffle=self.shuffle,
             seed=self.reader_seed,
             members=members,
+            mmap=mmap,
         )
 
     def build(self, restore: bytes | None):

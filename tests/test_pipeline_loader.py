@@ -335,6 +335,7 @@ with DaliLoader(load_manifest(folder), "train", settings, device="cpu") as ld:
 """
 
 
+@pytest.mark.slow
 def test_a_shard_truncated_mid_epoch_is_one_line_naming_it(demo_shards, tmp_path):
     folder = copy_shards(demo_shards, tmp_path / "cut")
     out = subprocess.run([sys.executable, "-c", TRUNCATE, str(folder)], capture_output=True, text=True, timeout=120)

@@ -45,6 +45,7 @@ from pipeline.bench.timing import (
     time_windows,
     warm_up,
 )
+from pipeline.graphs import MMAP
 from pipeline.manifest import Manifest, ShardError, load_manifest
 from pipeline.settings import LoaderSettings, at_least, option, parse, show, to_json
 from pipeline.threads import default_threads
@@ -277,6 +278,7 @@ def run(cfg: BenchConfig, manifest: Manifest) -> dict:
             "shards": str(Path(cfg.shards).resolve()),
             "train_images": manifest.count("train"),
             "preprocessing": manifest.raw.get("preprocessing"),
+            "mmap": MMAP,  # shards read with read() (False) or mapped
         },
     }
     setting = {k: getattr(cfg, k) for k in SWEPT}
