@@ -1,10 +1,9 @@
-"""The DALI graphs: shard bytes in, augmented and normalised NHWC batches out.
+"""The DALI graphs: shard bytes in, augmented and normalised NHWC batches out; PipelineSpec builds them for one rank
+and one split, from the loader's settings and the manifest.
 
 One definition serves the GPU and the CPU: only the decoder's device changes ("mixed" puts the decoded pixels, and
-every operator after the decoder, on the GPU; "cpu" keeps them on the host). Each pipeline returns
+every operator after the decoder, on the GPU; "cpu" keeps them on the host). The pipeline returns
 (images, labels, source_info, *draws), the draws being the per-sample random numbers of the augmentation (DRAWS).
-
-PipelineSpec is one rank's pipeline over one split: its settings checked, its arguments drawn from the manifest.
 """
 
 from __future__ import annotations
@@ -46,112 +45,6 @@ DRAWS = {
     "center": (),
     "tencrop": (),
 }
-
-
-def read_shards(files, index_files, *, shard_id, num_shards, shuffle, seed, members=SAMPLE, mmap=MMAP):
-    """The `members` (extension: DALI type) of this rank's contiguous share of the files, epoch after epoch; each
-    epoch's last batch is padded by repeating a sample. shuffle (training): every epoch the files in a new order, drawn
-    from `seed` (the same on every rank, so the shares still split the samples), and the samples shuffled in a buffer;
-    else the rank's share in file order, the same every epoch."""
-    return fn.readers.webdataset(
-        paths=files,
-        index_paths=index_files,
-        ext=list(members),
-        dtypes=list(members.values()),
-        missing_component_behavior="error",
-        random_shuffle=shuffle,
-        initial_fill=INITIAL_FILL,
-        seed=seed,
-        # the file order's own seed: without it DALI draws every run's order from one fixed default
-        shuffle_after_epoch=shuffle,
-        shuffle_after_epoch_seed=seed,
-        stick_to_shard=not shuffle,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        pad_last_batch=True,
-        dont_use_mmap=not mmap,
-        name=READER,
-    )
-
-
-def paper(jpegs, *, crop, decode, normalise, mean, lighting):
-    """§4.1: a random crop x crop patch, mirrored with p = 0.5, and PCA lighting folded into the mean."""
-    pos_x = fn.random.uniform(range=(0.0, 1.0))
-    pos_y = fn.random.uniform(range=(0.0, 1.0))
-    mirror = fn.random.coin_flip(probability=0.5)
-    alpha = fn.random.normal(stddev=LIGHTING_STD, shape=3)
-    # Region-of-interest decode: only the patch's part of the JPEG is decoded.
-    images = fn.decoders.image_crop(jpegs, crop=(crop, crop), crop_pos_x=pos_x, crop_pos_y=pos_y, **decode)
-    # (pixel - (mean - offset)) / std adds the lighting offset for free. The per-sample mean, mean - M @ alpha, is
-    # one affine map of alpha (coord_transform computes M @ x + T), done on the CPU like the draws themselves.
-    lit_mean = fn.coord_transform(fn.reshape(alpha, shape=(1, 3)), M=(-lighting).ravel().tolist(), T=mean.tolist())
-    images = fn.crop_mirror_normalize(images, mirror=mirror, mean=fn.reshape(lit_mean, shape=(3,)), **normalise)
-    return images, (pos_x, pos_y, mirror, alpha)
-
-
-def inception(jpegs, *, crop, decode, normalise, mean):
-    """Random-resized crop (8-100 % of the area, aspect 3/4-4/3) to crop x crop, mirrored with p = 0.5."""
-    images = fn.decoders.image_random_crop(
-        jpegs, random_area=INCEPTION_AREA, random_aspect_ratio=INCEPTION_ASPECT, num_attempts=10, **decode
-    )
-    images = fn.resize(images, size=(crop, crop))
-    mirror = fn.random.coin_flip(probability=0.5)
-    return fn.crop_mirror_normalize(images, mirror=mirror, mean=mean.tolist(), **normalise), (mirror,)
-
-
-def center(jpegs, *, crop, decode, normalise, mean):
-    """The central crop x crop patch, decoded alone."""
-    images = fn.decoders.image_crop(jpegs, crop=(crop, crop), crop_pos_x=0.5, crop_pos_y=0.5, **decode)
-    return fn.crop_mirror_normalize(images, mean=mean.tolist(), **normalise), ()
-
-
-def tencrop(jpegs, *, crop, decode, normalise, mean):
-    """§4.1 test time: the four corner and the centre patches and their mirror images, stacked as (10, H, W, C)."""
-    images = fn.decoders.image(jpegs, **decode)
-    views = [
-        fn.crop_mirror_normalize(
-            images, crop=(crop, crop), crop_pos_x=x, crop_pos_y=y, mirror=mirror, mean=mean.tolist(), **normalise
-        )
-        for x, y, mirror in TENCROP_VIEWS
-    ]
-    return fn.stack(*views), ()
-
-
-@pipeline_def
-def augment_pipeline(spec: PipelineSpec):
-    jpegs, labels = spec.read(SAMPLE)
-    source = fn.get_property(jpegs, key="source_info")
-    # "mixed" only: the share of JPEGs that the hardware decoder takes (the rest go to CUDA cores), and libjpeg-turbo's
-    # "fancy" (interpolating) chroma upsampling, which DALI's CPU decoder and Pillow (the dataset's statistics) use;
-    # without it the GPU upsamples chroma by replication and GPU and CPU runs train on different pixels.
-    mixed = {"hw_decoder_load": spec.settings.hw_decoder_load, "jpeg_fancy_upsampling": True}
-    decode = {"device": spec.decoder, **(mixed if spec.decoder == "mixed" else {})}
-    normalise = {"std": spec.std.tolist(), "dtype": DALI_DTYPES[spec.dtype], "output_layout": "HWC"}
-    common = {"crop": spec.settings.crop_size, "decode": decode, "normalise": normalise, "mean": spec.mean}
-    if spec.augment == "paper":
-        images, draws = paper(jpegs, **common, lighting=spec.lighting)
-    else:
-        images, draws = {"inception": inception, "center": center, "tencrop": tencrop}[spec.augment](jpegs, **common)
-    labels = fn.cast(labels, dtype=types.INT64)
-    if spec.decoder == "mixed":
-        labels = labels.gpu()
-    return (images, labels, source, *draws)
-
-
-@pipeline_def
-def label_pipeline(spec: PipelineSpec):
-    """The reader of augment_pipeline reading the labels alone: the same samples in the same order, a few bytes each."""
-    # Mapped: ~4x as fast as read() here, and the shards' sizes were checked against the manifest just before.
-    labels = spec.read({LABEL_EXT: types.INT32}, mmap=True)  # one member: one DataNode
-    return fn.get_property(labels, key="source_info")
-
-
-def reason(error: Exception) -> str:
-    """The line of a DALI error that says what went wrong (DALI puts it after "encountered:")."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    after = [b for a, b in itertools.pairwise(lines) if a.endswith("encountered:")]
-    return (after or lines or [type(error).__name__])[0]
-
 
 # DALI has no bfloat16: bfloat16 batches leave DALI as float16 and are cast on the device by torch.
 DALI_DTYPES = {torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16, torch.float32: types.FLOAT}
@@ -254,3 +147,109 @@ def check_args(manifest, augment: str, device: torch.device, dtype: torch.dtype,
         raise ValueError(f"dtype={dtype}: use torch.float16, torch.bfloat16 or torch.float32")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
+
+
+@pipeline_def
+def augment_pipeline(spec: PipelineSpec):
+    """The loader's pipeline: this rank's samples read, decoded, augmented as spec.augment and normalised."""
+    jpegs, labels = spec.read(SAMPLE)
+    source = fn.get_property(jpegs, key="source_info")
+    # "mixed" only: the share of JPEGs that the hardware decoder takes (the rest go to CUDA cores), and libjpeg-turbo's
+    # "fancy" (interpolating) chroma upsampling, which DALI's CPU decoder and Pillow (the dataset's statistics) use;
+    # without it the GPU upsamples chroma by replication and GPU and CPU runs train on different pixels.
+    mixed = {"hw_decoder_load": spec.settings.hw_decoder_load, "jpeg_fancy_upsampling": True}
+    decode = {"device": spec.decoder, **(mixed if spec.decoder == "mixed" else {})}
+    normalise = {"std": spec.std.tolist(), "dtype": DALI_DTYPES[spec.dtype], "output_layout": "HWC"}
+    common = {"crop": spec.settings.crop_size, "decode": decode, "normalise": normalise, "mean": spec.mean}
+    if spec.augment == "paper":
+        images, draws = paper(jpegs, **common, lighting=spec.lighting)
+    else:
+        images, draws = {"inception": inception, "center": center, "tencrop": tencrop}[spec.augment](jpegs, **common)
+    labels = fn.cast(labels, dtype=types.INT64)
+    if spec.decoder == "mixed":
+        labels = labels.gpu()
+    return (images, labels, source, *draws)
+
+
+@pipeline_def
+def label_pipeline(spec: PipelineSpec):
+    """The reader of augment_pipeline reading the labels alone: the same samples in the same order, a few bytes each."""
+    # Mapped: ~4x as fast as read() here, and the shards' sizes were checked against the manifest just before.
+    labels = spec.read({LABEL_EXT: types.INT32}, mmap=True)  # one member: one DataNode
+    return fn.get_property(labels, key="source_info")
+
+
+def read_shards(files, index_files, *, shard_id, num_shards, shuffle, seed, members=SAMPLE, mmap=MMAP):
+    """The `members` (extension: DALI type) of this rank's contiguous share of the files, epoch after epoch; each
+    epoch's last batch is padded by repeating a sample. shuffle (training): every epoch the files in a new order, drawn
+    from `seed` (the same on every rank, so the shares still split the samples), and the samples shuffled in a buffer;
+    else the rank's share in file order, the same every epoch."""
+    return fn.readers.webdataset(
+        paths=files,
+        index_paths=index_files,
+        ext=list(members),
+        dtypes=list(members.values()),
+        missing_component_behavior="error",
+        random_shuffle=shuffle,
+        initial_fill=INITIAL_FILL,
+        seed=seed,
+        # the file order's own seed: without it DALI draws every run's order from one fixed default
+        shuffle_after_epoch=shuffle,
+        shuffle_after_epoch_seed=seed,
+        stick_to_shard=not shuffle,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        pad_last_batch=True,
+        dont_use_mmap=not mmap,
+        name=READER,
+    )
+
+
+def paper(jpegs, *, crop, decode, normalise, mean, lighting):
+    """§4.1: a random crop x crop patch, mirrored with p = 0.5, and PCA lighting folded into the mean."""
+    pos_x = fn.random.uniform(range=(0.0, 1.0))
+    pos_y = fn.random.uniform(range=(0.0, 1.0))
+    mirror = fn.random.coin_flip(probability=0.5)
+    alpha = fn.random.normal(stddev=LIGHTING_STD, shape=3)
+    # Region-of-interest decode: only the patch's part of the JPEG is decoded.
+    images = fn.decoders.image_crop(jpegs, crop=(crop, crop), crop_pos_x=pos_x, crop_pos_y=pos_y, **decode)
+    # (pixel - (mean - offset)) / std adds the lighting offset for free. The per-sample mean, mean - M @ alpha, is
+    # one affine map of alpha (coord_transform computes M @ x + T), done on the CPU like the draws themselves.
+    lit_mean = fn.coord_transform(fn.reshape(alpha, shape=(1, 3)), M=(-lighting).ravel().tolist(), T=mean.tolist())
+    images = fn.crop_mirror_normalize(images, mirror=mirror, mean=fn.reshape(lit_mean, shape=(3,)), **normalise)
+    return images, (pos_x, pos_y, mirror, alpha)
+
+
+def inception(jpegs, *, crop, decode, normalise, mean):
+    """Random-resized crop (8-100 % of the area, aspect 3/4-4/3) to crop x crop, mirrored with p = 0.5."""
+    images = fn.decoders.image_random_crop(
+        jpegs, random_area=INCEPTION_AREA, random_aspect_ratio=INCEPTION_ASPECT, num_attempts=10, **decode
+    )
+    images = fn.resize(images, size=(crop, crop))
+    mirror = fn.random.coin_flip(probability=0.5)
+    return fn.crop_mirror_normalize(images, mirror=mirror, mean=mean.tolist(), **normalise), (mirror,)
+
+
+def center(jpegs, *, crop, decode, normalise, mean):
+    """The central crop x crop patch, decoded alone."""
+    images = fn.decoders.image_crop(jpegs, crop=(crop, crop), crop_pos_x=0.5, crop_pos_y=0.5, **decode)
+    return fn.crop_mirror_normalize(images, mean=mean.tolist(), **normalise), ()
+
+
+def tencrop(jpegs, *, crop, decode, normalise, mean):
+    """§4.1 test time: the four corner and the centre patches and their mirror images, stacked as (10, H, W, C)."""
+    images = fn.decoders.image(jpegs, **decode)
+    views = [
+        fn.crop_mirror_normalize(
+            images, crop=(crop, crop), crop_pos_x=x, crop_pos_y=y, mirror=mirror, mean=mean.tolist(), **normalise
+        )
+        for x, y, mirror in TENCROP_VIEWS
+    ]
+    return fn.stack(*views), ()
+
+
+def reason(error: Exception) -> str:
+    """The line of a DALI error that says what went wrong (DALI puts it after "encountered:")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    after = [b for a, b in itertools.pairwise(lines) if a.endswith("encountered:")]
+    return (after or lines or [type(error).__name__])[0]

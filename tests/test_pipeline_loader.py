@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tarfile
 from collections import Counter
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from itertools import islice
 from pathlib import Path
 
@@ -273,6 +273,20 @@ def test_a_crop_larger_than_the_smallest_image_is_refused_up_front(demo_shards, 
 def test_bad_arguments_raise_value_error(demo_shards, bad):
     with pytest.raises(ValueError, match="|".join(bad)):
         loader(demo_shards, **{"world_size": 2, **bad})
+
+
+def test_the_loader_keeps_a_checked_copy_of_any_config_composed_with_loader_settings(demo_shards):
+    @dataclass
+    class RunConfig(LoaderSettings):
+        workdir: str = "runs/x"
+
+    cfg = RunConfig(batch_size=5, crop_size=CROP, threads=1)
+    with DaliLoader(load_manifest(demo_shards), "val", cfg, augment="center", device="cpu") as ld:
+        cfg.batch_size = 0  # the caller's object changes; the loader's copy does not
+        assert [len(labels) for _, labels in ld] == [5, 5, 5, 5, 4]
+    assert type(ld.settings) is LoaderSettings and ld.settings.batch_size == 5
+    with pytest.raises(ValueError, match="LoaderSettings batch_size=0: must be at least 1"):
+        DaliLoader(load_manifest(demo_shards), "val", cfg, device="cpu")
 
 
 def break_a_jpeg(demo_shards, folder) -> tuple[Path, str, dict]:
