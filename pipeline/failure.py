@@ -63,17 +63,14 @@ def locate(error: RuntimeError, spec: PipelineSpec, batch: int, ahead: int, last
         return ShardError(f"{e} (found after DALI failed on {where}: {reason(error)})")
     try:
         suspects = replay(spec, batch, ahead, last)
+        bad = undecodable(suspects)
     except Exception as e:  # the replay is a diagnosis: whatever stops it, the user still gets the original failure
         return ShardError(
             f"{spec.root}: DALI cannot read {where} ({reason(error)}; replaying it to find the sample: {reason(e)}); "
             f"{spec.hint}"
         )
-    for tar, key in suspects:
-        try:
-            with tarfile.open(tar) as t, Image.open(io.BytesIO(t.extractfile(f"{key}.{IMAGE_EXT}").read())) as im:
-                im.load()
-        except (OSError, ValueError, SyntaxError, tarfile.TarError) as e:
-            return ShardError(f"{tar}: {key}.{IMAGE_EXT} does not decode ({e}); {spec.hint}")
+    if bad:
+        return ShardError(f"{bad}; {spec.hint}")
     found = sorted({tar for tar, _ in suspects})
     shown = ", ".join(found[:3]) + (f" (or one of {len(found) - 3} more)" if len(found) > 3 else "")
     return ShardError(f"{shown}: DALI failed on a sample of {where} ({reason(error)}); {spec.hint}")
@@ -89,3 +86,19 @@ def replay(spec: PipelineSpec, batch: int, ahead: int, last: list | None) -> lis
         if i >= batch:
             suspects += sources(source, spec.tars)
     return suspects
+
+
+def undecodable(suspects: list[tuple[str, str]]) -> str | None:
+    """ "TAR: KEY.jpg does not decode (why)" for the first of the samples whose JPEG Pillow cannot decode either."""
+    by_tar = {}
+    for tar, key in suspects:
+        by_tar.setdefault(tar, []).append(f"{key}.{IMAGE_EXT}")
+    for tar, names in by_tar.items():
+        with tarfile.open(tar) as t:  # its member list is read once, then each JPEG found in it
+            for name in names:
+                try:
+                    with Image.open(io.BytesIO(t.extractfile(name).read())) as im:
+                        im.load()
+                except (OSError, ValueError, SyntaxError) as e:
+                    return f"{tar}: {name} does not decode ({e})"
+    return None
