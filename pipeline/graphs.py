@@ -35,8 +35,9 @@ READER = "shards"
 # epoch, so a buffer of a few shards' worth mixes classes about as well as a full permutation would.
 INITIAL_FILL = 4096
 # Shards are read with read(), not mapped: a tar truncated or rewritten mid-epoch is then an error of DALI's that
-# pipeline.failure names in one line, where a mapped one kills the process with SIGBUS. The reader alone takes ~3x the
-# CPU per sample (~29 against ~10 us for 35 kB JPEGs on a 2-core VM); the CPU loader, no difference within noise.
+# pipeline.failure names in one line, where a mapped one kills the process with SIGBUS. Measured on a loaded 2-core VM
+# (35 kB JPEGs): the reader alone takes ~29 us of CPU per sample against ~10 mapped; the CPU loader ~5 % more CPU per
+# image and the same images/s within noise.
 MMAP = False
 SAMPLE = {IMAGE_EXT: types.UINT8, LABEL_EXT: types.INT32}  # the members the loader reads: the JPEG and int32 label
 DRAWS = {
