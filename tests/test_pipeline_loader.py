@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import one_line
+from helpers import one_line
 
 from pipeline import DaliLoader, ShardError, load_manifest
 from pipeline.loader import HOLD
