@@ -17,6 +17,7 @@ import torch
 from helpers import one_line
 
 from pipeline import DaliLoader, ShardError, load_manifest
+from pipeline.failure import sources
 from pipeline.loader import HOLD
 from pipeline.settings import LoaderSettings
 from pipeline.sharding import rank_range
@@ -287,6 +288,18 @@ def test_the_loader_keeps_a_checked_copy_of_any_config_composed_with_loader_sett
     assert type(ld.settings) is LoaderSettings and ld.settings.batch_size == 5
     with pytest.raises(ValueError, match="LoaderSettings batch_size=0: must be at least 1"):
         DaliLoader(load_manifest(demo_shards), "val", cfg, device="cpu")
+
+
+@pytest.mark.parametrize("split,augment,world,rank", [("train", "paper", 3, 1), ("val", "center", 2, 1)])
+def test_the_label_replay_yields_the_loaders_batches_epoch_after_epoch(demo_shards, split, augment, world, rank):
+    """What the failure diagnosis stands on: the reader alone, reading labels only, draws the loader's samples."""
+    with loader(demo_shards, split, 5, augment=augment, world_size=world, rank=rank, seed=2) as ld:
+        batches = [[(ld.info["tar"][i], key) for i, key in enumerate(ld.info["key"])] for _ in range(3) for _ in ld]
+        replay = ld.spec.labels()
+        replayed = [[(Path(tar).name, key) for tar, key in sources(replay.run()[0], ld.spec.tars)] for _ in batches]
+    if split == "train":  # each epoch reshuffled: no batch comes twice, so an order merely alike would not pass
+        assert len({tuple(b) for b in batches}) == len(batches)
+    assert [r[: len(b)] for r, b in zip(replayed, batches)] == batches
 
 
 def break_a_jpeg(demo_shards, folder) -> tuple[Path, str, dict]:
