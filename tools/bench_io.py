@@ -45,6 +45,7 @@ from pipeline.bench.timing import (
     time_windows,
     warm_up,
 )
+from pipeline.graphs import MMAP
 from pipeline.manifest import Manifest, ShardError, load_manifest
 from pipeline.settings import LoaderSettings, at_least, option, parse, show, to_json
 from pipeline.threads import default_threads
@@ -152,21 +153,7 @@ class Bench:
 
     def dali(self, s: dict) -> DaliLoader:
         c = self.cfg
-        return DaliLoader(
-            self.manifest,
-            "train",
-            s["batch_size"],
-            augment="paper",
-            crop_size=c.crop_size,
-            device=c.device,
-            device_id=0 if self.cuda else None,
-            seed=c.seed,
-            num_threads=s["threads"],
-            hw_decoder_load=s["hw_decoder_load"],
-            prefetch=s["prefetch"],
-            dtype=self.dtype,
-            divide_std=c.divide_std,
-        )
+        return DaliLoader(self.manifest, "train", replace(c, **s), device=c.device, seed=c.seed, dtype=self.dtype)
 
     def measure(self, name: str, step: Callable[[], None], batch_size: int, reset=lambda: None) -> dict:
         """Warm up, then time the windows with CPU use recorded; `reset` clears counters warm-up touched."""
@@ -291,6 +278,7 @@ def run(cfg: BenchConfig, manifest: Manifest) -> dict:
             "shards": str(Path(cfg.shards).resolve()),
             "train_images": manifest.count("train"),
             "preprocessing": manifest.raw.get("preprocessing"),
+            "mmap": MMAP,  # shards read with read() (False) or mapped
         },
     }
     setting = {k: getattr(cfg, k) for k in SWEPT}
