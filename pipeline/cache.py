@@ -24,7 +24,7 @@ from tqdm import tqdm
 from pipeline.atomic import atomic_write
 from pipeline.manifest import MANIFEST, ShardError, sha256_file
 from pipeline.settings import option
-from pipeline.store import Bucket, StoreError, is_url, parse_url
+from pipeline.store import Bucket, NoSuchObject, StoreError, is_url, parse_url
 
 MARKER, LOCK = ".verified.json", ".lock"
 WORKERS = 16  # objects in flight: enough to hide ~25 ms per request behind the transfers (docs/storage.md)
@@ -110,7 +110,13 @@ def fill(bucket: Bucket, root: Path, *, workers: int = WORKERS, say=print, bar: 
     root.mkdir(parents=True, exist_ok=True)
     lock = NodeLock(root, say)
     try:
-        text = bucket.read(MANIFEST)
+        try:
+            text = bucket.read(MANIFEST)
+        except NoSuchObject:
+            raise ShardError(
+                f"{bucket.name_url(MANIFEST)}: missing (it is written last: without it the folder is not complete); "
+                f"run tools/shard_imagenet.py --src IMAGENET --out {bucket.url} first"
+            ) from None
         try:
             raw = json.loads(text)
         except ValueError as e:

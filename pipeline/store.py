@@ -32,6 +32,10 @@ class StoreError(ShardError):
     """A bucket that cannot be read or written; the message is one line naming the URL."""
 
 
+class NoSuchObject(StoreError):
+    """The bucket has no object under that name."""
+
+
 def is_url(path: str) -> bool:
     return "://" in str(path)
 
@@ -122,7 +126,7 @@ class Bucket:
                     f"AWS_PROFILE or the instance role) and their permissions"
                 )
             if code in MISSING:
-                return StoreError(f"{url}: no such object")
+                return NoSuchObject(f"{url}: no such object")
             return StoreError(f"{url}: {code} ({e.response.get('Error', {}).get('Message', '')})")
         if isinstance(e, bx.NoCredentialsError):
             return StoreError(

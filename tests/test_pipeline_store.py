@@ -1,0 +1,296 @@
+"""Shards in a bucket, against a real S3 API (moto_server on 127.0.0.1): a bucket run equals a local run, the verified
+cache is reused, damaged or missing objects and every kind of store failure are refused in one line."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import one_line
+
+import run
+from pipeline.cache import MARKER, cache_root, fill
+from pipeline.manifest import MANIFEST, ShardError
+from pipeline.store import GCS_ENDPOINT, Bucket, StoreError
+
+MACHINE = ["--batch-size", "16", "--crop-size", "64", "--threads", "1", "--log-interval", "2", "--device", "cpu"]
+FAST = MACHINE + ["--lr", "0.02", "--lr-scaling", "none", "--warmup-epochs", "0.5", "--init", "kaiming", "--divide-std"]
+SECRET = "wJalrXUtnFEMI-test-secret"
+TIMED = {"epoch_s", "img_per_s", "data_wait_frac", "wall_s", "time", "step_ms"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto(**env) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        ["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def moto():
+    proc, endpoint = start_moto()
+    yield endpoint
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def aws(monkeypatch, tmp_path):
+    """The standard chain's environment alone (no ~/.aws, no instance metadata), the default cache in tmp_path."""
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return monkeypatch
+
+
+@pytest.fixture
+def s3(aws, moto):
+    """upload(folder) -> the s3:// URL of a fresh bucket holding the folder's files."""
+    aws.setenv("AWS_ENDPOINT_URL", moto)
+
+    def upload(folder: Path, prefix: str = "imagenet/shards") -> str:
+        url = f"s3://b-{uuid.uuid4().hex[:12]}/{prefix}"
+        bucket = Bucket(url)
+        bucket.client.create_bucket(Bucket=bucket.where.bucket)
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                bucket.upload(f, f.name)
+        return url
+
+    return upload
+
+
+def train(shards, workdir, *extra) -> int:
+    return run.main(["--shards", str(shards), "--workdir", str(workdir), *FAST, "--epochs", "1", *extra])
+
+
+def untimed(workdir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMED} for r in rows]
+
+
+def weights(workdir: Path) -> dict:
+    return torch.load(workdir / "checkpoints" / "step-000000006.pt", map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def local_run(demo_shards, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("local") / "run"
+    assert train(demo_shards, workdir) == 0
+    return workdir
+
+
+@pytest.mark.slow
+def test_a_bucket_run_equals_the_local_run_and_records_the_url(s3, demo_shards, local_run, tmp_path):
+    url = s3(demo_shards)
+    assert train(url, tmp_path / "run") == 0
+    assert untimed(tmp_path / "run") == untimed(local_run)
+    got, want = weights(tmp_path / "run"), weights(local_run)
+    assert all(torch.equal(got["model"][k], want["model"][k]) for k in want["model"])
+    cache = cache_root(url, "")
+    assert cache.is_relative_to(tmp_path / "xdg" / "alexnet-dali")  # the documented default
+    for text in [(tmp_path / "run" / "config.json").read_text(), json.dumps(got["config"])]:
+        assert json.loads(text)["shards"] == url and str(cache) not in text and SECRET not in text
+    assert SECRET not in (tmp_path / "run" / "metrics.jsonl").read_text()
+    # Cache reuse: with every tar gone from the bucket, a second run still trains, on the verified local copy.
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.tar")}
+    bucket = Bucket(url)
+    for name in bucket.list():
+        if name.endswith(".tar"):
+            bucket.client.delete_object(Bucket=bucket.where.bucket, Key=bucket.where.key(name))
+    assert train(url, tmp_path / "again") == 0
+    assert untimed(tmp_path / "again") == untimed(local_run)
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.tar")} == stamps
+
+
+def refused(capsys, url: str, tmp_path: Path, *says: str) -> str:
+    """run.py on `url`: exit 2, one line on stderr saying `says`, and nothing trained."""
+    assert train(url, tmp_path / "run", "--cache-dir", str(tmp_path / "cache")) == 2
+    line = one_line(capsys.readouterr().err, *says, progress="fetching")
+    assert not (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    return line
+
+
+@pytest.mark.slow
+def test_a_tampered_object_is_refused_and_never_used(s3, demo_shards, tmp_path, capsys):
+    url = s3(demo_shards)
+    bucket, name = Bucket(url), "train-000001.tar"
+    data = bytearray((demo_shards / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the same size: only the checksum tells
+    bucket.client.put_object(Bucket=bucket.where.bucket, Key=bucket.where.key(name), Body=bytes(data))
+    refused(capsys, url, tmp_path, f"{url}/{name}: its sha256 differs")
+    assert not (cache_root(url, str(tmp_path / "cache")) / name).exists()
+    assert not (cache_root(url, str(tmp_path / "cache")) / MARKER).exists()
+
+
+@pytest.mark.slow
+def test_a_missing_or_resized_object_is_refused_before_any_download(s3, demo_shards, tmp_path, capsys):
+    url = s3(demo_shards)
+    bucket = Bucket(url)
+    bucket.client.delete_object(Bucket=bucket.where.bucket, Key=bucket.where.key("val-000000.idx"))
+    refused(capsys, url, tmp_path, f"{url}/val-000000.idx: missing from the bucket")
+    bucket.upload(demo_shards / "val-000000.idx", "val-000000.idx")
+    bucket.client.put_object(Bucket=bucket.where.bucket, Key=bucket.where.key("train-000000.tar"), Body=b"short")
+    refused(capsys, url, tmp_path, f"{url}/train-000000.tar: 5 bytes")
+    assert not list(cache_root(url, str(tmp_path / "cache")).glob("*.tar"))
+
+
+@pytest.mark.slow
+def test_a_download_stopped_part_way_continues_from_where_it_stopped(s3, demo_shards, tmp_path):
+    url = s3(demo_shards)
+    name = "train-000000.tar"
+    data = (demo_shards / name).read_bytes()
+    half = len(data) // 2
+    root = cache_root(url, str(tmp_path))
+    root.mkdir(parents=True)
+    (root / f"{name}.part").write_bytes(data[:half])
+    # The bucket's first half is now wrong: only a download that continues at byte `half` ends with the right bytes.
+    bucket = Bucket(url)
+    bucket.client.put_object(Bucket=bucket.where.bucket, Key=bucket.where.key(name), Body=bytes(half) + data[half:])
+    filled = fill(bucket, root, bar=False)
+    assert filled.fetched == 8 and (root / name).read_bytes() == data and not (root / f"{name}.part").exists()
+    assert fill(bucket, root, bar=False).fetched == 0
+
+
+def test_a_stream_broken_midway_is_retried_from_where_it_broke(s3, aws, demo_shards, tmp_path, moto):
+    """A proxy that cuts the first response after 100 kB: the download retries, continuing at that byte."""
+    host, port = moto.rsplit("//", 1)[1].split(":")
+    listener = socket.create_server(("127.0.0.1", 0))
+    cuts = []
+
+    def pipe(src, dst, limit=None):
+        sent = 0
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk[: None if limit is None else limit - sent])
+                sent += len(chunk)
+                if limit is not None and sent >= limit:
+                    break
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # wakes the other direction's recv
+            except OSError:
+                pass
+            s.close()
+
+    def serve():
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection((host, int(port)))
+            limit = 100_000 if not cuts else None
+            cuts.append(limit)
+            threading.Thread(target=pipe, args=(client, server), daemon=True).start()
+            threading.Thread(target=pipe, args=(server, client, limit), daemon=True).start()
+
+    url = s3(demo_shards)
+    name = "train-000000.tar"
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        aws.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{listener.getsockname()[1]}")
+        proxied = Bucket(url)
+        dest = tmp_path / name
+        proxied.download(name, dest, (demo_shards / name).stat().st_size)
+    finally:
+        listener.close()
+    assert dest.read_bytes() == (demo_shards / name).read_bytes() and cuts == [100_000, None]
+
+
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        ("ftp://host/shards", "ftp://host/shards: unsupported URL scheme 'ftp'"),
+        ("http://host/shards", "unsupported URL scheme 'http'"),
+        ("s3://", "s3://: not a bucket URL"),
+        ("s3://bucket/../up", "not a bucket URL"),
+        (f"s3://AKIDEXAMPLE:{SECRET}@bucket/shards", "s3://bucket/shards: the URL carries credentials"),
+        (f"s3://bucket/shards?X-Amz-Credential={SECRET}", "s3://bucket/shards: the URL carries credentials"),
+    ],
+)
+def test_a_bad_url_is_refused_in_one_line_without_echoing_secrets(url, says, tmp_path, capsys):
+    line = refused(capsys, url, tmp_path, says)
+    assert SECRET not in line and not (tmp_path / "cache").exists()
+    assert not any(p.name.startswith(("s3:", "ftp:", "http:")) for p in Path.cwd().iterdir())
+
+
+@pytest.mark.slow
+def test_store_failures_are_one_line_naming_the_url(s3, aws, demo_shards, tmp_path, capsys):
+    url = s3(demo_shards)
+    other = "s3://no-such-bucket-here/shards"
+    refused(capsys, other, tmp_path, f"{other}/{MANIFEST}: no such bucket 'no-such-bucket-here'")
+    refused(capsys, url + "-elsewhere", tmp_path, f"{url}-elsewhere/{MANIFEST}: missing", f"--out {url}-elsewhere")
+    aws.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    refused(capsys, url, tmp_path, f"{url}/{MANIFEST}: cannot connect to http://127.0.0.1:", "(2 attempts)")
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        aws.delenv(k)
+    refused(capsys, url, tmp_path, f"{url}/{MANIFEST}: no credentials found")
+
+
+@pytest.mark.slow
+def test_access_denied_is_one_line_naming_the_url(aws, demo_shards, tmp_path, capsys):
+    proc, endpoint = start_moto(INITIAL_NO_AUTH_ACTION_COUNT="0")  # moto checks credentials from the first request
+    try:
+        aws.setenv("AWS_ENDPOINT_URL", endpoint)
+        refused(capsys, "s3://bucket/shards", tmp_path, "s3://bucket/shards/manifest.json: access denied")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_silent_endpoint_times_out_in_one_line(aws):
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections, never answers
+        aws.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        aws.setenv("AWS_MAX_ATTEMPTS", "1")
+        with pytest.raises(StoreError, match=r"^s3://bucket/shards/manifest\.json: timed out talking to http://127"):
+            Bucket("s3://bucket/shards", timeout=0.5).read(MANIFEST)
+
+
+def test_gs_urls_go_to_the_gcs_xml_endpoint(aws):
+    bucket = Bucket("gs://bucket/imagenet/shards")
+    assert bucket.client.meta.endpoint_url == GCS_ENDPOINT and bucket.where.key("a.tar") == "imagenet/shards/a.tar"
+
+
+def test_shard_error_names_a_manifest_escaping_its_folder(s3, tmp_path, demo_shards):
+    folder = tmp_path / "evil"
+    shutil.copytree(demo_shards, folder)
+    raw = json.loads((folder / MANIFEST).read_text())
+    raw["splits"]["val"]["shards"][0]["index"] = "../../outside.idx"
+    (folder / MANIFEST).write_text(json.dumps(raw))
+    url = s3(folder)
+    with pytest.raises(ShardError, match=r"names '\.\./\.\./outside\.idx', outside the folder"):
+        fill(Bucket(url), tmp_path / "cache", bar=False)
