@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_write
-from pipeline.manifest import MANIFEST, ShardError, sha256_file
+from pipeline.manifest import MANIFEST, ShardError
 from pipeline.settings import option
 from pipeline.store import Bucket, NoSuchObject, StoreError, is_url, parse_url
 
@@ -177,21 +177,29 @@ def fetch(bucket: Bucket, root: Path, todo: dict, workers: int, say, bar: bool) 
         disable=not bar,
     )
 
-    def advance(n: int) -> None:
-        if stop.is_set():
-            raise StoreError(f"{bucket.url}: stopped")
-        with lock:
-            progress.update(n)
+    def download(name: str, dest: Path) -> tuple[bool, str]:
+        """The object to `dest`, hashed as it arrives (no second read); whether it continued a part, its sha256."""
+        digest = hashlib.sha256()
+
+        def sink(chunk: bytes) -> None:
+            if stop.is_set():
+                raise StoreError(f"{bucket.url}: stopped")
+            digest.update(chunk)
+            with lock:
+                progress.update(len(chunk))
+
+        return bucket.download(name, dest, listing[name], sink), digest.hexdigest()
 
     def one(name: str) -> None:
         dest = root / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.unlink(missing_ok=True)  # a file not (or no longer) verified is never left where the loader reads
-        resumed = bucket.download(name, dest, listing[name], advance)
-        if sha256_file(dest) != todo[name][1] and resumed:  # the part may be of an object since rewritten
+        resumed, digest = download(name, dest)
+        if digest != todo[name][1] and resumed:  # the part may be of an object since rewritten: start it again
             dest.unlink()
-            bucket.download(name, dest, listing[name], advance)
-        if sha256_file(dest) != todo[name][1]:
+            progress.update(-listing[name])
+            _, digest = download(name, dest)
+        if digest != todo[name][1]:
             dest.unlink()
             raise ShardError(
                 f"{bucket.name_url(name)}: its sha256 differs from {MANIFEST}'s (changed since it was sharded?); "

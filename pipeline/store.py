@@ -81,9 +81,10 @@ def make_client(scheme: str, workers: int, timeout: float):
         connect_timeout=timeout,
         read_timeout=timeout,
         max_pool_connections=max(10, workers),
+        response_checksum_validation="when_required",  # the cache checks every object's sha256 against the manifest
     )
     if scheme == "gs":  # GCS takes neither the new default CRC trailers nor chunked uploads
-        options.update(request_checksum_calculation="when_required", response_checksum_validation="when_required")
+        options.update(request_checksum_calculation="when_required")
         return session.client("s3", endpoint_url=GCS_ENDPOINT, config=BotoConfig(**options))
     client = session.client("s3", config=BotoConfig(**options))
     if "amazonaws.com" not in client.meta.endpoint_url:  # a bucket host name only AWS resolves
@@ -171,16 +172,20 @@ class Bucket:
         """A small object's bytes (the manifest)."""
         return self.call(name, self.client.get_object, Key=self.where.key(name))["Body"].read()
 
-    def download(self, name: str, dest: Path, size: int, progress: Callable[[int], None] = lambda n: None) -> bool:
-        """The object, whole, to `dest` through `dest`.part: a part left by a stopped download is continued with a
-        ranged GET, and a stream broken midway is retried with backoff from where it broke. True if it resumed."""
+    def download(self, name: str, dest: Path, size: int, sink: Callable[[bytes], None] = lambda b: None) -> bool:
+        """The object, whole, to `dest` through `dest`.part, every byte also given to `sink` in order: a part left by
+        a stopped download is continued with a ranged GET, and a stream broken midway is retried with backoff from
+        where it broke. True if it continued a part."""
         part = dest.with_name(dest.name + ".part")
         have = part.stat().st_size if part.exists() else 0
-        resumed = 0 < have <= size
         if have > size:
             part.unlink()
             have = 0
-        progress(have)
+        resumed = have > 0
+        if resumed:
+            with open(part, "rb") as f:
+                while block := f.read(1 << 20):
+                    sink(block)
         for attempt in range(self.attempts):
             try:
                 with open(part, "ab") as f:
@@ -189,7 +194,7 @@ class Bucket:
                         body = self.call(name, self.client.get_object, Key=self.where.key(name), **kw)["Body"]
                         for chunk in body.iter_chunks(1 << 20):
                             f.write(chunk)
-                            progress(len(chunk))
+                            sink(chunk)
                 break
             except STREAM_ERRORS as e:
                 if attempt + 1 == self.attempts:
