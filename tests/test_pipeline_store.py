@@ -1,11 +1,13 @@
 """Shards in a bucket, against a real S3 API (moto_server on 127.0.0.1): a bucket run equals a local run, the verified
 cache is reused, damaged or missing objects and every kind of store failure are refused in one line."""
 
+import fcntl
 import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -170,8 +172,11 @@ def test_a_download_stopped_part_way_continues_from_where_it_stopped(s3, demo_sh
     # The bucket's first half is now wrong: only a download that continues at byte `half` ends with the right bytes.
     bucket = Bucket(url)
     bucket.client.put_object(Bucket=bucket.where.bucket, Key=bucket.where.key(name), Body=bytes(half) + data[half:])
+    stale = "train-000001.tar"  # a part of an object rewritten since: its continuation fails the check, so it restarts
+    (root / f"{stale}.part").write_bytes(bytes(1000))
     filled = fill(bucket, root, bar=False)
-    assert filled.fetched == 8 and (root / name).read_bytes() == data and not (root / f"{name}.part").exists()
+    assert filled.fetched == 8 and (root / name).read_bytes() == data and not list(root.glob("*.part"))
+    assert (root / stale).read_bytes() == (demo_shards / stale).read_bytes()
     assert fill(bucket, root, bar=False).fetched == 0
 
 
@@ -286,3 +291,23 @@ def test_shard_error_names_a_manifest_escaping_its_folder(s3, tmp_path, demo_sha
     url = s3(folder)
     with pytest.raises(ShardError, match=r"names '\.\./\.\./outside\.idx', outside the folder"):
         fill(Bucket(url), tmp_path / "cache", bar=False)
+
+
+@pytest.mark.slow
+def test_processes_on_one_node_fill_the_cache_once(s3, demo_shards, tmp_path):
+    """torchrun's local ranks each ask for the cache: one downloads, the others wait for it and reuse its copy."""
+    url = s3(demo_shards)
+    root = cache_root(url, str(tmp_path))
+    root.mkdir(parents=True)
+    code = (
+        "import sys; from pipeline.cache import fill, cache_root; from pipeline.store import Bucket; "
+        f"f = fill(Bucket('{url}'), cache_root('{url}', '{tmp_path}'), bar=False, say=lambda m: None); "
+        "print(f.fetched)"
+    )
+    with open(root / ".lock", "w") as held:  # both start while the lock is taken: both must wait on it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        ranks = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        time.sleep(3)
+        assert all(r.poll() is None for r in ranks)
+    fetched = sorted(int(r.communicate(timeout=60)[0]) for r in ranks)
+    assert fetched == [0, 8] and all(r.returncode == 0 for r in ranks)
