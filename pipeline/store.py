@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import boto3
 import botocore.exceptions as bx
 import botocore.session
+from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config as BotoConfig
 
 from pipeline.manifest import ShardError
@@ -208,7 +209,12 @@ class Bucket:
 
     def upload(self, src: Path, name: str) -> None:
         """A local file to the object `name`, multipart when large (boto3's transfer manager)."""
-        self.call(name, lambda Bucket, **kw: self.client.upload_file(str(src), Bucket, self.where.key(name)))
+        try:
+            self.client.upload_file(str(src), self.where.bucket, self.where.key(name))
+        except S3UploadFailedError as e:  # the transfer manager's wrapper of the ClientError it met
+            raise self.error(name, e.__context__ or e) from None
+        except Exception as e:
+            raise self.error(name, e) from None
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
         """Create the object only if there is none (If-None-Match: *); False if one exists already."""
