@@ -58,7 +58,14 @@ def local_shards(shards: str, cache_dir: str, say: Callable[[str], None] = print
     """The folder to read `shards` from: itself if local; for a bucket URL, the node's verified cache of it."""
     if not is_url(shards):
         return shards
-    return str(fill(Bucket(shards, workers=WORKERS), cache_root(shards, cache_dir), say=say).root)
+    root = cache_root(shards, cache_dir)
+    try:
+        return str(fill(Bucket(shards, workers=WORKERS), root, say=say).root)
+    except OSError as e:  # the cache's disk: full, read-only, not ours
+        raise ShardError(
+            f"{e.filename or root}: cannot write the cache ({e.strerror}); make room or pass another --cache-dir, "
+            f"then rerun: downloads continue where they stopped"
+        ) from None
 
 
 def cache_root(url: str, cache_dir: str) -> Path:

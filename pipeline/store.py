@@ -67,6 +67,8 @@ def parse_url(url: str) -> Location:
     if parts.scheme not in SCHEMES:
         raise StoreError(f"{url}: unsupported URL scheme '{parts.scheme}'; {USAGE}")
     prefix = parts.path.strip("/")
+    if ":" in parts.netloc:
+        raise StoreError(f"{url}: a bucket name has no port; give the store's address in AWS_ENDPOINT_URL and {USAGE}")
     if not parts.netloc or any(p in ("", ".", "..") for p in prefix.split("/") if prefix):
         raise StoreError(f"{url}: not a bucket URL; {USAGE}")
     return Location(parts.scheme, parts.netloc, prefix)
@@ -88,7 +90,7 @@ def make_client(scheme: str, workers: int, timeout: float):
         options.update(request_checksum_calculation="when_required")
         return session.client("s3", endpoint_url=GCS_ENDPOINT, config=BotoConfig(**options))
     client = session.client("s3", config=BotoConfig(**options))
-    if "amazonaws.com" not in client.meta.endpoint_url:  # a bucket host name only AWS resolves
+    if "amazonaws.com" not in client.meta.endpoint_url:  # virtual-hosted buckets need DNS names only AWS has
         client = session.client("s3", config=BotoConfig(s3={"addressing_style": "path"}, **options))
     return client
 

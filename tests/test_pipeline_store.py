@@ -235,6 +235,7 @@ def test_a_stream_broken_midway_is_retried_from_where_it_broke(s3, aws, demo_sha
         ("http://host/shards", "unsupported URL scheme 'http'"),
         ("s3://", "s3://: not a bucket URL"),
         ("s3://bucket/../up", "not a bucket URL"),
+        ("s3://127.0.0.1:9000/bucket", "a bucket name has no port; give the store's address in AWS_ENDPOINT_URL"),
         (f"s3://AKIDEXAMPLE:{SECRET}@bucket/shards", "s3://bucket/shards: the URL carries credentials"),
         (f"s3://bucket/shards?X-Amz-Credential={SECRET}", "s3://bucket/shards: the URL carries credentials"),
     ],
@@ -325,3 +326,11 @@ def test_upload_head_list_and_create_only_put(s3, tmp_path):
     assert bucket.read(".lock") == b"one"
     with pytest.raises(StoreError, match=r"^s3://no-such-bucket-here/p/a\.tar: no such bucket"):
         Bucket("s3://no-such-bucket-here/p").upload(f, "a.tar")
+
+
+@pytest.mark.slow
+def test_an_unwritable_cache_is_one_line(s3, demo_shards, tmp_path, capsys):
+    url = s3(demo_shards)
+    (tmp_path / "cache").write_text("a file, not a folder")
+    assert train(url, tmp_path / "run", "--cache-dir", str(tmp_path / "cache")) == 2
+    one_line(capsys.readouterr().err, "cannot write the cache", "pass another --cache-dir", progress="fetching")
