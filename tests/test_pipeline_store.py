@@ -3,7 +3,6 @@ cache is reused, damaged or missing objects and every kind of store failure are 
 
 import fcntl
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -13,72 +12,21 @@ import time
 import uuid
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
-from conftest import one_line
+from helpers import free_port, one_line, start_moto
 
-import run
 from pipeline.cache import MARKER, cache_root, fill, local_shards
 from pipeline.manifest import MANIFEST, ShardError
 from pipeline.store import GCS_ENDPOINT, Bucket, StoreError
 
-MACHINE = ["--batch-size", "16", "--crop-size", "64", "--threads", "1", "--log-interval", "2", "--device", "cpu"]
-FAST = MACHINE + ["--lr", "0.02", "--lr-scaling", "none", "--warmup-epochs", "0.5", "--init", "kaiming", "--divide-std"]
-SECRET = "wJalrXUtnFEMI-test-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_moto(**env) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        ["moto_server", "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
-            time.sleep(0.05)
-
-
-@pytest.fixture(scope="module")
-def moto():
-    proc, endpoint = start_moto()
-    yield endpoint
-    proc.kill()
-    proc.wait()
+SECRET = "wJalrXUtnFEMI-test-secret"  # conftest's aws fixture gives it as AWS_SECRET_ACCESS_KEY
 
 
 @pytest.fixture
-def aws(monkeypatch, tmp_path):
-    """The standard chain's environment alone (no ~/.aws, no instance metadata), the default cache in tmp_path."""
-    for k in [k for k in os.environ if k.startswith("AWS_")]:
-        monkeypatch.delenv(k)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    return monkeypatch
-
-
-@pytest.fixture
-def s3(aws, moto):
+def s3(aws):
     """upload(folder) -> the s3:// URL of a fresh bucket holding the folder's files."""
-    aws.setenv("AWS_ENDPOINT_URL", moto)
 
     def upload(folder: Path, prefix: str = "imagenet/shards") -> str:
         url = f"s3://b-{uuid.uuid4().hex[:12]}/{prefix}"
@@ -93,7 +41,7 @@ def s3(aws, moto):
 
 
 def train(shards, workdir, *extra) -> int:
-    return run.main(["--shards", str(shards), "--workdir", str(workdir), *FAST, "--max-steps", "2", *extra])
+    return helpers.train(shards, workdir, "--max-steps", "2", *extra)
 
 
 def saved(workdir: Path) -> dict:
@@ -180,9 +128,9 @@ def test_a_download_stopped_part_way_continues_from_where_it_stopped(s3, demo_sh
     assert fill(bucket, root, bar=False).fetched == 0
 
 
-def test_a_stream_broken_midway_is_retried_from_where_it_broke(s3, aws, demo_shards, tmp_path, moto):
+def test_a_stream_broken_midway_is_retried_from_where_it_broke(s3, aws, demo_shards, tmp_path, moto_endpoint):
     """A proxy that cuts the first response after 100 kB: the download retries, continuing at that byte."""
-    host, port = moto.rsplit("//", 1)[1].split(":")
+    host, port = moto_endpoint.rsplit("//", 1)[1].split(":")
     listener = socket.create_server(("127.0.0.1", 0))
     cuts = []
 
