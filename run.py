@@ -21,7 +21,16 @@ import torch.distributed as dist
 from model.train import checkpoint
 from model.train.checkpoint import CheckpointError, with_statistics
 from model.train.cluster import Context, Preemption, Refused, agree, init_group, process_context
-from model.train.config import Config, UsageError, demo_preset, read_json, read_saved, refuse_changes, saved_settings
+from model.train.config import (
+    Config,
+    UsageError,
+    demo_preset,
+    read_json,
+    read_saved,
+    refuse_changes,
+    refused,
+    saved_settings,
+)
 from model.train.demo import make_demo_data, report_demo
 from model.train.loop import Diverged, Trainer, build, evaluate, make_loader
 from model.train.workdir import (
@@ -34,10 +43,12 @@ from model.train.workdir import (
 )
 from pipeline.atomic import atomic_write
 from pipeline.augment import WINDOW_AUGMENTS
+from pipeline.cache import local_shards
 from pipeline.lock import Busy, FolderLock
 from pipeline.manifest import Manifest, ShardError, check_crop, load_manifest
 from pipeline.settings import parse as parse_settings
 from pipeline.settings import show
+from pipeline.store import is_url
 from pipeline.threads import default_threads
 
 REFUSALS = (UsageError, ShardError, CheckpointError, Busy)
@@ -47,13 +58,15 @@ log = logging.getLogger("run")
 def parse(argv=None) -> Config:
     """The settings: declared defaults, the demo's preset with --demo, --config, then the flags; all checked. Folders
     are kept absolute, so that --eval and --config work from anywhere."""
-    cfg, _ = parse_settings(Config, argv, prog="run.py", description=__doc__, preset=demo_preset)
+    cfg, parser = parse_settings(Config, argv, prog="run.py", description=__doc__, preset=demo_preset)
+    if why := refused(cfg):
+        parser.error(why)
     shards = cfg.shards or (str(Path(cfg.workdir) / "shards") if cfg.demo else "")
     return replace(
         cfg,
         **cfg.resolve_device(),
         threads=cfg.threads or default_threads(),
-        shards=shards and os.path.abspath(shards),
+        shards=shards if not shards or is_url(shards) else os.path.abspath(shards),
         workdir=os.path.abspath(cfg.workdir),
     )
 
@@ -82,7 +95,7 @@ def setup_logging(rank: int) -> None:
 
 def load_data(cfg: Config, ctx: Context) -> Manifest:
     """The shard folder's manifest, checked against the settings before anything is built or written."""
-    manifest = load_manifest(cfg.shards)
+    manifest = load_manifest(local_shards(cfg.shards, cfg.cache_dir, log.info))  # a bucket: its local copy
     for split in ("val", "train") if cfg.augment in WINDOW_AUGMENTS else ("val",):
         check_crop(manifest, split, cfg.crop_size)
     if cfg.batch_size * ctx.world > manifest.count("train"):
@@ -167,7 +180,8 @@ def evaluate_only(cfg: Config, ctx: Context) -> int:
     inputs normalised as the weights were trained on (the checkpoint's statistics, not the folder's)."""
     ckpt = checkpoint.read(cfg.eval)
     saved = read_saved(ckpt["config"], Path(cfg.eval), log.warning)
-    manifest = with_statistics(load_manifest(cfg.shards or saved.shards), ckpt.get("statistics"))
+    shards = local_shards(cfg.shards or saved.shards, cfg.cache_dir, log.info)
+    manifest = with_statistics(load_manifest(shards), ckpt.get("statistics"))
     check_crop(manifest, "val", saved.crop_size)
     classes = ckpt["data"]["classes"] if "data" in ckpt else [None] * ckpt["model"]["fc8.weight"].shape[0]
     differs = other_classes(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_run import MACHINE, train
+from helpers import MACHINE, train
 
 import run
 from model.train import checkpoint

@@ -11,14 +11,15 @@ from pathlib import Path
 
 from model.train.demo import DEMO_PRESET
 from model.train.recipe import ComputeSettings, RecipeSettings
+from pipeline.cache import CacheSettings
 from pipeline.settings import LoaderSettings, above, at_least, option, to_json
 
 
 @dataclass(kw_only=True)
-class Config(RecipeSettings, LoaderSettings, ComputeSettings):
+class Config(RecipeSettings, LoaderSettings, ComputeSettings, CacheSettings):
     """The run"""
 
-    shards: str = option("", "a folder written by tools/shard_imagenet.py", resumable=True)
+    shards: str = option("", "a folder written by tools/shard_imagenet.py, or its s3:// or gs:// URL", resumable=True)
     workdir: str = option(
         "runs/alexnet",
         "the run's folder: config, metrics, checkpoints; one run at a time",
@@ -58,6 +59,16 @@ class Config(RecipeSettings, LoaderSettings, ComputeSettings):
     demo: bool = option(
         False, "make a small synthetic ImageNet, shard it, train and evaluate (no download)", saved=False
     )
+
+
+MIN_CROP = 63  # the least crop AlexNet's stride-4 conv1 and three 3x3/2 poolings leave a pixel of
+
+
+def refused(cfg: Config) -> str | None:
+    """What the network refuses of settings each valid on its own (the loader takes any crop): one line, or None."""
+    if cfg.crop_size < MIN_CROP:
+        return f"--crop-size {cfg.crop_size}: must be at least {MIN_CROP}, the least AlexNet's poolings take"
+    return None
 
 
 class UsageError(Exception):
