@@ -273,6 +273,10 @@ def test_bad_input_eval_of_a_missing_checkpoint(tmp_path, capsys):
         ["--checkpoint-minutes", "-1"],
         ["--warmup-epochs", "-1"],
         ["--crop-size", "32"],  # below the 63 pixels AlexNet's poolings leave one pixel of
+        ["--warmup-epochs", "inf"],
+        ["--lr", "nan"],
+        ["--seed", "99999999999999999999999"],
+        ["--seed", "-1"],
         ["--workdir", ""],
     ],
 )
