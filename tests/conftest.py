@@ -5,6 +5,11 @@ import builtins
 import errno
 import io
 import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +130,65 @@ def one_line(err: str, *says: str, progress: str | None = None) -> str:
     ]
     assert len(lines) == 1 and "Traceback" not in err and all(s in lines[0] for s in says), err
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> str:
+    """A real S3 API (moto_server) on 127.0.0.1 at a free port, for the session; its endpoint URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+            time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def bucket_url(moto_server, monkeypatch, tmp_path) -> str:
+    """s3://<a new, empty bucket>/shards on moto_server, with the standard AWS variables (and only those) pointing at
+    it, for this process and the programs it starts."""
+    import boto3
+
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(k)
+    for k, v in {
+        "AWS_ENDPOINT_URL": moto_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(k, v)
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}/shards"
+
+
+def objects(url: str) -> dict[str, bytes]:
+    """Every object under an s3:// prefix, by name relative to it, with its bytes: compares equal to tree() of the
+    same files."""
+    import boto3
+
+    bucket, prefix = url[len("s3://") :].split("/", 1)
+    client = boto3.client("s3")
+    keys = [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+        for o in page.get("Contents", [])
+    ]
+    return {k[len(prefix) + 1 :]: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in sorted(keys)}

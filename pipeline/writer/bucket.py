@@ -163,7 +163,12 @@ def names(b: Bucket, under: str = "") -> list[str]:
 def check_bucket(b: Bucket) -> None:
     """Fail before the (long) scan of --src when the bucket cannot be reached."""
     with errors(b.url):
-        client().head_bucket(Bucket=b.name)
+        try:
+            client().head_bucket(Bucket=b.name)
+        except ClientError as e:
+            if code(e) in MISSING:  # a HEAD has no body to say NoSuchBucket in
+                raise BucketError(f"{b.url}: no such bucket; create it or correct the URL") from None
+            raise
 
 
 def stored(b: Bucket, name: str, size: int, sha256: str) -> bool:
