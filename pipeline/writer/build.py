@@ -11,7 +11,6 @@ import re
 import shutil
 import sys
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +20,15 @@ from tqdm import tqdm
 from pipeline.lock import LOCK, Busy
 from pipeline.manifest import FORMAT_VERSION, MANIFEST
 from pipeline.settings import at_least, between, option
-from pipeline.writer import stats
 from pipeline.writer.bucket import BucketError
 from pipeline.writer.images import Resize, parse_resize
-from pipeline.writer.layout import empty_classes, scan
+from pipeline.writer.layout import scan
 from pipeline.writer.output import ARGS, MERGE, PROGRESS, Folder, Remote, UsageError, lock_name, open_output
-from pipeline.writer.plan import fingerprint, plan, shown
+from pipeline.writer.plan import fingerprint, plan
+from pipeline.writer.summary import build_manifest, run_record, summarize
 from pipeline.writer.task import ShardTask, write_task
 from pipeline.writer.workers import completed
 
-TOOL = "tools/shard_imagenet.py"
 MERGE_PATIENCE = 300  # seconds a rank waits for another's merge (a few seconds' work) before it gives up
 
 
@@ -86,10 +84,6 @@ class ShardConfig:
             "shard_size": self.shard_size,
             "seed": self.seed,
         }
-
-
-def run_record(cfg: ShardConfig) -> dict:
-    return {"source": str(cfg.src.resolve()), "args": cfg.output_args()}
 
 
 Output = Folder | Remote
@@ -191,8 +185,11 @@ def resume(cfg: ShardConfig, out: Output, resize: Resize) -> int:
     ]
     mine = shards[rank::world]
     out.clear([stem for _, stem, _ in mine])
-    ours = json.dumps({**run_record(cfg), "fingerprint": current}).encode()
-    if not out.create(ARGS, ours) and json.loads(out.read(ARGS) or b"{}").get("fingerprint") != current:
+    ours = {**run_record(cfg), "fingerprint": current}
+    theirs = None if out.create(ARGS, json.dumps(ours).encode()) else json.loads(out.read(ARGS) or b"{}")
+    if theirs is not None and {k: theirs.get(k) for k in ("source", "args")} != run_record(cfg):
+        previous(cfg, out)  # a rank with other arguments wrote the plan since this one looked: refused by name
+    if theirs is not None and theirs.get("fingerprint") != current:
         if others := live_others(out):
             raise UsageError(
                 f"--out {out.url} is being written with another plan ({others[0]}): --src changed since it started, "
@@ -203,7 +200,7 @@ def resume(cfg: ShardConfig, out: Output, resize: Resize) -> int:
             f"an older version of the sharder: planning again; the shards written so far are discarded"
         )
         discard(out, cfg.splits)
-        out.write(ARGS, ours)
+        out.write(ARGS, json.dumps(ours).encode())
     return write_all(cfg, out, src, resize, shards, mine)
 
 
@@ -309,74 +306,3 @@ def strict_status(cfg: ShardConfig, manifest: dict) -> int:
         )
         return 1
     return 0
-
-
-def build_manifest(cfg, src, resize: Resize, shards, records, stats_split: str) -> dict:
-    splits, moments, repaired, rejected = {}, stats.ZERO, [], list(src.rejected)
-    for split, stem, _ in shards:
-        rec = records[stem]
-        entry = splits.setdefault(split, {"count": 0, "shards": [], "min_side": None})
-        if rec["shard"]:
-            entry["shards"].append(rec["shard"])
-            entry["count"] += rec["shard"]["count"]
-            entry["min_side"] = min(rec["min_side"], entry["min_side"] or rec["min_side"])  # for run.py's crop check
-        if split == stats_split:
-            moments = stats.add(moments, rec["moments"])
-        repaired += rec["repaired"]
-        rejected += rec["rejected"]
-    for split in cfg.splits:
-        splits.setdefault(split, {"count": 0, "shards": [], "min_side": None})
-    rejected = sorted(rejected, key=lambda r: r["file"])
-    return {
-        "format_version": FORMAT_VERSION,
-        "tool": TOOL,
-        **run_record(cfg),
-        "fingerprint": fingerprint(src),
-        "layout": src.layout,
-        "preprocessing": {
-            "resize": cfg.resize,
-            "size": resize.size,
-            "quality": cfg.quality,
-            "resample": "bicubic",
-            "chroma_subsampling": "4:2:0",
-            "stats_split": stats_split,
-        },
-        "classes": src.classes,
-        "splits": splits,
-        "stats": stats.finish(moments),
-        "repaired": sorted(repaired, key=lambda r: r["file"]),
-        "rejected": rejected,
-        "skipped": sorted(src.skipped, key=lambda r: r["file"]),
-        "empty_classes": empty_classes(src, {r["file"] for r in rejected}),
-    }
-
-
-def summarize(manifest: dict, processed: int, elapsed: float, nbytes: int, peak_rss: int) -> None:
-    for kind in ("repaired", "rejected"):
-        for r in manifest[kind]:
-            print(f"{kind}: {shown(r['file'])}: {r['reason']}")
-    if manifest["skipped"]:
-        kinds = Counter(
-            os.path.splitext(r["file"])[1].lower() or os.path.basename(r["file"])
-            if r["reason"] != "hidden file"
-            else "hidden"
-            for r in manifest["skipped"]
-        )
-        print(
-            f"skipped, not images: {len(manifest['skipped'])} "
-            f"({', '.join(f'{n} {shown(k)}' for k, n in sorted(kinds.items(), key=lambda kn: (-kn[1], kn[0])))}), "
-            f"listed in manifest.json"
-        )
-    for folder in manifest["empty_classes"]:
-        print(
-            f"warning: class folder {shown(folder)} has no usable image: its class keeps its index with 0 samples; "
-            f"add images or remove the folder",
-            file=sys.stderr,
-        )
-    counts = ", ".join(f"{s} {v['count']} in {len(v['shards'])} shards" for s, v in manifest["splits"].items())
-    written = sum(v["count"] for v in manifest["splits"].values())
-    print(
-        f"done: {written} images written ({counts}); {len(manifest['repaired'])} repaired, "
-        f"{len(manifest['rejected'])} rejected; this run {processed} images, {nbytes / 1e6:.1f} MB, "
-        f"{processed / max(elapsed, 1e-9):.0f} images/s; peak memory per worker {peak_rss / 2**20:.0f} MiB"
-    )
