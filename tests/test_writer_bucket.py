@@ -16,6 +16,8 @@ import pytest
 from conftest import objects, one_line, tree
 
 import pipeline.writer.build as shard_build
+from pipeline.lock import Busy
+from pipeline.writer import bucket
 from tools.shard_imagenet import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,15 +66,15 @@ def test_the_bucket_holds_exactly_the_bytes_of_a_local_run_and_verifies(demo_src
 
 def test_verify_names_each_missing_damaged_and_stray_object(demo_src, reference, bucket_url, capsys):
     assert shard(demo_src, bucket_url) == 0
-    client, bucket, _ = s3_object(bucket_url, "")
+    client, bname, _ = s3_object(bucket_url, "")
     manifest = json.loads(reference["manifest.json"])
     train = manifest["splits"]["train"]["shards"]
     gone, damaged = train[0]["index"], train[1]["tar"]
-    client.delete_object(Bucket=bucket, Key=s3_object(bucket_url, gone)[2])
+    client.delete_object(Bucket=bname, Key=s3_object(bucket_url, gone)[2])
     flipped = bytearray(reference[damaged])
     flipped[len(flipped) // 2] ^= 1
-    client.put_object(Bucket=bucket, Key=s3_object(bucket_url, damaged)[2], Body=bytes(flipped))
-    client.put_object(Bucket=bucket, Key=s3_object(bucket_url, "copy-of-train.tar")[2], Body=reference[damaged])
+    client.put_object(Bucket=bname, Key=s3_object(bucket_url, damaged)[2], Body=bytes(flipped))
+    client.put_object(Bucket=bname, Key=s3_object(bucket_url, "copy-of-train.tar")[2], Body=reference[damaged])
     capsys.readouterr()
     assert main(["--verify", bucket_url]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("verifying")]
@@ -98,8 +100,8 @@ def test_a_stopped_run_continues_from_the_checked_uploads_to_the_same_bytes(
         assert shard(demo_src, bucket_url) == 130
     stopped = objects(bucket_url)
     assert "manifest.json" not in stopped and {f"{s}.tar" for s in calls[:3]} <= stopped.keys()
-    client, bucket, key = s3_object(bucket_url, f"{calls[1]}.tar")
-    client.put_object(Bucket=bucket, Key=key, Body=bytes(len(stopped[f"{calls[1]}.tar"])))
+    client, bname, key = s3_object(bucket_url, f"{calls[1]}.tar")
+    client.put_object(Bucket=bname, Key=key, Body=bytes(len(stopped[f"{calls[1]}.tar"])))
     capsys.readouterr()
     assert shard(demo_src, bucket_url) == 0
     assert "resuming: 2 of 8 shards already complete" in capsys.readouterr().out
@@ -136,13 +138,30 @@ def test_a_second_writer_is_refused_and_a_killed_writers_lock_is_taken_over_on_i
     assert objects(bucket_url) == reference
 
 
-def test_a_lock_held_on_another_machine_is_never_taken_over(demo_src, bucket_url, capsys):
-    client, bucket, key = s3_object(bucket_url, ".lock")
+def test_a_lock_held_on_another_machine_is_taken_over_only_once_its_lease_lapses(
+    demo_src, reference, bucket_url, monkeypatch, capsys
+):
+    monkeypatch.setattr(bucket, "LEASE", 2.0)
+    client, name, key = s3_object(bucket_url, ".lock")
     holder = {"host": "node-17", "pid": 4242, "pid_started": 0, "started": "2026-01-01 00:00:00", "command": "x"}
-    client.put_object(Bucket=bucket, Key=key, Body=json.dumps(holder).encode())
+    client.put_object(Bucket=name, Key=key, Body=json.dumps(holder).encode())
     assert shard(demo_src, bucket_url) == 2
-    line = one_line(capsys.readouterr().err, "host node-17, pid 4242", f"delete {bucket_url}/.lock")
-    assert "Traceback" not in line and objects(bucket_url).keys() == {".lock"}
+    one_line(capsys.readouterr().err, f"--out {bucket_url} is being written by another run", "host node-17, pid 4242")
+    assert objects(bucket_url).keys() == {".lock"}
+    time.sleep(3.5)  # the holder renewed nothing for longer than a lease
+    assert shard(demo_src, bucket_url) == 0
+    assert objects(bucket_url) == reference
+
+
+def test_a_live_holder_renews_its_lock_so_it_never_lapses(bucket_url, monkeypatch):
+    monkeypatch.setattr(bucket, "LEASE", 2.0)
+    b = bucket.parse_url(bucket_url)
+    with bucket.hold(b, ".lock") as lease:
+        time.sleep(5)  # two and a half leases
+        with pytest.raises(Busy, match="pid"), bucket.hold(b, ".lock"):
+            pass
+        assert not lease.lost and bucket.writer(b, ".lock") is not None
+    assert bucket.writer(b, ".lock") is None and objects(bucket_url) == {}
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """A shard folder in an S3 bucket (AWS, or MinIO, Ceph, R2 through AWS_ENDPOINT_URL), through boto3 and its standard
 credential chain: the URL, reads and listings, uploads checked against their sha256, and a lock object made by a
-conditional write (If-None-Match), taken over only from a holder that is certainly dead."""
+conditional write (If-None-Match), renewed while its run lives and taken over only from a holder that is certainly
+dead: gone from this machine, or not renewed for a whole lease."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import boto3
@@ -29,6 +32,9 @@ from pipeline.lock import Busy
 SCHEME = "s3"
 MISSING = {"404", "NoSuchKey", "NotFound"}
 REFUSED = {"412", "PreconditionFailed", "ConditionalRequestConflict"}
+# Seconds a lock object stays valid after its holder last renewed it (4 times per lease). Its age is measured on the
+# store's clock alone (the Date of a response minus the object's Last-Modified), so machines' clocks need not agree.
+LEASE = 120.0
 
 
 class BucketError(Exception):
@@ -111,8 +117,8 @@ def errors(url: str):
         raise BucketError(f"{url}: {type(e).__name__}: {e}") from None
 
 
-def fetch(b: Bucket, name: str) -> tuple[bytes, str] | None:
-    """An object's bytes and ETag, None if there is none."""
+def fetch(b: Bucket, name: str) -> tuple[bytes, str, float] | None:
+    """An object's bytes, ETag and age in seconds, None if there is none."""
     with errors(b.url):
         try:
             r = client().get_object(Bucket=b.name, Key=b.key(name))
@@ -120,7 +126,8 @@ def fetch(b: Bucket, name: str) -> tuple[bytes, str] | None:
             if code(e) in MISSING:
                 return None
             raise
-        return r["Body"].read(), r["ETag"]
+        now = parsedate_to_datetime(r["ResponseMetadata"]["HTTPHeaders"]["date"])
+        return r["Body"].read(), r["ETag"], (now - r["LastModified"]).total_seconds()
 
 
 def get(b: Bucket, name: str) -> bytes | None:
@@ -241,20 +248,45 @@ def dead(holder: dict) -> bool:
         return False
 
 
-def holder_of(b: Bucket, name: str) -> tuple[dict, str] | None:
+def holder_of(b: Bucket, name: str) -> tuple[dict, str, float] | None:
     found = fetch(b, name)
     if found is None:
         return None
     try:
-        return json.loads(found[0]), found[1]
+        return json.loads(found[0]), found[1], found[2]
     except ValueError:
-        return {}, found[1]
+        return {}, found[1], found[2]
+
+
+def lapsed(current: tuple[dict, str, float]) -> bool:
+    holder, _, age = current
+    return dead(holder) or age > LEASE
+
+
+class Lease(threading.Thread):
+    """Renews a held lock object (If-Match its last ETag) until stopped; `lost` once another run has taken it over."""
+
+    def __init__(self, b: Bucket, name: str, body: bytes, etag: str):
+        super().__init__(daemon=True)
+        self.b, self.name, self.body, self.etag = b, name, body, etag
+        self.lost, self.stopped = False, threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(LEASE / 4):
+            try:
+                etag = put(self.b, self.name, self.body, if_match=self.etag)
+            except BucketError:  # a passing failure: the next renewal is still inside the lease
+                continue
+            if etag is None:
+                self.lost = True
+                return
+            self.etag = etag
 
 
 @contextmanager
 def hold(b: Bucket, name: str):
-    """Hold the lock object `name` for the block, or raise Busy naming its holder. Created with If-None-Match, so of
-    two runs only one gets it; a dead holder on this machine is replaced with If-Match, so only one takes it over."""
+    """Hold the lock object `name` for the block (yielding its Lease), or raise Busy naming its holder. It is created
+    with If-None-Match, so of two runs one gets it; a lapsed one is replaced with If-Match, so one takes it over."""
     me = psutil.Process()
     body = json.dumps(
         {
@@ -271,19 +303,22 @@ def hold(b: Bucket, name: str):
         if current is None:  # released meanwhile
             etag = put(b, name, body, if_none_match=True)
             continue
-        holder, theirs = current
-        if not dead(holder) or (etag := put(b, name, body, if_match=theirs)) is None:
+        if not lapsed(current) or (etag := put(b, name, body, if_match=current[1])) is None:
             raise Busy(
-                f"--out {b.url} is being written by another run ({describe(holder)}); wait for it to end or stop "
-                f"it, then rerun (if it died on another machine, delete {b.url}/{name} first)"
+                f"--out {b.url} is being written by another run ({describe(current[0])}); wait for it to end or "
+                f"stop it, then rerun (the lock of a run killed on another machine lapses {LEASE:.0f} s after it)"
             )
+    lease = Lease(b, name, body, etag)
+    lease.start()
     try:
-        yield
+        yield lease
     finally:
-        delete(b, name, if_match=etag)
+        lease.stopped.set()
+        lease.join()
+        delete(b, name, if_match=lease.etag)
 
 
 def writer(b: Bucket, name: str) -> str | None:
-    """The run holding lock object `name`, described, or None (a dead holder on this machine counts as none)."""
+    """The run holding lock object `name`, described, or None (a lapsed lock counts as none)."""
     current = holder_of(b, name)
-    return None if current is None or dead(current[0]) else describe(current[0])
+    return None if current is None or lapsed(current) else describe(current[0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline import lock
@@ -114,7 +115,7 @@ class Folder:
 class Remote:
     def __init__(self, b: Bucket, own_lock: str):
         self.bucket, self.url, self.own_lock = b, b.url, own_lock
-        self.staging, self.target = None, b
+        self.staging, self.target, self.lease = None, b, None
 
     def check(self) -> None:
         try:
@@ -122,8 +123,12 @@ class Remote:
         except bucket.BucketError as e:
             raise UsageError(str(e)) from None
 
+    @contextmanager
     def lock(self, name: str):
-        return bucket.hold(self.bucket, name)
+        with bucket.hold(self.bucket, name) as lease:
+            if name == self.own_lock:
+                self.lease = lease
+            yield
 
     def writer(self, name: str) -> str | None:
         return bucket.writer(self.bucket, name)
@@ -135,6 +140,11 @@ class Remote:
         return bucket.get(self.bucket, name)
 
     def write(self, name: str, data: bytes) -> None:
+        if self.lease is not None and self.lease.lost:  # a record or manifest now could mix two runs' output
+            raise bucket.BucketError(
+                f"{self.url}/{self.own_lock}: another run took this run's lock over (it went {bucket.LEASE:.0f} s "
+                f"without renewing it: stopped, or cut off); this run stops here"
+            )
         bucket.put(self.bucket, name, data)
 
     def create(self, name: str, data: bytes) -> bool:
