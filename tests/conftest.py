@@ -1,9 +1,9 @@
-"""Shared fixtures: GPU tests skip cleanly without CUDA; a tiny synthetic ImageNet and its shards, built once; deny.
-Shared helpers, imported by test modules with `from conftest import ...`: tree, decode, one_line."""
+"""Shared fixtures: GPU tests skip cleanly without CUDA; a tiny synthetic ImageNet and its shards, built once; deny;
+a real S3 API (moto_server) and an empty bucket on it.
+Helpers the test modules import are in helpers.py."""
 
 import builtins
 import errno
-import io
 import os
 import socket
 import subprocess
@@ -12,10 +12,8 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pipeline.synthetic import make_dataset
 from tools.shard_imagenet import main as shard_main
@@ -110,28 +108,6 @@ def deny(monkeypatch):
         d.chmod(0o755)
 
 
-def tree(folder: Path) -> dict[str, bytes]:
-    """Every file under folder, by relative path, with its bytes: two trees compare equal when byte-identical."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def decode(jpeg: bytes) -> np.ndarray:
-    """A JPEG's RGB pixels as float64 (Pillow), for comparisons with a tolerance."""
-    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).astype(np.float64)
-
-
-def one_line(err: str, *says: str, progress: str | None = None) -> str:
-    """The one line of a program's error output `err` (lines starting with `progress` aside, carriage returns as line
-    ends), having checked that it is one line, no traceback, and says all of `says`."""
-    lines = [
-        line
-        for line in err.replace("\r", "\n").splitlines()
-        if line.strip() and not (progress and line.startswith(progress))
-    ]
-    assert len(lines) == 1 and "Traceback" not in err and all(s in lines[0] for s in says), err
-    return lines[0]
-
-
 @pytest.fixture(scope="session")
 def moto_server() -> str:
     """A real S3 API (moto_server) on 127.0.0.1 at a free port, for the session; its endpoint URL."""
@@ -177,18 +153,3 @@ def bucket_url(moto_server, monkeypatch, tmp_path) -> str:
     name = f"b-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return f"s3://{name}/shards"
-
-
-def objects(url: str) -> dict[str, bytes]:
-    """Every object under an s3:// prefix, by name relative to it, with its bytes: compares equal to tree() of the
-    same files."""
-    import boto3
-
-    bucket, prefix = url[len("s3://") :].split("/", 1)
-    client = boto3.client("s3")
-    keys = [
-        o["Key"]
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-        for o in page.get("Contents", [])
-    ]
-    return {k[len(prefix) + 1 :]: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in sorted(keys)}

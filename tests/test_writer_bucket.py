@@ -13,7 +13,7 @@ from pathlib import Path
 import boto3
 import psutil
 import pytest
-from conftest import objects, one_line, tree
+from helpers import objects, one_line, tree
 
 import pipeline.writer.build as shard_build
 from pipeline.lock import Busy

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import objects, one_line, tree
+from helpers import objects, one_line, tree
 
 from tools.shard_imagenet import main, parse_config
 
