@@ -189,3 +189,5 @@ def test_a_missing_bucket_is_one_line_naming_it(demo_src, bucket_url, capsys):
     missing = bucket_url.replace("s3://b-", "s3://nobucket-")
     assert shard(demo_src, missing) == 2
     one_line(capsys.readouterr().err, missing, "no such bucket")
+    assert main(["--verify", missing]) == 2
+    one_line(capsys.readouterr().err, missing, "no such bucket")

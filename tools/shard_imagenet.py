@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline.settings import parse, show
-from pipeline.writer.bucket import parse_url
+from pipeline.writer.bucket import BucketError, parse_url
 from pipeline.writer.build import ShardConfig, UsageError, shard
 from pipeline.writer.layout import LayoutError
 from pipeline.writer.verify import verify, verify_bucket
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             bucket = parse_url(cfg.verify)
             return verify_bucket(bucket, cfg.workers) if bucket else verify(Path(cfg.verify), cfg.workers)
         return shard(cfg)
-    except (UsageError, LayoutError) as e:
+    except (UsageError, LayoutError, BucketError) as e:
         print(f"shard_imagenet: {e}", file=sys.stderr)
         return 2
     except WorkerDied as e:
