@@ -1,6 +1,6 @@
 """Sharding on several machines, measured on this one: the wall clock of 2 ranks against 1 on the same synthetic source,
-and the time the last rank takes to merge the manifest from the other rank's records, against the bytes sharded (with
-what hashing every shard again would cost beside it).
+and the time the last rank takes to merge the manifest from the other rank's records, against the bytes sharded, into a
+folder and into a bucket on moto_server (with what reading every shard again would cost beside it).
 
 python -m tools.bench_sharding [--images 1536] [--sizes 64 256 1024]
 """
@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
+import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import boto3
 
 import pipeline.writer.build as build
 from pipeline.manifest import sha256_file
@@ -76,25 +81,77 @@ def timed_merge(argv: list[str]) -> float:
     return spent[0]
 
 
+@contextlib.contextmanager
+def s3_server():
+    """moto_server (a real S3 API, from requirements-dev.txt) on 127.0.0.1, the AWS variables pointing at it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_REGION="us-east-1",
+    )
+    try:
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield boto3.client("s3")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def merge_cost(tmp: Path, sizes: list[int], per_class: int) -> None:
-    """The last rank's merge (the other rank's records read, its files checked by their size and mtime) as the shards
-    grow 250x in bytes at a fixed shard count; beside it, reading every shard once to hash it."""
-    print("| image side | MB sharded | shards | merge s | hashing every shard again s |\n|---|---|---|---|---|")
-    for side in sizes:
-        src = make_dataset(tmp / f"src{side}", 4, per_class, 0, size_range=(side, side), seed=side)
-        out = tmp / f"out{side}"
-        argv = ["--src", str(src), "--out", str(out), "--splits", "train", "--resize", "none"]
-        argv += ["--shard-size", str(per_class // 4), "--workers", "2", "--world-size", "2"]
-        if timed([*argv, "--rank", "0"]) <= 0:
-            return
-        spent = timed_merge([*argv, "--rank", "1"])
-        tars = sorted(out.glob("*.tar"))
-        start = time.perf_counter()
-        for t in tars:
+    """The last rank's merge (the other rank's records read, its files checked by size and mtime in a folder, by a
+    HEAD in a bucket) as the shards grow in bytes at a fixed shard count; beside it, reading every shard once to hash
+    it."""
+    sources = {
+        side: make_dataset(tmp / f"src{side}", 4, per_class, 0, size_range=(side, side), seed=side) for side in sizes
+    }
+    print("| --out | image side | MB sharded | shards | merge s | reading and hashing every shard once, s |")
+    print("|---|---|---|---|---|---|")
+    with s3_server() as client:
+        for where in ("folder", "bucket"):
+            for side, src in sources.items():
+                if where == "bucket":
+                    client.create_bucket(Bucket=f"bench-{side}")
+                    out = f"s3://bench-{side}/shards"
+                else:
+                    out = str(tmp / f"out{side}")
+                argv = ["--src", str(src), "--out", out, "--splits", "train", "--resize", "none"]
+                argv += ["--shard-size", str(per_class // 4), "--workers", "2", "--world-size", "2"]
+                timed([*argv, "--rank", "0"])
+                spent = timed_merge([*argv, "--rank", "1"])
+                mb, count, hashing = rehash(client, out)
+                print(f"| {where} | {side} | {mb:.1f} | {count} | {spent:.3f} | {hashing:.3f} |")
+
+
+def rehash(client, out: str) -> tuple[float, int, float]:
+    """MB and number of the shards in `out`, and the seconds it takes to read and hash each once."""
+    start, total, count = time.perf_counter(), 0, 0
+    if out.startswith("s3://"):
+        name, prefix = out[len("s3://") :].split("/", 1)
+        for o in client.list_objects_v2(Bucket=name, Prefix=prefix + "/")["Contents"]:
+            if o["Key"].endswith(".tar"):
+                h = hashlib.sha256()
+                for chunk in client.get_object(Bucket=name, Key=o["Key"])["Body"].iter_chunks(1 << 22):
+                    h.update(chunk)
+                total, count = total + o["Size"], count + 1
+    else:
+        for t in sorted(Path(out).glob("*.tar")):
             sha256_file(t)
-        hashing = time.perf_counter() - start
-        mb = sum(t.stat().st_size for t in tars) / 1e6
-        print(f"| {side} | {mb:.1f} | {len(tars)} | {spent:.3f} | {hashing:.3f} |")
+            total, count = total + t.stat().st_size, count + 1
+    return total / 1e6, count, time.perf_counter() - start
 
 
 def main(argv=None) -> int:
