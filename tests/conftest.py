@@ -1,19 +1,16 @@
 """Shared fixtures: GPU tests skip cleanly without CUDA; a tiny synthetic ImageNet and its shards, built once; deny;
-a real S3 API (moto_server) and an empty bucket on it.
+an S3 API on loopback (moto_endpoint), the AWS environment pointing at it (aws) and an empty bucket on it (bucket_url).
 Helpers the test modules import are in helpers.py."""
 
 import builtins
 import errno
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import start_moto
 
 from pipeline.synthetic import make_dataset
 from tools.shard_imagenet import main as shard_main
@@ -109,47 +106,40 @@ def deny(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def moto_server() -> str:
-    """A real S3 API (moto_server) on 127.0.0.1 at a free port, for the session; its endpoint URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
-            time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+def moto_endpoint():
+    """moto_server on 127.0.0.1 for the whole session (it starts in ~1 s), killed at its end: its endpoint URL."""
+    proc, endpoint = start_moto()
+    yield endpoint
     proc.kill()
     proc.wait()
 
 
 @pytest.fixture
-def bucket_url(moto_server, monkeypatch, tmp_path) -> str:
-    """s3://<a new, empty bucket>/shards on moto_server, with the standard AWS variables (and only those) pointing at
-    it, for this process and the programs it starts."""
-    import boto3
-
+def aws(monkeypatch, tmp_path, moto_endpoint):
+    """boto3's standard chain from the environment alone (no ~/.aws, no instance metadata), at moto_endpoint, two
+    attempts per request, the default cache folder in tmp_path: the monkeypatch, to change any of it."""
     for k in [k for k in os.environ if k.startswith("AWS_")]:
         monkeypatch.delenv(k)
     for k, v in {
-        "AWS_ENDPOINT_URL": moto_server,
+        "AWS_ENDPOINT_URL": moto_endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-test-secret",
         "AWS_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-credentials"),
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
         "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_MAX_ATTEMPTS": "2",
+        "XDG_CACHE_HOME": str(tmp_path / "xdg"),
     }.items():
         monkeypatch.setenv(k, v)
+    return monkeypatch
+
+
+@pytest.fixture
+def bucket_url(aws) -> str:
+    """s3://<a new, empty bucket>/shards on moto_endpoint, for this process and the programs it starts (aws)."""
+    import boto3
+
     name = f"b-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return f"s3://{name}/shards"
