@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from pipeline.settings import parse, show
-from pipeline.writer.bucket import BucketError, parse_url
+from pipeline.store import StoreError
+from pipeline.writer.bucket import parse_url
 from pipeline.writer.build import ShardConfig, UsageError, shard
 from pipeline.writer.layout import LayoutError
 from pipeline.writer.verify import verify, verify_bucket
@@ -59,7 +60,7 @@ def parse_config(argv) -> ShardConfig:
     for name in ("out", "verify"):
         try:
             parse_url(getattr(cfg, name) or "")
-        except ValueError as e:
+        except StoreError as e:
             parser.error(f"--{name} {e}")
     if cfg.verify:
         return cfg
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
             bucket = parse_url(cfg.verify)
             return verify_bucket(bucket, cfg.workers) if bucket else verify(Path(cfg.verify), cfg.workers)
         return shard(cfg)
-    except (UsageError, LayoutError, BucketError) as e:
+    except (UsageError, LayoutError, StoreError) as e:
         print(f"shard_imagenet: {e}", file=sys.stderr)
         return 2
     except WorkerDied as e:

@@ -1,6 +1,6 @@
-"""A shard folder in an S3 bucket (AWS, or MinIO, Ceph, R2 through AWS_ENDPOINT_URL), through boto3 and its standard
-credential chain: the URL, reads and listings, uploads checked against their sha256, and a lock object made by a
-conditional write (If-None-Match), renewed while its run lives and taken over only from a holder that is certainly
+"""The sharder's side of a shard folder in an S3 bucket (AWS, or MinIO, Ceph, R2 through AWS_ENDPOINT_URL), on
+pipeline/store.py's client and one-line errors: uploads checked against their sha256, conditional writes, and a lock
+object made by one (If-None-Match), renewed while its run lives and taken over only from a holder that is certainly
 dead: gone from this machine, or not renewed for a whole lease."""
 
 from __future__ import annotations
@@ -16,113 +16,67 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from contextlib import contextmanager
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-import boto3
+import botocore.exceptions as bx
 import psutil
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
+from pipeline import store
 from pipeline.lock import Busy
+from pipeline.store import CONFLICT, MISSING, Location, StoreError
 
-SCHEME = "s3"
-MISSING = {"404", "NoSuchKey", "NotFound"}
-REFUSED = {"412", "PreconditionFailed", "ConditionalRequestConflict"}
 # Seconds a lock object stays valid after its holder last renewed it (4 times per lease). Its age is measured on the
 # store's clock alone (the Date of a response minus the object's Last-Modified), so machines' clocks need not agree.
 LEASE = 120.0
 
 
-class BucketError(Exception):
-    """The bucket cannot be used (no such bucket, access denied, no connection); one line naming the URL."""
-
-
-@dataclass(frozen=True)
-class Bucket:
-    name: str
-    prefix: str  # no leading or trailing "/"; "" for the bucket's root
-
-    @property
-    def url(self) -> str:
-        return f"{SCHEME}://{self.name}/{self.prefix}".rstrip("/")
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}/{name}" if self.prefix else name
-
-
-def parse_url(text: str) -> Bucket | None:
-    """s3://bucket/prefix as a Bucket, None for a local path; ValueError (one line) for any other URL."""
-    if "://" not in text:
+def parse_url(text: str) -> Location | None:
+    """s3://bucket/prefix as a Location, None for a local path; StoreError (one line) for any other URL."""
+    if not store.is_url(text):
         return None
-    u = urllib.parse.urlsplit(text)
-    if u.scheme != SCHEME:
-        raise ValueError(
-            f"{text}: {u.scheme or 'this'}:// URLs are not supported; use s3://BUCKET/PREFIX (AWS, or MinIO, Ceph, "
-            f"R2 through AWS_ENDPOINT_URL) or a local folder"
+    where = store.parse_url(text)
+    if where.scheme != "s3":
+        raise StoreError(
+            f"{where.url}: the sharder writes to s3:// only (AWS, or MinIO, Ceph, R2 through AWS_ENDPOINT_URL); "
+            f"give s3://BUCKET/PREFIX or a local folder"
         )
-    if "@" in u.netloc:  # never echo the secret back
-        raise ValueError(
-            f"{SCHEME}://...@{u.hostname}: a URL carrying credentials; remove them from the URL and use "
-            f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role"
-        )
-    if not u.netloc or u.query or u.fragment or ".." in u.path.split("/"):
-        raise ValueError(f"{text}: not a bucket URL; use s3://BUCKET/PREFIX")
-    return Bucket(u.netloc, u.path.strip("/"))
+    return where
 
 
-_clients: dict[int, object] = {}
+_buckets: dict[tuple[int, str], store.Bucket] = {}
 
 
-def client():
-    """This process's S3 client (a forked worker makes its own: a client must not cross a fork)."""
-    pid = os.getpid()
-    if pid not in _clients:
-        _clients.clear()
-        _clients[pid] = boto3.session.Session().client(
-            "s3", config=Config(retries={"max_attempts": 8, "mode": "adaptive"})
-        )
-    return _clients[pid]
+def opened(b: Location) -> store.Bucket:
+    """This process's client of the bucket (a forked worker makes its own: a client must not cross a fork)."""
+    key = (os.getpid(), b.url)
+    if key not in _buckets:
+        if any(pid != key[0] for pid, _ in _buckets):
+            _buckets.clear()
+        _buckets[key] = store.Bucket(b.url, workers=16)
+    return _buckets[key]
 
 
-def code(e: ClientError) -> str:
+def code(e: bx.ClientError) -> str:
     return str(e.response.get("Error", {}).get("Code", ""))
 
 
 @contextmanager
-def errors(url: str):
-    """The client's exceptions as one line naming the URL and the fix."""
+def errors(b: Location, name: str = ""):
+    """The client's exceptions as one line naming the object's URL (pipeline.store's wording)."""
     try:
         yield
-    except ClientError as e:
-        c = code(e)
-        if c == "NoSuchBucket":
-            raise BucketError(f"{url}: no such bucket; create it or correct the URL") from None
-        if c in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            raise BucketError(
-                f"{url}: access denied ({c}); check the credentials (AWS_PROFILE, AWS_ACCESS_KEY_ID) and the "
-                f"bucket's policy"
-            ) from None
-        raise BucketError(f"{url}: {c}: {e.response.get('Error', {}).get('Message', e)}") from None
-    except NoCredentialsError:
-        raise BucketError(
-            f"{url}: no credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role"
-        ) from None
-    except EndpointConnectionError as e:
-        raise BucketError(f"{url}: cannot connect to {e.kwargs.get('endpoint_url')}; check AWS_ENDPOINT_URL") from None
-    except BotoCoreError as e:
-        raise BucketError(f"{url}: {type(e).__name__}: {e}") from None
+    except Exception as e:
+        raise opened(b).error(name, e) from None
 
 
-def fetch(b: Bucket, name: str) -> tuple[bytes, str, float] | None:
+def fetch(b: Location, name: str) -> tuple[bytes, str, float] | None:
     """An object's bytes, ETag and age in seconds, None if there is none."""
-    with errors(b.url):
+    with errors(b, name):
         try:
-            r = client().get_object(Bucket=b.name, Key=b.key(name))
-        except ClientError as e:
+            r = opened(b).client.get_object(Bucket=b.bucket, Key=b.key(name))
+        except bx.ClientError as e:
             if code(e) in MISSING:
                 return None
             raise
@@ -130,61 +84,60 @@ def fetch(b: Bucket, name: str) -> tuple[bytes, str, float] | None:
         return r["Body"].read(), r["ETag"], (now - r["LastModified"]).total_seconds()
 
 
-def get(b: Bucket, name: str) -> bytes | None:
+def get(b: Location, name: str) -> bytes | None:
     found = fetch(b, name)
     return found and found[0]
 
 
-def put(b: Bucket, name: str, data: bytes, if_none_match: bool = False, if_match: str | None = None) -> str | None:
+def put(b: Location, name: str, data: bytes, if_none_match: bool = False, if_match: str | None = None) -> str | None:
     """Write an object, only if there is none (if_none_match) or if it is still `if_match`; its ETag, or None when
     that condition failed."""
     extra = {"IfNoneMatch": "*"} if if_none_match else {"IfMatch": if_match} if if_match else {}
-    with errors(b.url):
+    with errors(b, name):
         try:
-            return client().put_object(Bucket=b.name, Key=b.key(name), Body=data, **extra)["ETag"]
-        except ClientError as e:
-            if code(e) in REFUSED or (if_none_match and code(e) == "409"):
+            return opened(b).client.put_object(Bucket=b.bucket, Key=b.key(name), Body=data, **extra)["ETag"]
+        except bx.ClientError as e:
+            if code(e) in CONFLICT or (if_none_match and code(e) == "409"):
                 return None
             raise
 
 
-def delete(b: Bucket, *names: str, if_match: str | None = None) -> None:
-    with errors(b.url):
-        for name in names:
+def delete(b: Location, *names: str, if_match: str | None = None) -> None:
+    for name in names:
+        with errors(b, name):
             try:
-                client().delete_object(Bucket=b.name, Key=b.key(name), **({"IfMatch": if_match} if if_match else {}))
-            except ClientError as e:
-                if code(e) not in MISSING | REFUSED:
+                opened(b).client.delete_object(
+                    Bucket=b.bucket, Key=b.key(name), **({"IfMatch": if_match} if if_match else {})
+                )
+            except bx.ClientError as e:
+                if code(e) not in MISSING | CONFLICT:
                     raise
 
 
-def names(b: Bucket, under: str = "") -> list[str]:
+def names(b: Location, under: str = "") -> list[str]:
     """The objects under the prefix (and `under` in it), as names relative to the prefix."""
-    start = b.key(under) if under else (b.prefix + "/" if b.prefix else "")
-    with errors(b.url):
-        pages = client().get_paginator("list_objects_v2").paginate(Bucket=b.name, Prefix=start)
-        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
-    return [k[len(b.prefix) + 1 :] if b.prefix else k for k in keys]
+    return sorted(n for n in opened(b).list() if n.startswith(under))
 
 
-def check_bucket(b: Bucket) -> None:
+def check_bucket(b: Location) -> None:
     """Fail before the (long) scan of --src when the bucket cannot be reached."""
-    with errors(b.url):
+    with errors(b):
         try:
-            client().head_bucket(Bucket=b.name)
-        except ClientError as e:
+            opened(b).client.head_bucket(Bucket=b.bucket)
+        except bx.ClientError as e:
             if code(e) in MISSING:  # a HEAD has no body to say NoSuchBucket in
-                raise BucketError(f"{b.url}: no such bucket; create it or correct the URL") from None
+                raise StoreError(f"{b.url}: no such bucket '{b.bucket}'; create it or correct the URL") from None
             raise
 
 
-def stored(b: Bucket, name: str, size: int, sha256: str) -> bool:
+def stored(b: Location, name: str, size: int, sha256: str) -> bool:
     """Whether the object holds exactly these bytes: its size, then the sha256 the store computed on upload (a
     read-back when the store keeps none)."""
-    with errors(b.url):
+    client = opened(b).client
+    with errors(b, name):
         try:
-            head = client().head_object(Bucket=b.name, Key=b.key(name), ChecksumMode="ENABLED")
-        except ClientError as e:
+            head = client.head_object(Bucket=b.bucket, Key=b.key(name), ChecksumMode="ENABLED")
+        except bx.ClientError as e:
             if code(e) in MISSING:
                 return False
             raise
@@ -194,32 +147,32 @@ def stored(b: Bucket, name: str, size: int, sha256: str) -> bool:
         if kept and "-" not in kept:
             return base64.b64decode(kept).hex() == sha256
         h = hashlib.sha256()
-        for chunk in client().get_object(Bucket=b.name, Key=b.key(name))["Body"].iter_chunks(1 << 22):
+        for chunk in client.get_object(Bucket=b.bucket, Key=b.key(name))["Body"].iter_chunks(1 << 22):
             h.update(chunk)
         return h.hexdigest() == sha256
 
 
-def upload(b: Bucket, path: Path, sha256: str) -> None:
+def upload(b: Location, path: Path, sha256: str) -> None:
     """Upload one file in one PUT that the store checks against its sha256, then confirm it is there whole."""
-    with errors(b.url), open(path, "rb") as f:
-        client().put_object(Bucket=b.name, Key=b.key(path.name), Body=f, ChecksumAlgorithm="SHA256")
+    with errors(b, path.name), open(path, "rb") as f:
+        opened(b).client.put_object(Bucket=b.bucket, Key=b.key(path.name), Body=f, ChecksumAlgorithm="SHA256")
     if not stored(b, path.name, path.stat().st_size, sha256):
-        raise BucketError(f"{b.url}/{path.name}: the uploaded object does not match the shard; rerun to upload again")
+        raise StoreError(f"{b.url}/{path.name}: the uploaded object does not match the shard; rerun to upload again")
 
 
-def download(b: Bucket, name: str, path: Path) -> bool:
+def download(b: Location, name: str, path: Path) -> bool:
     """Copy an object to a local file; False, and no file, when there is no such object."""
-    with errors(b.url):
+    with errors(b, name):
         try:
-            client().download_file(b.name, b.key(name), str(path))
+            opened(b).client.download_file(b.bucket, b.key(name), str(path))
             return True
-        except ClientError as e:
+        except bx.ClientError as e:
             if code(e) in MISSING:
                 return False
             raise
 
 
-def staging(b: Bucket, lock: str) -> Path:
+def staging(b: Location, lock: str) -> Path:
     """This machine's folder for shards on their way to the bucket: one per URL and lock (run or rank), under TMPDIR,
     emptied when the run that holds the lock starts (whatever is in it was never trusted)."""
     digest = hashlib.sha256(f"{b.url}\0{lock}".encode()).hexdigest()[:16]
@@ -248,7 +201,7 @@ def dead(holder: dict) -> bool:
         return False
 
 
-def holder_of(b: Bucket, name: str) -> tuple[dict, str, float] | None:
+def holder_of(b: Location, name: str) -> tuple[dict, str, float] | None:
     found = fetch(b, name)
     if found is None:
         return None
@@ -266,7 +219,7 @@ def lapsed(current: tuple[dict, str, float]) -> bool:
 class Lease(threading.Thread):
     """Renews a held lock object (If-Match its last ETag) until stopped; `lost` once another run has taken it over."""
 
-    def __init__(self, b: Bucket, name: str, body: bytes, etag: str):
+    def __init__(self, b: Location, name: str, body: bytes, etag: str):
         super().__init__(daemon=True)
         self.b, self.name, self.body, self.etag = b, name, body, etag
         self.lost, self.stopped = False, threading.Event()
@@ -275,7 +228,7 @@ class Lease(threading.Thread):
         while not self.stopped.wait(LEASE / 4):
             try:
                 etag = put(self.b, self.name, self.body, if_match=self.etag)
-            except BucketError:  # a passing failure: the next renewal is still inside the lease
+            except StoreError:  # a passing failure: the next renewal is still inside the lease
                 continue
             if etag is None:
                 self.lost = True
@@ -284,7 +237,7 @@ class Lease(threading.Thread):
 
 
 @contextmanager
-def hold(b: Bucket, name: str):
+def hold(b: Location, name: str):
     """Hold the lock object `name` for the block (yielding its Lease), or raise Busy naming its holder. It is created
     with If-None-Match, so of two runs one gets it; a lapsed one is replaced with If-Match, so one takes it over."""
     me = psutil.Process()
@@ -318,7 +271,7 @@ def hold(b: Bucket, name: str):
         delete(b, name, if_match=lease.etag)
 
 
-def writer(b: Bucket, name: str) -> str | None:
+def writer(b: Location, name: str) -> str | None:
     """The run holding lock object `name`, described, or None (a lapsed lock counts as none)."""
     current = holder_of(b, name)
     return None if current is None or lapsed(current) else describe(current[0])

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pipeline.lock import LOCK, Busy
 from pipeline.manifest import FORMAT_VERSION, MANIFEST
 from pipeline.settings import at_least, between, option
-from pipeline.writer.bucket import BucketError
+from pipeline.store import StoreError
 from pipeline.writer.images import Resize, parse_resize
 from pipeline.writer.layout import scan
 from pipeline.writer.output import ARGS, MERGE, PROGRESS, Folder, Remote, UsageError, lock_name, open_output
@@ -147,7 +147,7 @@ def shard(cfg: ShardConfig) -> int:
         with out.lock(out.own_lock):
             refuse_others(out, *ranks(cfg))
             return resume(cfg, out, resize)
-    except (Busy, BucketError) as e:
+    except (Busy, StoreError) as e:
         raise UsageError(str(e)) from None
     except OSError as e:
         raise output_error(e, out) from None

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pipeline import lock
 from pipeline.atomic import atomic_write
+from pipeline.store import Location, StoreError
 from pipeline.writer import bucket
-from pipeline.writer.bucket import Bucket
 
 PROGRESS = ".progress"  # per-shard records of a run in progress, so a rerun after any stop skips finished shards
 ARGS = f"{PROGRESS}/args.json"  # the plan's arguments and --src's fingerprint, which every rank must share
@@ -33,7 +33,7 @@ def open_output(out: str | os.PathLike, own_lock: str) -> Folder | Remote:
     text = os.fspath(out)
     try:
         b = bucket.parse_url(text)
-    except ValueError as e:
+    except StoreError as e:
         raise UsageError(f"--out {e}") from None
     return Remote(b, own_lock) if b else Folder(Path(text), own_lock)
 
@@ -113,14 +113,14 @@ class Folder:
 
 
 class Remote:
-    def __init__(self, b: Bucket, own_lock: str):
+    def __init__(self, b: Location, own_lock: str):
         self.bucket, self.url, self.own_lock = b, b.url, own_lock
         self.staging, self.target, self.lease = None, b, None
 
     def check(self) -> None:
         try:
             bucket.check_bucket(self.bucket)
-        except bucket.BucketError as e:
+        except StoreError as e:
             raise UsageError(str(e)) from None
 
     @contextmanager
@@ -141,7 +141,7 @@ class Remote:
 
     def write(self, name: str, data: bytes) -> None:
         if self.lease is not None and self.lease.lost:  # a record or manifest now could mix two runs' output
-            raise bucket.BucketError(
+            raise StoreError(
                 f"{self.url}/{self.own_lock}: another run took this run's lock over (it went {bucket.LEASE:.0f} s "
                 f"without renewing it: stopped, or cut off); this run stops here"
             )

@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.store import Location
 from pipeline.writer import stats
-from pipeline.writer.bucket import Bucket, upload
+from pipeline.writer.bucket import upload
 from pipeline.writer.images import Resize, prepare
 from pipeline.writer.layout import Entry
 from pipeline.writer.output import stamps
@@ -23,7 +24,7 @@ class ShardTask:
     resize: Resize
     quality: int
     stats_seed: int | None  # the seed of the pixel sample, for the split the statistics come from
-    target: Bucket | None = None  # where the staged shard goes
+    target: Location | None = None  # where the staged shard goes
 
 
 @dataclass
@@ -73,7 +74,7 @@ def write_task(task: ShardTask) -> dict:
     }
 
 
-def publish(target: Bucket, staging: Path, shard: dict) -> dict:
+def publish(target: Location, staging: Path, shard: dict) -> dict:
     """Upload a staged shard, tar before index as on disk, each checked against its sha256, then free the staging
     disk; the objects' sizes."""
     sizes = {}

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from pipeline.lock import writer
 from pipeline.manifest import FIX_HINT, MANIFEST, Shard, ShardError, UnreadableShard, check_shard, load_manifest
+from pipeline.store import Location
 from pipeline.writer import bucket
 from pipeline.writer.jpeg import structure
 from pipeline.writer.plan import shown
@@ -129,7 +130,7 @@ def fetch_and_verify(task) -> tuple[str | None, bool, list[str]]:
         shard.index.unlink(missing_ok=True)
 
 
-def verify_bucket(b: bucket.Bucket, workers: int) -> int:
+def verify_bucket(b: Location, workers: int) -> int:
     """verify() for s3://bucket/prefix: each shard is downloaded, checked and deleted in turn (`workers` at a time);
     every missing, damaged or stray object is named by its URL."""
     holders = [h for n in bucket.names(b) if n.startswith(".lock") and "/" not in n and (h := bucket.writer(b, n))]
@@ -143,7 +144,7 @@ def verify_bucket(b: bucket.Bucket, workers: int) -> int:
         return verify_copied(b, Path(tmp), workers, lambda text: text.replace(tmp, b.url))
 
 
-def verify_copied(b: bucket.Bucket, tmp: Path, workers: int, named) -> int:
+def verify_copied(b: Location, tmp: Path, workers: int, named) -> int:
     raw = bucket.get(b, MANIFEST)
     if raw is None:
         print(
