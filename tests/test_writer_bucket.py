@@ -17,7 +17,9 @@ from helpers import objects, one_line, tree
 
 import pipeline.writer.build as shard_build
 from pipeline.lock import Busy
+from pipeline.store import StoreError
 from pipeline.writer import bucket
+from pipeline.writer.output import open_output
 from tools.shard_imagenet import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,6 +164,22 @@ def test_a_live_holder_renews_its_lock_so_it_never_lapses(bucket_url, monkeypatc
             pass
         assert not lease.lost and bucket.writer(b, ".lock") is not None
     assert bucket.writer(b, ".lock") is None and objects(bucket_url) == {}
+
+
+def test_a_run_whose_lock_was_taken_over_writes_no_further_record(bucket_url, monkeypatch):
+    """Stopped for longer than a lease, its lock taken over by another run: its next record is refused, one line."""
+    monkeypatch.setattr(bucket, "LEASE", 2.0)
+    out = open_output(bucket_url, ".lock")
+    with out.lock(".lock"):
+        client, bname, key = s3_object(bucket_url, ".lock")
+        client.put_object(Bucket=bname, Key=key, Body=b'{"host": "node-17", "pid": 4242}')  # the new holder
+        deadline = time.monotonic() + 30
+        while not out.lease.lost:
+            assert time.monotonic() < deadline, "the renewal never noticed"
+            time.sleep(0.1)
+        with pytest.raises(StoreError, match="another run took this run's lock over"):
+            out.write(".progress/train-000000.json", b"{}")
+    assert objects(bucket_url) == {".lock": b'{"host": "node-17", "pid": 4242}'}  # its lock, not ours, stays
 
 
 @pytest.mark.parametrize(
