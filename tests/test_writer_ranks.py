@@ -88,6 +88,8 @@ def test_two_concurrent_ranks_one_killed_and_rerun_equal_one_machine(src, refere
 
         assert main(["--src", str(src), "--out", out, *ARGS]) == 2  # a run without ranks, while rank 1 lives
         one_line(capsys.readouterr().err, f"--out {out} is being written by ranks", f"pid {killed.pid}")
+        assert main(["--src", str(src), "--out", out, *ARGS, "--world-size", "3", "--rank", "2"]) == 2
+        one_line(capsys.readouterr().err, "ranks of another --world-size", f"pid {killed.pid}")
         assert main([*argv, "--rank", "0", "--quality", "80"]) == 2
         one_line(capsys.readouterr().err, "different arguments", "quality 95 (now 80)")
         photo = next((src / "train").rglob("*.JPEG"))

@@ -23,7 +23,7 @@ from pipeline.settings import at_least, between, option
 from pipeline.store import StoreError
 from pipeline.writer.images import Resize, parse_resize
 from pipeline.writer.layout import scan
-from pipeline.writer.output import ARGS, MERGE, PROGRESS, Folder, Remote, UsageError, lock_name, open_output
+from pipeline.writer.output import ARGS, MERGE, PROGRESS, Folder, Remote, UsageError, lock_name, open_output, rank_locks
 from pipeline.writer.plan import fingerprint, plan
 from pipeline.writer.summary import build_manifest, run_record, summarize
 from pipeline.writer.task import ShardTask, write_task
@@ -166,6 +166,11 @@ def refuse_others(out: Output, rank: int, world: int) -> None:
         raise Busy(f"--out {out.url} is being written by ranks ({others[0]}); wait for them to end, then rerun")
     if world > 1 and (holder := out.writer(LOCK)):
         raise Busy(f"--out {out.url} is being written by a run without ranks ({holder}); wait for it to end")
+    # Ranks of two world sizes would share the shards out differently, and two of them could write one shard at once.
+    if world > 1 and (other := next((o for o in others if not o.startswith(rank_locks(world))), None)):
+        raise Busy(
+            f"--out {out.url} is being written by ranks of another --world-size ({other}); give every rank the same"
+        )
 
 
 def resume(cfg: ShardConfig, out: Output, resize: Resize) -> int:

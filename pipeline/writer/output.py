@@ -23,9 +23,14 @@ class UsageError(Exception):
     """Bad arguments or an environment the run cannot work in (unwritable --out, full disk): one line, exit 2."""
 
 
+def rank_locks(world: int) -> str:
+    """The start of the lock names of a world's ranks: every rank must be given the same world size."""
+    return f"{lock.LOCK}-of-{world}-rank-"
+
+
 def lock_name(rank: int, world: int) -> str:
     """A run without ranks holds .lock; each rank its own, so ranks write one --out together."""
-    return lock.LOCK if world == 1 else f"{lock.LOCK}-rank-{rank}"
+    return lock.LOCK if world == 1 else f"{rank_locks(world)}{rank}"
 
 
 def open_output(out: str | os.PathLike, own_lock: str) -> Folder | Remote:
