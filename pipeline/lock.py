@@ -73,10 +73,10 @@ class FolderLock:
 
 
 @contextmanager
-def hold(out: Path):
-    """Hold the shard folder `out`'s lock for the block, or raise Busy naming the live run."""
+def hold(out: Path, name: str = LOCK):
+    """Hold the shard folder `out`'s lock (the file `name`) for the block, or raise Busy naming the live run."""
     lock = FolderLock(
-        out / LOCK,
+        out / name,
         lambda holder: (
             f"--out {out} is being written by another run ({holder}); wait for it to end or stop it, then rerun"
         ),
@@ -88,10 +88,10 @@ def hold(out: Path):
         lock.release()
 
 
-def writer(out: Path) -> str | None:
-    """The live run holding `out`'s lock, described, or None."""
+def writer(out: Path, name: str = LOCK) -> str | None:
+    """The live run holding `out`'s lock (the file `name`), described, or None."""
     try:
-        fd = os.open(out / LOCK, os.O_RDONLY)
+        fd = os.open(out / name, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
