@@ -64,6 +64,11 @@ class Source:
     skipped: list[dict] = field(default_factory=list)  # files that are not images: not samples, not rejections
     folders: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # per split: (wnid, folder) found
     warnings: list[str] = field(default_factory=list)  # one line each, printed by the program
+    # Links are resolved across the whole tree: each class folder (each flat split folder) by its real path owns what
+    # it really holds; a link elsewhere into the tree is rejected where it stands, the target written where it is.
+    owners: dict[str, str] = field(default_factory=dict)  # real path -> the owning folder, relative to the root
+    seen: set[tuple[int, int]] = field(default_factory=set)  # (st_dev, st_ino) of every folder walked
+    linked: dict[tuple[int, int], str] = field(default_factory=dict)  # files reached through links out of the tree
 
     def reject(self, path: str, reason: str) -> None:
         self.rejected.append({"file": os.path.relpath(path, self.root), "reason": reason})
@@ -74,6 +79,19 @@ class Source:
     def entry(self, path: str, st: os.stat_result, label: int) -> Entry:
         # Every path the scan finds starts with the root, so slicing gives what os.path.relpath would, ten times faster.
         return Entry(Path(path), path[len(os.path.join(self.root, "")) :], label, st.st_size, st.st_mtime_ns)
+
+    def holder(self, real: str) -> str | None:
+        """The owning folder (class folder, flat split folder) that really holds the real path `real`, if any."""
+        while real not in self.owners:
+            parent = os.path.dirname(real)
+            if parent == real:
+                return None
+            real = parent
+        return self.owners[real]
+
+    def named(self, real: str) -> str:
+        rel = os.path.relpath(real, self.root)
+        return real if rel.startswith("..") or rel == "." else rel
 
 
 def find(root: Path, name: str, dirs=LABEL_DIRS) -> Path | None:
@@ -102,7 +120,15 @@ def not_an_image(path: str) -> str | None:
 
 
 def class_folders(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(folder) if is_dir(e) and not e.name.startswith("."))
+
+
+def is_dir(e: os.DirEntry) -> bool:
+    """A folder, links followed; a link loop (ELOOP) is no folder: listing() rejects it with its reason."""
+    try:
+        return e.is_dir()
+    except OSError:
+        return False
 
 
 def scan(root: Path, splits: list[str]) -> Source:
@@ -125,6 +151,9 @@ def scan_splits(root: Path, splits: list[str]) -> Source:
             )
     wnids = load_wnids(root, dirs)
     src = Source(root, [{"index": i, "wnid": w, "name": w} for i, w in enumerate(wnids)])
+    for d in dirs.values():
+        for owner in [d / c for c in class_folders(d)] or [d]:
+            src.owners.setdefault(os.path.realpath(owner), os.path.relpath(owner, root))
     src.warnings += normalisation_twins(wnids)
     index = {w: i for i, w in enumerate(wnids)}
     for split, d in dirs.items():
@@ -151,21 +180,22 @@ def load_wnids(root: Path, dirs: dict[str, Path]) -> list[str]:
     )
 
 
-def listing(src: Source, folder: str) -> tuple[list[tuple[str, os.stat_result]], list[str]]:
-    """The regular files and the (sorted) folders directly in `folder`, links followed; anything else is rejected.
-    Paths stay strings: ImageNet has 1.28M files, and a Path object each would double the time of the scan."""
+def listing(src: Source, folder: str) -> tuple[list[tuple[str, os.stat_result, bool]], list[tuple[str, bool]]]:
+    """The regular files and the (sorted) folders directly in `folder`, links followed, each with whether it is a
+    link; anything else is rejected. Paths stay strings: ImageNet has 1.28M files, and a Path object each would double
+    the time of the scan."""
     files, dirs = [], []
     with os.scandir(folder) as found:
         for e in found:
             try:
                 if e.is_dir():
-                    dirs.append(e.path)
+                    dirs.append((e.path, e.is_symlink()))
                 elif e.is_file():
                     why = not_an_image(e.path)
                     if why:
                         src.skip(e.path, why)
                     else:
-                        files.append((e.path, e.stat()))
+                        files.append((e.path, e.stat(), e.is_symlink()))
                 else:  # a FIFO would block its reader forever; a dangling link has nothing to read
                     src.reject(e.path, "unreadable (broken symbolic link)" if e.is_symlink() else "not a regular file")
             except OSError as err:  # a link to itself (ELOOP) is one unreadable entry, not an unreadable folder
@@ -173,33 +203,74 @@ def listing(src: Source, folder: str) -> tuple[list[tuple[str, os.stat_result]],
     return files, sorted(dirs)
 
 
-def walk(src: Source, folder: str) -> list[tuple[str, os.stat_result]]:
-    """Every regular file under `folder`, at any depth, as torchvision's ImageFolder finds them; each folder once."""
-    files, todo, seen = [], [folder], set()
+def taken(src: Source, path: str, st: os.stat_result, link: bool, linked: bool) -> bool:
+    """Whether a listed file is a sample here: a link into the tree is not (its target is one where it really is),
+    nor a second path to a file out of the tree."""
+    if link:
+        target = os.path.realpath(path)
+        if src.holder(os.path.dirname(target)) is not None:
+            src.reject(path, f"link to {src.named(target)}, which is written as itself")
+            return False
+    if link or linked:
+        first = src.linked.setdefault((st.st_dev, st.st_ino), path)
+        if first != path:
+            src.reject(path, f"the same file as {os.path.relpath(first, src.root)} (symbolic link)")
+            return False
+    return True
+
+
+def elsewhere(src: Source, real: str, own: str, link: bool) -> str | None:
+    """Why a folder whose real path is `real`, found in the folder `own`, is not walked there; None to walk it."""
+    holder = src.holder(real)
+    if holder is not None and holder != own:
+        return f"leads into {holder}, another class's folder (symbolic link): its images are labelled there"
+    if holder is not None and link:
+        return "folder already included through another path (symbolic link)"
+    if holder is None and any(o.startswith(os.path.join(real, "")) for o in src.owners):
+        return f"leads to {src.named(real)}, which holds class folders (symbolic link): not part of a class"
+    return None
+
+
+def walk(src: Source, folder: str, own: str) -> list[tuple[str, os.stat_result]]:
+    """Every regular file under `folder` (found as the folder `own`, relative to the root), at any depth, as
+    torchvision's ImageFolder finds them; each folder and each file once across the whole tree."""
+    real = os.path.realpath(folder)
+    why = elsewhere(src, real, own, False)
+    if why:
+        src.reject(folder, why)
+        return []
+    files, todo = [], [(folder, real, False)]
     while todo:
-        d = todo.pop(0)
+        d, real, linked = todo.pop(0)
         st = os.stat(d)
-        if (st.st_dev, st.st_ino) in seen:
+        if (st.st_dev, st.st_ino) in src.seen:
             src.reject(d, "folder already included through another path (symbolic link)")
             continue
-        seen.add((st.st_dev, st.st_ino))
+        src.seen.add((st.st_dev, st.st_ino))
         found, subfolders = listing(src, d)
-        files += found
-        todo += subfolders
+        files += [(p, st) for p, st, link in found if taken(src, p, st, link, linked)]
+        for sub, link in subfolders:
+            real_sub = os.path.realpath(sub) if link else os.path.join(real, os.path.basename(sub))
+            why = elsewhere(src, real_sub, own, link)
+            if why:
+                src.reject(sub, why)
+            else:
+                todo.append((sub, real_sub, linked or link))
     return files
 
 
 def reject_hidden(src: Source, folders: list[str]) -> None:
     """Hidden folders beside the class folders are not classes (.ipynb_checkpoints, .Trash); their files are listed."""
     for d in folders:
-        for p, _ in walk(src, d):
+        for p, _ in walk(src, d, os.path.relpath(d, src.root)):
             src.reject(p, "in a hidden folder, not a class folder")
 
 
 def scan_class_folders(src: Source, split: str, folder: Path, index: dict[str, int]) -> list[Entry]:
     files, dirs = listing(src, os.fspath(folder))
-    for p, _ in files:
+    for p, _, _ in files:
         src.reject(p, "not in a class folder (no label)")
+    dirs = [d for d, _ in dirs]
     hidden = [d for d in dirs if os.path.basename(d).startswith(".")]
     reject_hidden(src, hidden)
     entries = []
@@ -210,7 +281,7 @@ def scan_class_folders(src: Source, split: str, folder: Path, index: dict[str, i
         if wnid not in index:
             raise LayoutError(f"{d}: class not among the train classes; remove it or add train/{wnid}/")
         src.folders.setdefault(split, []).append((wnid, os.path.relpath(d, src.root)))
-        entries += [src.entry(p, st, index[wnid]) for p, st in walk(src, d)]
+        entries += [src.entry(p, st, index[wnid]) for p, st in walk(src, d, os.path.relpath(d, src.root))]
     return entries
 
 
@@ -238,7 +309,8 @@ def empty_classes(src: Source, rejected: set[str]) -> list[str]:
 def scan_flat(src: Source, split: str, folder: Path, index: dict[str, int]) -> list[Entry]:
     """A flat folder labelled by the Kaggle CSV, else by the devkit's ground truth + meta.mat."""
     files, hidden = listing(src, os.fspath(folder))  # no class folders here, so every folder is a hidden one
-    reject_hidden(src, hidden)
+    reject_hidden(src, [d for d, _ in hidden])
+    files = [(p, st) for p, st, link in files if taken(src, p, st, link, False)]
     csv_path, truth = find(src.root, KAGGLE_CSV), find(src.root, DEVKIT_TRUTH)
     if csv_path:
         src.layout[split] = "flat_kaggle"
