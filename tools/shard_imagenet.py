@@ -28,6 +28,8 @@ def terminate(signum, frame):
 def parse_config(argv) -> ShardConfig:
     cfg, parser = parse(ShardConfig, argv, prog="tools/shard_imagenet.py", description=__doc__)
     if cfg.verify:
+        if cfg.src or cfg.out:
+            parser.error("--verify checks a shard folder alone: leave out --src and --out (or --verify)")
         return cfg
     if cfg.src is None or cfg.out is None:
         parser.error("--src and --out are both required (or --verify DIR)")

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_write
 from pipeline.lock import LOCK, Busy, hold
-from pipeline.manifest import FORMAT_VERSION, MANIFEST, sha256_file
-from pipeline.settings import at_least, between, option
+from pipeline.manifest import FORMAT_VERSION, MANIFEST, sealed, sha256_file
+from pipeline.settings import SEED, at_least, between, option
 from pipeline.writer import stats
 from pipeline.writer.images import Resize, parse_resize
 from pipeline.writer.layout import empty_classes, scan
@@ -37,7 +37,7 @@ class UsageError(Exception):
 
 
 def splits_named(splits: tuple[str, ...]) -> bool:
-    return all(re.fullmatch(r"[A-Za-z0-9_-]+", s) for s in splits)
+    return bool(splits) and all(re.fullmatch(r"[A-Za-z0-9_-]+", s) for s in splits)
 
 
 def resize_named(text: str) -> bool:
@@ -56,7 +56,10 @@ class ShardConfig:
     splits: tuple[str, ...] = option(
         ("train", "val"),
         "the folders of --src to shard",
-        check=(splits_named, "folder names of letters, digits, '-' and '_' (they name shard files and keys)"),
+        check=(
+            splits_named,
+            "one or more folder names of letters, digits, '-' and '_' (they name shards and keys)",
+        ),
     )
     resize: str = option(
         "paper",
@@ -69,7 +72,7 @@ class ShardConfig:
         5000, "samples per shard: ~150 MB at 256x256, ~500 MB with --resize none", check=at_least(1)
     )
     workers: int = option(os.cpu_count() or 1, "worker processes, each writing whole shards", check=at_least(1))
-    seed: int = option(0, "the shuffle across shards and the statistics' pixel sample")
+    seed: int = option(0, "the shuffle across shards and the statistics' pixel sample", check=SEED, shared=False)
     strict: bool = option(False, "exit 1 if any image was rejected or a class folder has none")
     verify: Path | None = option(None, "re-check this shard folder and exit")
 
@@ -233,7 +236,7 @@ def write_all(cfg: ShardConfig, src, resize: Resize) -> int:
             bar.update(len(todo[i].samples))
     elapsed = time.time() - start
 
-    manifest = build_manifest(cfg, src, resize, shards, records, stats_split)
+    manifest = sealed(build_manifest(cfg, src, resize, shards, records, stats_split))
     atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     shutil.rmtree(out / PROGRESS)
     summarize(

@@ -13,7 +13,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.lock import writer
-from pipeline.manifest import FIX_HINT, MANIFEST, Shard, ShardError, UnreadableShard, check_shard, load_manifest
+from pipeline.manifest import (
+    CHECKSUM,
+    MANIFEST,
+    RESHARD_HINT,
+    Shard,
+    ShardError,
+    UnreadableShard,
+    check_shard,
+    content_sha256,
+    load_manifest,
+)
 from pipeline.writer.jpeg import structure
 from pipeline.writer.plan import shown
 from pipeline.writer.tars import read_shard
@@ -27,7 +37,7 @@ def verify_shard(task) -> tuple[str | None, bool, list[str]]:
     as an 8-bit Huffman baseline RGB JPEG, else the problem; whether it was unreadable; the samples' source paths)."""
     shard, num_classes = task
     try:
-        check_shard(shard, True, FIX_HINT.format(dir=shard.tar.parent))
+        check_shard(shard, True, RESHARD_HINT.format(dir=shard.tar.parent))
     except UnreadableShard as e:
         return str(e), True, []
     except ShardError as e:
@@ -81,6 +91,9 @@ def verify(shards_dir: Path, workers: int) -> int:
     """Exit code 0 when every shard and index matches the manifest, every image decodes, no source file is in the
     shards twice and nothing else is in the folder; else 1, naming every problem; 2 when a file cannot be read or a
     run is writing them."""
+    if shards_dir.exists() and not shards_dir.is_dir():
+        print(f"--verify {shards_dir}: a file; pass the shard folder (the one holding {MANIFEST})", file=sys.stderr)
+        return 2
     if holder := writer(shards_dir):
         print(
             f"{shards_dir} is being written by a run in progress ({holder}); verify it once that run has ended",
@@ -88,13 +101,23 @@ def verify(shards_dir: Path, workers: int) -> int:
         )
         return 2
     try:
-        m = load_manifest(shards_dir, check_shards=False)
+        m = load_manifest(shards_dir, check_shards=False, fix=RESHARD_HINT)
     except ShardError as e:
         print(e, file=sys.stderr)
         return 2 if isinstance(e, UnreadableShard) else 1
     shards = [s for split in m.splits for s in m.splits[split]]
     tasks = [(s, m.num_classes) for s in shards]
     problems, unreadable, sources = strays(shards_dir, shards), False, Counter()
+    if CHECKSUM not in m.raw:
+        print(
+            f"{shards_dir / MANIFEST}: has no checksum of its own (an older sharder's): its statistics and lists are "
+            f"not checked; re-shard to add one"
+        )
+    elif m.raw[CHECKSUM] != content_sha256(m.raw):
+        problems.append(
+            f"{shards_dir / MANIFEST}: its content does not match its own checksum (edited since it was written?); "
+            f"re-shard with tools/shard_imagenet.py"
+        )
     results = tqdm(
         completed(verify_shard, tasks, workers), total=len(tasks), unit="shard", desc="verifying", disable=None
     )
