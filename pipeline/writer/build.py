@@ -160,7 +160,12 @@ def shard(cfg: ShardConfig) -> int:
     check_writable(out)
     try:
         with hold(out):
-            return resume(cfg, resize)
+            try:
+                return resume(cfg, resize)
+            except BaseException:  # the other workers were killed mid-shard: their partial files are of no use
+                for partial in out.glob(".*.tmp"):
+                    partial.unlink(missing_ok=True)
+                raise
     except Busy as e:
         raise UsageError(str(e)) from None
     except OSError as e:
