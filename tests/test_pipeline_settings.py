@@ -257,3 +257,15 @@ def test_a_runs_config_sets_the_loader_of_bench_io_but_not_the_seed_of_the_shard
 def test_a_manifest_given_as_config_is_one_short_line(demo_shards, capsys):
     err = refused(parse_bench, ["--config", str(demo_shards / "manifest.json")], capsys)
     assert "settings of no program" in err and len(err) - len(str(demo_shards)) < 200
+
+
+def test_every_programs_settings_are_registered():
+    """A --config key is refused as a typo unless some program takes it: every program must be listed."""
+    import re
+
+    from pipeline.settings import PROGRAMS, programs
+
+    assert {f"{c.__module__}:{c.__qualname__}" for c in programs().values()} == set(PROGRAMS.values())
+    for path in [ROOT / "run.py", *sorted((ROOT / "tools").glob("*.py"))]:
+        for name in re.findall(r"parse(?:_settings)?\((\w+), argv", path.read_text()):
+            assert any(v.endswith(f":{name}") for v in PROGRAMS.values()), (path, name)
