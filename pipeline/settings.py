@@ -66,6 +66,7 @@ PROGRAMS = {
     "tools/bench_io.py": "tools.bench_io:BenchConfig",
     "tools/shard_imagenet.py": "pipeline.writer.build:ShardConfig",
     "tools/make_demo_data.py": "tools.make_demo_data:DemoConfig",
+    "tools/profile_sharder.py": "tools.profile_sharder:ProfileConfig",
 }
 
 
@@ -260,7 +261,7 @@ def read_config(path: Path, cls, parser: Parser) -> dict:
         prog = max(theirs, key=lambda p: len(theirs[p] & foreign))
         apart = {k for k in set(saved) & known & theirs[prog] if not (shared(cls, k) and shared(others[prog], k))}
         left = sorted(foreign | apart)
-        print(f"{parser.prog}: --config {path}: settings of {prog}, left out here: {', '.join(left)}")
+        print(f"{parser.prog}: --config {path}: settings of {prog}, left out: {', '.join(left)}")
         saved = {k: v for k, v in saved.items() if k not in apart}
     out = {}
     for k in sorted(set(saved) & known):

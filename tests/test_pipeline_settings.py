@@ -72,7 +72,7 @@ def test_saved_settings_rerun_the_same(tmp_path):
 def test_other_programs_settings_are_named_and_left_out(tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps({"load": 0.5, "lr": 0.1, "epochs": 3}))
     assert run(["--config", str(tmp_path / "c.json")]).load == 0.5
-    assert "settings of run.py, left out here: epochs, lr" in capsys.readouterr().out
+    assert "settings of run.py, left out: epochs, lr" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -247,11 +247,11 @@ def test_a_runs_config_sets_the_loader_of_bench_io_but_not_the_seed_of_the_shard
     (tmp_path / "config.json").write_text(json.dumps(saved))
     cfg = parse_bench(["--config", str(tmp_path / "config.json")])
     assert (cfg.batch_size, cfg.seed) == (32, 7)  # the same sections: they read the same in both programs
-    assert "settings of run.py, left out here: " in capsys.readouterr().out
+    assert "settings of run.py, left out: " in capsys.readouterr().out
     cfg = parse_shard(["--config", str(tmp_path / "config.json")])
     assert cfg.seed == 0  # the sharder's seed orders the shards; a run's seeds its training
     note = capsys.readouterr().out
-    assert note.count("\n") == 1 and "settings of run.py, left out here: " in note and "seed" in note
+    assert note.count("\n") == 1 and "settings of run.py, left out: " in note and "seed" in note
 
 
 def test_a_manifest_given_as_config_is_one_short_line(demo_shards, capsys):
