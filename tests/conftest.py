@@ -1,16 +1,13 @@
 """Shared fixtures: GPU tests skip cleanly without CUDA; a tiny synthetic ImageNet and its shards, built once; deny.
-Shared helpers, imported by test modules with `from conftest import ...`: tree, decode, one_line."""
+Helpers the test modules import are in helpers.py."""
 
 import builtins
 import errno
-import io
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pipeline.synthetic import make_dataset
 from tools.shard_imagenet import main as shard_main
@@ -103,25 +100,3 @@ def deny(monkeypatch):
     yield _deny
     for d in denied:
         d.chmod(0o755)
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    """Every file under folder, by relative path, with its bytes: two trees compare equal when byte-identical."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def decode(jpeg: bytes) -> np.ndarray:
-    """A JPEG's RGB pixels as float64 (Pillow), for comparisons with a tolerance."""
-    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).astype(np.float64)
-
-
-def one_line(err: str, *says: str, progress: str | None = None) -> str:
-    """The one line of a program's error output `err` (lines starting with `progress` aside, carriage returns as line
-    ends), having checked that it is one line, no traceback, and says all of `says`."""
-    lines = [
-        line
-        for line in err.replace("\r", "\n").splitlines()
-        if line.strip() and not (progress and line.startswith(progress))
-    ]
-    assert len(lines) == 1 and "Traceback" not in err and all(s in lines[0] for s in says), err
-    return lines[0]

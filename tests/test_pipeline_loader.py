@@ -13,7 +13,7 @@ import nvidia.dali
 import psutil
 import pytest
 import torch
-from conftest import one_line
+from helpers import one_line
 
 from pipeline import DaliLoader, ShardError, load_manifest
 from pipeline.loader import HOLD

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import one_line, tree
+from helpers import one_line, tree
 
 import pipeline.atomic
 from pipeline.synthetic import make_dataset, wnid
