@@ -100,9 +100,8 @@ def _unwrap(kind) -> Any:
 
 
 def _optional(kind) -> bool:
-    return (isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union) and type(None) in (
-        typing.get_args(kind)
-    )
+    union = isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
+    return union and type(None) in typing.get_args(kind)
 
 
 def _convert(kind, value):
@@ -114,11 +113,11 @@ def _convert(kind, value):
         return None
     kind = _unwrap(kind)
     if typing.get_origin(kind) is tuple:
-        args = typing.get_args(kind)
-        if not isinstance(value, list):
+        args, many = typing.get_args(kind), typing.get_args(kind)[-1] is Ellipsis
+        if many and not isinstance(value, list):
             raise ValueError(f"{json.dumps(value)} is not a list: write [{json.dumps(value)}]")
-        kinds = [args[0]] * len(value) if args[-1] is Ellipsis else args
-        if len(kinds) != len(value):
+        kinds = [args[0]] * len(value) if many else args
+        if not isinstance(value, list) or len(kinds) != len(value):
             raise ValueError(f"{json.dumps(value)} is not a list of {len(kinds)}")
         return tuple(_convert(k, v) for k, v in zip(kinds, value))
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
