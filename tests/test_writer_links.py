@@ -113,6 +113,20 @@ def test_val_links_into_train_are_not_val_samples(tmp_path):
     assert "train/b/b0.jpg" in rejected(manifest)["val/b/b0.jpg"]
 
 
+def test_hidden_folders_are_listed_file_by_file_and_a_hidden_link_to_a_class_takes_nothing_from_it(tmp_path):
+    src = classes(tmp_path / "src")
+    (src / "train" / ".backup").symlink_to("a")  # walked first (sorted), it must not claim class a's folder
+    photo(src / "val" / "x.JPEG", "red")  # a flat val folder, labelled by the Kaggle CSV
+    photo(src / "val" / ".thumbs" / "x.JPEG", "red")
+    (src / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nx,a 1 2 3 4\n")
+    manifest, samples = shard(src, tmp_path / "out")
+    written_once_under_their_own_class(src, [s for s in samples if s[0].startswith("train/")])
+    assert [(path, wnid) for path, _, wnid in samples if path.startswith("val/")] == [("val/x.JPEG", "a")]
+    why = rejected(manifest)
+    assert why["val/.thumbs/x.JPEG"] == "in a hidden folder, not a class folder"
+    assert "train/a" in why["train/.backup"] and set(why) == {"train/.backup", "val/.thumbs/x.JPEG"}
+
+
 @pytest.mark.timeout(60)
 def test_a_link_loop_at_class_level_is_listed_and_the_rest_written(tmp_path):
     src = classes(tmp_path / "src")

@@ -138,7 +138,9 @@ def walk(src: Source, folder: str, own: str) -> list[tuple[str, os.stat_result]]
 
 
 def reject_hidden(src: Source, folders: list[str]) -> None:
-    """Hidden folders beside the class folders are not classes (.ipynb_checkpoints, .Trash); their files are listed."""
+    """Hidden folders beside the class folders are not classes (.ipynb_checkpoints, .Trash); their files are listed.
+    One inside a flat split folder is that folder's own; a link to a class folder is rejected, not walked."""
     for d in folders:
-        for p, _ in walk(src, d, os.path.relpath(d, src.root)):
+        own = None if os.path.islink(d) else src.holder(os.path.realpath(d))
+        for p, _ in walk(src, d, own or os.path.relpath(d, src.root)):
             src.reject(p, "in a hidden folder, not a class folder")
