@@ -271,20 +271,27 @@ def read_config(path: Path, cls, parser: Parser) -> dict:
     return out
 
 
-def validate(cfg, parser: Parser) -> None:
-    """Each value against its declaration: one line naming the flag and what it must be. Every number is finite:
-    inf and nan (or 1e400, read as inf) would only fail later, or train on quietly as a "diverged" run."""
+def refused(cfg) -> tuple[str, Any, str] | None:
+    """The first value its declaration refuses: (name, value, what it must be); None if every value passes. Every
+    number is finite: inf and nan (or 1e400, read as inf) would only fail later, or train on as a "diverged" run."""
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value, meta = getattr(cfg, f.name), f.metadata
         each = value if isinstance(value, tuple) else (value,)
-        given = f"{flag(f.name)} {_shown(value) if each else '(none)'}"
         if meta.get("choices") and (not each or any(v not in meta["choices"] for v in each)):
-            parser.error(f"{given}: choose from {', '.join(map(str, meta['choices']))}")
+            return f.name, value, f"choose from {', '.join(map(str, meta['choices']))}"
         if _unwrap(hints[f.name]) is float and value is not None and not math.isfinite(value):
-            parser.error(f"{given}: must be a finite number")
+            return f.name, value, "must be a finite number"
         if meta.get("check") and value is not None and not meta["check"][0](value):
-            parser.error(f"{given}: must be {meta['check'][1]}")
+            return f.name, value, f"must be {meta['check'][1]}"
+    return None
+
+
+def validate(cfg, parser: Parser) -> None:
+    """Each value against its declaration: one line naming the flag and what it must be."""
+    if bad := refused(cfg):
+        name, value, must = bad
+        parser.error(f"{flag(name)} {_shown(value) if value != () else '(none)'}: {must}")
 
 
 def parse(cls, argv=None, *, prog: str, description: str, preset: Callable[[dict], dict] | None = None):
@@ -335,3 +342,13 @@ class LoaderSettings:
     )
     # Each batch prepared ahead holds its memory; past a few, no step is fed faster.
     prefetch: int = option(2, "batches DALI prepares ahead", check=between(1, 32))
+
+    @classmethod
+    def of(cls, cfg: LoaderSettings) -> LoaderSettings:
+        """A checked copy of the loader's settings in `cfg` (a composed config such as the run's): ValueError naming
+        the setting if its declaration refuses a value. The copy is the loader's own: later edits to `cfg` miss it."""
+        own = cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+        if bad := refused(own):
+            name, value, must = bad
+            raise ValueError(f"LoaderSettings {name}={value!r}: {must}")
+        return own

@@ -1,5 +1,6 @@
-"""Shared fixtures: GPU tests skip cleanly without CUDA; a tiny synthetic ImageNet and its shards, built once; deny.
-Helpers the test modules import are in helpers.py."""
+"""Shared fixtures: GPU tests skip cleanly without CUDA; a tiny synthetic ImageNet and its shards, built once; deny;
+an S3 API on loopback (moto_endpoint) and the AWS environment pointing at it (aws). Helpers the test modules import
+are in helpers.py."""
 
 import builtins
 import errno
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import start_moto
 
 from pipeline.synthetic import make_dataset
 from tools.shard_imagenet import main as shard_main
@@ -100,3 +102,33 @@ def deny(monkeypatch):
     yield _deny
     for d in denied:
         d.chmod(0o755)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """moto_server on 127.0.0.1 for the whole session (it starts in ~1 s), killed at its end: its endpoint URL."""
+    proc, endpoint = start_moto()
+    yield endpoint
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def aws(monkeypatch, tmp_path, moto_endpoint):
+    """boto3's standard chain from the environment alone (no ~/.aws, no instance metadata), at moto_endpoint, two
+    attempts per request, the default cache folder in tmp_path: the monkeypatch, to change any of it."""
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(k)
+    for k, v in {
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-test-secret",
+        "AWS_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_MAX_ATTEMPTS": "2",
+        "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+    }.items():
+        monkeypatch.setenv(k, v)
+    return monkeypatch

@@ -1,11 +1,14 @@
 """Helpers the test modules share (a plain module; the fixtures are in conftest.py): comparing trees, decoding JPEGs,
-checking one-line errors, and running run.py as the training tests do."""
+checking one-line errors, running run.py as the training tests do, and starting moto_server."""
 
 import io
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +68,28 @@ def interrupted(argv, after: str, sig=signal.SIGTERM):
             break
     out, err = proc.communicate(timeout=300)
     return proc.returncode, "".join(lines) + out, err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto(**env) -> tuple[subprocess.Popen, str]:
+    """moto_server (a real S3 API) on 127.0.0.1 at a free port, with `env` added: (its process, its endpoint URL)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+            time.sleep(0.05)

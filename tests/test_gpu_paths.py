@@ -14,6 +14,7 @@ from nvidia.dali import fn, pipeline_def
 
 from pipeline import DaliLoader, load_manifest
 from pipeline.graphs import read_shards
+from pipeline.settings import LoaderSettings
 from pipeline.sharding import rank_range
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,9 @@ def test_gpu_ranks_cover_the_split_once(demo_shards, world):
     manifest, seen = load_manifest(demo_shards), Counter()
     count = manifest.count("train")
     for rank in range(world):
-        with DaliLoader(manifest, "train", 8, crop_size=CROP, rank=rank, world_size=world, seed=3) as ld:
+        with DaliLoader(
+            manifest, "train", LoaderSettings(batch_size=8, crop_size=CROP), rank=rank, world_size=world, seed=3
+        ) as ld:
             start, stop = rank_range(count, rank, world)
             keys = keys_of_epoch(ld)
             assert len(keys) == len(ld) * 8 and set(keys[stop - start :]) <= set(keys[: stop - start])
@@ -96,12 +99,9 @@ def test_gpu_center_crops_match_the_cpu_graph(demo_shards, hw):
         with DaliLoader(
             load_manifest(demo_shards),
             "val",
-            8,
+            LoaderSettings(batch_size=8, crop_size=CROP, hw_decoder_load=hw),
             augment="center",
-            crop_size=CROP,
             device=device,
-            hw_decoder_load=hw,
-            device_id=None if device == "cpu" else 0,
             dtype=torch.float32,
         ) as ld:
             out[device] = torch.cat([images.cpu() for images, _ in ld])
@@ -168,7 +168,12 @@ def test_gpu_loader_never_synchronises_the_host(demo_shards):
     """The real DaliLoader on the GPU, two epochs (the boundary too), under CUDA's sync debug mode, which raises on
     any host synchronisation torch makes: the training thread would stall there every batch."""
     with DaliLoader(
-        demo_shards, "train", 8, crop_size=CROP, device="cuda", device_id=0, seed=4, dtype=torch.bfloat16
+        load_manifest(demo_shards),
+        "train",
+        LoaderSettings(batch_size=8, crop_size=CROP),
+        device="cuda",
+        seed=4,
+        dtype=torch.bfloat16,
     ) as ld:
         sums = []
         torch.cuda.synchronize()

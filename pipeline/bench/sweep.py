@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 
+from pipeline.settings import LoaderSettings
+
 SWEPT = ("batch_size", "threads", "hw_decoder_load", "prefetch")
-KINDS = {"batch_size": int, "threads": int, "hw_decoder_load": float, "prefetch": int}
+KINDS = {name: kind for name, kind in typing.get_type_hints(LoaderSettings).items() if name in SWEPT}
 
 
 def parse_values(spec: str) -> tuple[str, list]:
