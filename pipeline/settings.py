@@ -67,6 +67,7 @@ PROGRAMS = {
     "tools/shard_imagenet.py": "pipeline.writer.build:ShardConfig",
     "tools/make_demo_data.py": "tools.make_demo_data:DemoConfig",
     "tools/profile_sharder.py": "tools.profile_sharder:ProfileConfig",
+    "tools/bench_store.py": "tools.bench_store:StoreBenchConfig",
 }
 
 
