@@ -138,7 +138,9 @@ def test_usage_errors_are_one_line_and_exit_2(quirky, existing, tmp_path, capsys
     assert err.count("\n") == 1 and says in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("bad", [["--seed", "-1"], ["--seed", str(2**64)], ["--src", ""], ["--quality", "0"]])
+@pytest.mark.parametrize(
+    "bad", [["--seed", "-1"], ["--seed", str(2**64)], ["--src", ""], ["--out", ""], ["--quality", "0"]]
+)
 def test_a_bad_value_writes_nothing_so_the_corrected_run_is_not_refused(quirky, tmp_path, capsys, bad):
     out = tmp_path / "o"
     assert main(["--src", str(quirky), "--out", str(out), *ARGS, *bad]) == 2

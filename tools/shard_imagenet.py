@@ -58,6 +58,8 @@ def ranked(cfg: ShardConfig, parser) -> ShardConfig:
 def parse_config(argv) -> ShardConfig:
     cfg, parser = parse(ShardConfig, argv, prog="tools/shard_imagenet.py", description=__doc__)
     for name in ("out", "verify"):
+        if getattr(cfg, name) == "":
+            parser.error(f"--{name}: an empty path (for the current folder, pass .)")
         try:
             parse_url(getattr(cfg, name) or "")
         except StoreError as e:
