@@ -58,11 +58,15 @@ def ranked(cfg: ShardConfig, parser) -> ShardConfig:
 def parse_config(argv) -> ShardConfig:
     cfg, parser = parse(ShardConfig, argv, prog="tools/shard_imagenet.py", description=__doc__)
     for name in ("out", "verify"):
+        if getattr(cfg, name) == "":
+            parser.error(f"--{name}: an empty path (for the current folder, pass .)")
         try:
             parse_url(getattr(cfg, name) or "")
         except StoreError as e:
             parser.error(f"--{name} {e}")
     if cfg.verify:
+        if cfg.src or cfg.out:
+            parser.error("--verify checks a shard folder alone: leave out --src and --out (or --verify)")
         return cfg
     if cfg.src is None or cfg.out is None:
         parser.error("--src and --out are both required (or --verify DIR)")

@@ -18,8 +18,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.lock import LOCK, Busy
-from pipeline.manifest import FORMAT_VERSION, MANIFEST
-from pipeline.settings import at_least, between, option
+from pipeline.manifest import FORMAT_VERSION, MANIFEST, sealed
+from pipeline.settings import SEED, at_least, between, option
 from pipeline.store import StoreError
 from pipeline.writer.images import Resize, parse_resize
 from pipeline.writer.layout import scan
@@ -33,7 +33,7 @@ MERGE_PATIENCE = 300  # seconds a rank waits for another's merge (a few seconds'
 
 
 def splits_named(splits: tuple[str, ...]) -> bool:
-    return all(re.fullmatch(r"[A-Za-z0-9_-]+", s) for s in splits)
+    return bool(splits) and all(re.fullmatch(r"[A-Za-z0-9_-]+", s) for s in splits)
 
 
 def resize_named(text: str) -> bool:
@@ -52,7 +52,7 @@ class ShardConfig:
     splits: tuple[str, ...] = option(
         ("train", "val"),
         "the folders of --src to shard",
-        check=(splits_named, "folder names of letters, digits, '-' and '_' (they name shard files and keys)"),
+        check=(splits_named, "one or more folder names of letters, digits, '-' and '_' (they name shards and keys)"),
     )
     resize: str = option(
         "paper",
@@ -65,7 +65,7 @@ class ShardConfig:
         5000, "samples per shard: ~150 MB at 256x256, ~500 MB with --resize none", check=at_least(1)
     )
     workers: int = option(os.cpu_count() or 1, "worker processes, each writing whole shards", check=at_least(1))
-    seed: int = option(0, "the shuffle across shards and the statistics' pixel sample")
+    seed: int = option(0, "the shuffle across shards and the statistics' pixel sample", check=SEED, shared=False)
     strict: bool = option(False, "exit 1 if any image was rejected or a class folder has none")
     verify: str | None = option(None, "re-check this shard folder (or s3://BUCKET/PREFIX) and exit")
     rank: int | None = option(
@@ -241,11 +241,18 @@ def write_all(cfg: ShardConfig, out: Output, src, resize: Resize, shards: list, 
     if len(todo) < len(mine):
         print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already complete")
     start, images = time.time(), sum(len(t.samples) for t in todo)
-    with tqdm(total=images, unit="img", desc="sharding", dynamic_ncols=True) as bar:
-        for i, record in completed(write_task, todo, cfg.workers):
-            save_progress(out, todo[i].stem, record)
-            records[todo[i].stem] = record
-            bar.update(len(todo[i].samples))
+    try:
+        with tqdm(total=images, unit="img", desc="sharding", dynamic_ncols=True) as bar:
+            for i, record in completed(write_task, todo, cfg.workers):
+                save_progress(out, todo[i].stem, record)
+                records[todo[i].stem] = record
+                bar.update(len(todo[i].samples))
+    except BaseException:  # the other workers were stopped mid-shard: their partial files are of no use to a rerun
+        if isinstance(out, Folder):
+            out.clear([t.stem for t in todo])
+        else:
+            shutil.rmtree(out.staging, ignore_errors=True)
+        raise
     elapsed = time.time() - start
     if isinstance(out, Remote):
         shutil.rmtree(out.staging, ignore_errors=True)
@@ -288,7 +295,7 @@ def merge(cfg: ShardConfig, out: Output, src, resize: Resize, shards, records: d
                         f"(the last rank to finish writes the manifest; rerun a stopped rank to continue it)"
                     )
                     return None
-                manifest = build_manifest(cfg, src, resize, shards, records, stats_split)
+                manifest = sealed(build_manifest(cfg, src, resize, shards, records, stats_split))
                 out.write(MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
                 out.finish()
                 return manifest
