@@ -12,8 +12,8 @@ pytestmark = pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason=
 
 
 def compiled_steps(monkeypatch, device, amp, backend, steps=4, batch=4, crop=64):
-    """Losses of `steps` steps on one batch with lr 0, so only dropout changes them; make_train_step's own
-    torch.compile call is made with fullgraph=True, so any graph break raises."""
+    """Losses of `steps` steps on one batch with lr 0, so only dropout changes them; make_loss's torch.compile call
+    (the region the training loop compiles) is made with fullgraph=True, so any graph break raises."""
     real = torch.compile
     fullgraph = {"fullgraph": True, "backend": backend}
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real(fn, mode=mode, **fullgraph, **kw))
