@@ -138,6 +138,8 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, dict[str, list]]:
     )
     if cfg.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here; leave --device out to use the CPU")
+    if cfg.device == "cpu" and set(grid.get("stream", ())) - {"default"}:
+        p.error("--sweep-values stream: a dedicated CUDA stream needs a GPU; leave stream out on the CPU")
     for name in ("json", "plot", "trace"):
         path = getattr(cfg, name)
         try:
