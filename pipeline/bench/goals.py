@@ -68,10 +68,10 @@ def rows(bench: dict) -> list[tuple[str, str | None, str, bool | None]]:
 
 def goals(bench: dict, sweep: dict | None = None) -> str:
     """The goal table, the baseline's definition under it, and each sweep trial measured."""
-    lines = [f"{'figure':<26} {'measured':<58} {'goal':<26} met"]
+    lines = [f"{'figure':<26} {'measured':<66} {'goal':<26} met"]
     for figure, measured, goal, met in rows(bench):
         ok = "-" if met is None else "yes" if met else "NO"
-        lines.append(f"{figure:<26} {measured or 'not measured (cut off)':<58} {goal:<26} {ok}")
+        lines.append(f"{figure:<26} {measured or 'not measured (cut off)':<66} {goal:<26} {ok}")
     lines.append(BASELINE)
     if any(bench.get(m, {}).get("indicative") for m in ("loader", "model", "e2e", "baseline_e2e")):
         lines.append("[...]: figures from windows too short to mean much")
