@@ -1,4 +1,5 @@
-"""bench_io --sweep: which batch size, DALI threads, hw_decoder_load and prefetch depth feed the step fastest."""
+"""bench_io --sweep: which batch size, DALI threads, hw_decoder_load and prefetch depth (and on a GPU, which stream)
+feed the step fastest."""
 
 from __future__ import annotations
 
