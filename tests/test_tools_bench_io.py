@@ -131,9 +131,9 @@ def test_parse_values_reads_a_grid_and_rejects_bad_knobs():
 
 def test_sweep_values_set_the_grid_and_imply_sweep(demo_shards, capsys):
     cfg, grid = bench_io.parse_args(
-        ["--shards", str(demo_shards), "--sweep-values", "hw_decoder_load=1,0.65,0", "threads=16", "stream=dedicated"]
+        ["--shards", str(demo_shards), "--sweep-values", "hw_decoder_load=1,0.65,0", "threads=16", "stream=default"]
     )
-    assert cfg.sweep and grid == {"hw_decoder_load": [1.0, 0.65, 0.0], "threads": [16], "stream": ["dedicated"]}
+    assert cfg.sweep and grid == {"hw_decoder_load": [1.0, 0.65, 0.0], "threads": [16], "stream": ["default"]}
     with pytest.raises(SystemExit) as e:
         bench_io.parse_args(["--shards", str(demo_shards), "--sweep-values", "threads=x"])
     assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
@@ -337,6 +337,7 @@ def test_usage_errors_are_one_line_and_exit_2(demo_shards, tmp_path, capsys, den
         (["--sweep-values", "batch_size=0,-1"], "batch_size=0: must be at least 1"),
         (["--sweep-values", "hw_decoder_load=2"], "hw_decoder_load=2.0"),
         (["--sweep-values", "stream=fast"], "stream"),
+        (["--device", "cpu", "--sweep-values", "stream=default,dedicated"], "needs a GPU"),
     ):
         with pytest.raises(SystemExit) as e:
             bench_io.parse_args(["--shards", str(demo_shards), *argv])
