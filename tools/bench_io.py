@@ -402,6 +402,7 @@ def run(cfg: BenchConfig, grid: dict, manifest: Manifest, record: Record) -> Non
         for t in cfg.tower_convs[1:]:
             towers[t] = bench.model_alone(setting["batch_size"], t)
             record["towers"] = towers
+            print(f"model alone, {t} towers: {towers[t]['img_per_s']:,.1f} img/s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
