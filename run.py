@@ -26,6 +26,7 @@ from model.train.loop import Diverged, Trainer, build, evaluate, make_loader
 from model.train.workdir import WorkdirBusy, WorkdirLock, data_identity, other_classes, other_data, remove_temporaries
 from pipeline.atomic import atomic_write
 from pipeline.augment import WINDOW_AUGMENTS
+from pipeline.cache import local_shards
 from pipeline.manifest import ShardError, check_crop, load_manifest
 from pipeline.settings import parse as parse_settings
 from pipeline.settings import show
@@ -65,7 +66,7 @@ def setup_logging(rank: int) -> None:
 
 def load_data(cfg: Config, ctx: Context):
     """The shard folder's manifest, checked against the settings before anything is built or written."""
-    manifest = load_manifest(cfg.shards)
+    manifest = load_manifest(local_shards(cfg.shards, cfg.cache_dir, log.info))  # a bucket: its local copy
     for split in ("val", "train") if cfg.augment in WINDOW_AUGMENTS else ("val",):
         check_crop(manifest, split, cfg.crop_size)
     if cfg.batch_size * ctx.world > manifest.count("train"):
@@ -158,7 +159,7 @@ def train(cfg: Config, ctx: Context, manifest, start: str | None, preemption: Pr
 def evaluate_only(cfg: Config, ctx: Context) -> int:
     """--eval CHECKPOINT: centre-crop (and with --ten-crop, ten-crop) error of saved weights on the val split."""
     ckpt = checkpoint.read(cfg.eval)
-    manifest = load_manifest(cfg.shards or ckpt["config"]["shards"])
+    manifest = load_manifest(local_shards(cfg.shards or ckpt["config"]["shards"], cfg.cache_dir, log.info))
     known = {f.name for f in fields(Config)}  # a checkpoint of an older run.py may hold settings since renamed
     saved = Config(**{k: v for k, v in ckpt["config"].items() if k in known})
     check_crop(manifest, "val", saved.crop_size)

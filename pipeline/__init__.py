@@ -1,5 +1,5 @@
 """The input pipeline: shards written by pipeline.writer, read by
-`DaliLoader(load_manifest(shards_dir), split, batch_size, ...)`."""
+`DaliLoader(load_manifest(shards_dir), split, settings, ...)`, settings being a LoaderSettings."""
 
 from pipeline.manifest import ShardError, load_manifest
 

@@ -1,17 +1,15 @@
-"""The DALI graphs: shard bytes in, augmented and normalised NHWC batches out.
+"""The DALI graphs: shard bytes in, augmented and normalised NHWC batches out; PipelineSpec builds them for one rank
+and one split, from the loader's settings and the manifest.
 
 One definition serves the GPU and the CPU: only the decoder's device changes ("mixed" puts the decoded pixels, and
-every operator after the decoder, on the GPU; "cpu" keeps them on the host). Each pipeline returns
+every operator after the decoder, on the GPU; "cpu" keeps them on the host). The pipeline returns
 (images, labels, source_info, *draws), the draws being the per-sample random numbers of the augmentation (DRAWS).
-
-PipelineSpec is one rank's pipeline over one split: its settings checked, its arguments drawn from the manifest.
 """
 
 from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
@@ -27,13 +25,21 @@ from pipeline.augment import (
     normalisation,
 )
 from pipeline.manifest import FIX_HINT, IMAGE_EXT, LABEL_EXT, MANIFEST, Manifest, ShardError, check_crop
+from pipeline.settings import LoaderSettings
 from pipeline.sharding import dali_seeds
+from pipeline.threads import default_threads
 
 READER = "shards"
 # Shuffle buffer per rank, in samples (compressed JPEGs: ~110 MB of host memory at the paper's 256x256, ~450 MB at
 # full size). The sharder shuffled samples across files, and the reader visits the files in a new order every
 # epoch, so a buffer of a few shards' worth mixes classes about as well as a full permutation would.
 INITIAL_FILL = 4096
+# Shards are read with read(), not mapped: a tar truncated or rewritten mid-epoch is then an error of DALI's that
+# pipeline.failure names in one line, where a mapped one kills the process with SIGBUS. Measured on a loaded 2-core VM
+# (35 kB JPEGs): the reader alone takes ~29 us of CPU per sample against ~10 mapped; the CPU loader ~5 % more CPU per
+# image and the same images/s within noise.
+MMAP = False
+SAMPLE = {IMAGE_EXT: types.UINT8, LABEL_EXT: types.INT32}  # the members the loader reads: the JPEG and int32 label
 DRAWS = {
     "paper": ("crop_pos_x", "crop_pos_y", "mirror", "alpha"),
     "inception": ("mirror",),
@@ -41,17 +47,149 @@ DRAWS = {
     "tencrop": (),
 }
 
+# DALI has no bfloat16: bfloat16 batches leave DALI as float16 and are cast on the device by torch.
+DALI_DTYPES = {torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16, torch.float32: types.FLOAT}
 
-def read_shards(files, index_files, *, shard_id, num_shards, shuffle, seed):
-    """(jpegs, labels) of this rank's contiguous share of the files, epoch after epoch; each epoch's last batch is
-    padded by repeating a sample. shuffle (training): every epoch the files in a new order, drawn from `seed` (the same
-    on every rank, so the shares still split the samples), and the samples shuffled in a buffer; else the rank's
-    share in file order, the same every epoch."""
+
+class PipelineSpec:
+    """One rank's pipeline over one split, drawn from the settings and the manifest: `build()` makes the augmenting
+    pipeline, `labels()` its reader alone reading only the labels (a failure's replay)."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        settings: LoaderSettings,
+        *,
+        augment: str,
+        device: torch.device,
+        rank: int,
+        world_size: int,
+        seed: int,
+        dtype: torch.dtype,
+    ):
+        self.shards = manifest.shards(split)
+        if augment in WINDOW_AUGMENTS:  # the other augments resize their crop: any image serves
+            check_crop(manifest, split, settings.crop_size)
+        self.settings, self.augment, self.dtype, self.rank, self.world_size = settings, augment, dtype, rank, world_size
+        self.root, self.split, self.count = manifest.root, split, manifest.count(split)
+        self.hint = FIX_HINT.format(dir=self.root)
+        self.tars = {str(s.tar) for s in self.shards}
+        self.shuffle = augment in TRAIN_AUGMENTS
+        self.reader_seed, self.draw_seed = dali_seeds(seed, rank)
+        self.mean, self.std = normalisation(manifest.rgb_mean, manifest.rgb_std, settings.divide_std)
+        self.lighting = lighting_matrix(manifest.eigval, manifest.eigvec)
+        self.decoder, self.device_id = ("mixed", device.index) if device.type == "cuda" else ("cpu", None)
+
+    def read(self, members: dict, mmap: bool = MMAP):
+        """read_shards of this rank's share of the split (inside a pipeline definition)."""
+        return read_shards(
+            [str(s.tar) for s in self.shards],
+            [str(s.index) for s in self.shards],
+            shard_id=self.rank,
+            num_shards=self.world_size,
+            shuffle=self.shuffle,
+            seed=self.reader_seed,
+            members=members,
+            mmap=mmap,
+        )
+
+    def build(self, restore: bytes | None):
+        """The built pipeline, from the start or from DALI's checkpoint `restore` (DALI skips the reader ahead)."""
+        s = self.settings
+        # exec_dynamic: each batch's buffers belong to its outputs, and to the torch tensors made from them, until
+        # those are freed (DALI's older executor recycles them on the next run()); see HoldBack in pipeline.loader.
+        pipe = augment_pipeline(
+            self,
+            batch_size=s.batch_size,
+            num_threads=s.threads or default_threads(),
+            prefetch_queue_depth=s.prefetch,
+            device_id=self.device_id,
+            exec_dynamic=True,
+            seed=self.draw_seed,
+            enable_checkpointing=True,
+            checkpoint=restore,
+        )
+        try:
+            pipe.build()
+        except RuntimeError as e:
+            raise ShardError(
+                f"{self.root}: DALI cannot read the '{self.split}' shards ({reason(e)}); {self.hint}"
+            ) from None
+        found = pipe.reader_meta(READER)["epoch_size"]
+        if found != self.count:
+            raise ShardError(
+                f"{self.root / MANIFEST}: {self.count} '{self.split}' samples listed, the index files "
+                f"hold {found}; {self.hint}"
+            )
+        return pipe
+
+    def labels(self):
+        """label_pipeline, built from the start: one thread, the batches of the built pipeline's reader."""
+        # With checkpointing on, as in build(): DALI's readers may draw another (equally random) order without it.
+        pipe = label_pipeline(
+            self, batch_size=self.settings.batch_size, num_threads=1, device_id=None, enable_checkpointing=True
+        )
+        pipe.build()
+        return pipe
+
+
+def check_args(manifest, augment: str, device: torch.device, dtype: torch.dtype, rank: int, world_size: int) -> None:
+    """What LoaderSettings cannot check: the arguments of one loader."""
+    if not isinstance(manifest, Manifest):
+        raise TypeError(f"DaliLoader takes a Manifest, not {manifest!r}: pass pipeline.load_manifest(DIR)")
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment={augment!r}: use one of {', '.join(AUGMENTS)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device; pass device='cpu'")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"device={str(device)!r}: use 'cpu', 'cuda' or 'cuda:N'")
+    if dtype not in DALI_DTYPES:
+        raise ValueError(f"dtype={dtype}: use torch.float16, torch.bfloat16 or torch.float32")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
+
+
+@pipeline_def
+def augment_pipeline(spec: PipelineSpec):
+    """The loader's pipeline: this rank's samples read, decoded, augmented as spec.augment and normalised."""
+    jpegs, labels = spec.read(SAMPLE)
+    source = fn.get_property(jpegs, key="source_info")
+    # "mixed" only: the share of JPEGs that the hardware decoder takes (the rest go to CUDA cores), and libjpeg-turbo's
+    # "fancy" (interpolating) chroma upsampling, which DALI's CPU decoder and Pillow (the dataset's statistics) use;
+    # without it the GPU upsamples chroma by replication and GPU and CPU runs train on different pixels.
+    mixed = {"hw_decoder_load": spec.settings.hw_decoder_load, "jpeg_fancy_upsampling": True}
+    decode = {"device": spec.decoder, **(mixed if spec.decoder == "mixed" else {})}
+    normalise = {"std": spec.std.tolist(), "dtype": DALI_DTYPES[spec.dtype], "output_layout": "HWC"}
+    common = {"crop": spec.settings.crop_size, "decode": decode, "normalise": normalise, "mean": spec.mean}
+    if spec.augment == "paper":
+        images, draws = paper(jpegs, **common, lighting=spec.lighting)
+    else:
+        images, draws = {"inception": inception, "center": center, "tencrop": tencrop}[spec.augment](jpegs, **common)
+    labels = fn.cast(labels, dtype=types.INT64)
+    if spec.decoder == "mixed":
+        labels = labels.gpu()
+    return (images, labels, source, *draws)
+
+
+@pipeline_def
+def label_pipeline(spec: PipelineSpec):
+    """The reader of augment_pipeline reading the labels alone: the same samples in the same order, a few bytes each."""
+    # Mapped: ~4x as fast as read() here, and the shards' sizes were checked against the manifest just before.
+    labels = spec.read({LABEL_EXT: types.INT32}, mmap=True)  # one member: one DataNode
+    return fn.get_property(labels, key="source_info")
+
+
+def read_shards(files, index_files, *, shard_id, num_shards, shuffle, seed, members=SAMPLE, mmap=MMAP):
+    """The `members` (extension: DALI type) of this rank's contiguous share of the files, epoch after epoch; each
+    epoch's last batch is padded by repeating a sample. shuffle (training): every epoch the files in a new order, drawn
+    from `seed` (the same on every rank, so the shares still split the samples), and the samples shuffled in a buffer;
+    else the rank's share in file order, the same every epoch."""
     return fn.readers.webdataset(
         paths=files,
         index_paths=index_files,
-        ext=[IMAGE_EXT, LABEL_EXT],
-        dtypes=[types.UINT8, types.INT32],
+        ext=list(members),
+        dtypes=list(members.values()),
         missing_component_behavior="error",
         random_shuffle=shuffle,
         initial_fill=INITIAL_FILL,
@@ -63,6 +201,7 @@ def read_shards(files, index_files, *, shard_id, num_shards, shuffle, seed):
         shard_id=shard_id,
         num_shards=num_shards,
         pad_last_batch=True,
+        dont_use_mmap=not mmap,
         name=READER,
     )
 
@@ -110,175 +249,8 @@ def tencrop(jpegs, *, crop, decode, normalise, mean):
     return fn.stack(*views), ()
 
 
-@pipeline_def
-def augment_pipeline(
-    files,
-    index_files,
-    *,
-    augment: str,
-    crop: int,
-    decoder: str,
-    hw_decoder_load: float,
-    mean: np.ndarray,
-    std: np.ndarray,
-    lighting: np.ndarray,
-    dtype,
-    shard_id: int,
-    num_shards: int,
-    shuffle: bool,
-    reader_seed: int,
-):
-    jpegs, labels = read_shards(
-        files, index_files, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle, seed=reader_seed
-    )
-    source = fn.get_property(jpegs, key="source_info")
-    # "mixed" only: the share of JPEGs that the hardware decoder takes (the rest go to CUDA cores), and libjpeg-turbo's
-    # "fancy" (interpolating) chroma upsampling, which DALI's CPU decoder and Pillow (the dataset's statistics) use;
-    # without it the GPU upsamples chroma by replication and GPU and CPU runs train on different pixels.
-    mixed = {"hw_decoder_load": hw_decoder_load, "jpeg_fancy_upsampling": True}
-    decode = {"device": decoder, **(mixed if decoder == "mixed" else {})}
-    normalise = {"std": std.tolist(), "dtype": dtype, "output_layout": "HWC"}
-    if augment == "paper":
-        images, draws = paper(jpegs, crop=crop, decode=decode, normalise=normalise, mean=mean, lighting=lighting)
-    else:
-        graph = {"inception": inception, "center": center, "tencrop": tencrop}[augment]
-        images, draws = graph(jpegs, crop=crop, decode=decode, normalise=normalise, mean=mean)
-    labels = fn.cast(labels, dtype=types.INT64)
-    if decoder == "mixed":
-        labels = labels.gpu()
-    return (images, labels, source, *draws)
-
-
-@pipeline_def
-def read_pipeline(files, index_files, *, shard_id: int, num_shards: int, shuffle: bool, reader_seed: int):
-    """The reader of augment_pipeline alone: the same samples in the same order, without decoding them."""
-    jpegs, _ = read_shards(
-        files, index_files, shard_id=shard_id, num_shards=num_shards, shuffle=shuffle, seed=reader_seed
-    )
-    return jpegs, fn.get_property(jpegs, key="source_info")
-
-
 def reason(error: Exception) -> str:
     """The line of a DALI error that says what went wrong (DALI puts it after "encountered:")."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     after = [b for a, b in itertools.pairwise(lines) if a.endswith("encountered:")]
     return (after or lines or [type(error).__name__])[0]
-
-
-# DALI has no bfloat16: bfloat16 batches leave DALI as float16 and are cast on the device by torch.
-DALI_DTYPES = {torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16, torch.float32: types.FLOAT}
-
-
-class PipelineSpec:
-    """One rank's pipeline over one split: `build()` makes the augmenting one, `reader()` its reader alone."""
-
-    def __init__(
-        self,
-        manifest: Manifest,
-        split: str,
-        batch_size: int,
-        *,
-        augment: str,
-        crop_size: int,
-        device: torch.device,
-        rank: int,
-        world_size: int,
-        seed: int,
-        num_threads: int,
-        hw_decoder_load: float,
-        prefetch: int,
-        dtype: torch.dtype,
-        divide_std: bool,
-    ):
-        shards = manifest.shards(split)
-        if augment in WINDOW_AUGMENTS:  # the other augments resize their crop: any image serves
-            check_crop(manifest, split, crop_size)
-        self.root, self.split, self.count, self.batch_size = manifest.root, split, manifest.count(split), batch_size
-        self.hint = FIX_HINT.format(dir=self.root)
-        self.tars = {str(s.tar) for s in shards}
-        reader_seed, draw_seed = dali_seeds(seed, rank)
-        self.reader_args = dict(
-            files=[str(s.tar) for s in shards],
-            index_files=[str(s.index) for s in shards],
-            shard_id=rank,
-            num_shards=world_size,
-            shuffle=augment in TRAIN_AUGMENTS,
-            reader_seed=reader_seed,
-        )
-        mean, std = normalisation(manifest.rgb_mean, manifest.rgb_std, divide_std)
-        cuda = device.type == "cuda"
-        self.graph_args = dict(
-            augment=augment,
-            crop=crop_size,
-            decoder="mixed" if cuda else "cpu",
-            hw_decoder_load=hw_decoder_load,
-            mean=mean,
-            std=std,
-            dtype=DALI_DTYPES[dtype],
-            lighting=lighting_matrix(manifest.eigval, manifest.eigvec),
-        )
-        # exec_dynamic: each batch's buffers belong to its outputs, and to the torch tensors made from them, until
-        # those are freed (DALI's older executor recycles them on the next run()); see HoldBack in pipeline.loader.
-        self.run_args = dict(
-            batch_size=batch_size,
-            num_threads=num_threads,
-            prefetch_queue_depth=prefetch,
-            device_id=device.index if cuda else None,
-            exec_dynamic=True,
-            seed=draw_seed,
-            enable_checkpointing=True,
-        )
-
-    def build(self, restore: bytes | None):
-        """The built pipeline, from the start or from DALI's checkpoint `restore` (DALI skips the reader ahead)."""
-        pipe = augment_pipeline(**self.reader_args, **self.graph_args, **self.run_args, checkpoint=restore)
-        try:
-            pipe.build()
-        except RuntimeError as e:
-            raise ShardError(
-                f"{self.root}: DALI cannot read the '{self.split}' shards ({reason(e)}); {self.hint}"
-            ) from None
-        found = pipe.reader_meta(READER)["epoch_size"]
-        if found != self.count:
-            raise ShardError(
-                f"{self.root / MANIFEST}: {self.count} '{self.split}' samples listed, the index files "
-                f"hold {found}; {self.hint}"
-            )
-        return pipe
-
-    def reader(self, restore: bytes | None = None):
-        """The reader alone, unbuilt: the same samples in the same order, one thread, for a failure's replay."""
-        return read_pipeline(
-            **self.reader_args,
-            batch_size=self.batch_size,
-            num_threads=1,
-            device_id=None,
-            prefetch_queue_depth=1,
-            enable_checkpointing=True,
-            checkpoint=restore,
-        )
-
-
-def check_args(
-    manifest, augment, device, dtype, batch_size, rank, world_size, crop_size, num_threads, prefetch, hw_decoder_load
-) -> None:
-    if not isinstance(manifest, Manifest):
-        raise TypeError(f"DaliLoader takes a Manifest, not {manifest!r}: pass pipeline.load_manifest(DIR)")
-    if augment not in AUGMENTS:
-        raise ValueError(f"augment={augment!r}: use one of {', '.join(AUGMENTS)}")
-    if device not in ("cuda", "cpu"):
-        raise ValueError(f"device={device!r}: use 'cuda' or 'cpu'")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no CUDA device; pass device='cpu'")
-    if dtype not in DALI_DTYPES:
-        raise ValueError(f"dtype={dtype}: use torch.float16, torch.bfloat16 or torch.float32")
-    if batch_size < 1 or crop_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(
-            f"batch_size={batch_size}, crop_size={crop_size}, rank={rank}, world_size={world_size}: "
-            f"need batch_size, crop_size >= 1 and 0 <= rank < world_size"
-        )
-    if num_threads < 1 or prefetch < 1 or not 0.0 <= hw_decoder_load <= 1.0:
-        raise ValueError(
-            f"num_threads={num_threads}, prefetch={prefetch}, hw_decoder_load={hw_decoder_load}: "
-            f"need num_threads, prefetch >= 1 and hw_decoder_load in [0, 1]"
-        )

@@ -3,11 +3,11 @@
 One DALI pipeline serves every epoch: its reader moves on to the next epoch by itself (training visits the shard
 files in a new order each epoch, the same order on every rank, each rank reading its contiguous share of it, and
 shuffles within a buffer), so an epoch boundary costs the training thread nothing; building a pipeline per epoch
-held the GIL for ~0.2 s per 100k samples. The position is DALI's own checkpoint of this rank's pipeline (its reader
+held the GIL for ~0.2 s per 100k samples. The Position is DALI's own checkpoint of this rank's pipeline (its reader
 and its random draws), from which a resumed run continues with exactly the batches the interrupted one would have.
+On a GPU, HoldBack keeps each batch's DALI buffers until the kernels queued on them have run.
 
-Here too: the loader's Position in its epochs and the GPU's HoldBack on batches. The graphs and their spec are in
-pipeline.graphs, a failure's replay and where samples came from in pipeline.failure.
+The graphs and their spec are in pipeline.graphs; a failure's diagnosis and where samples came from, pipeline.failure.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from contextlib import nullcontext
 
 import torch
 
-from pipeline import graphs
 from pipeline.augment import TENCROP_VIEWS, TRAIN_AUGMENTS
-from pipeline.failure import batch_info, locate
-from pipeline.graphs import PipelineSpec, check_args
+from pipeline.failure import batch_info, locate, sources
+from pipeline.graphs import DRAWS, PipelineSpec, check_args
 from pipeline.manifest import Manifest
+from pipeline.settings import LoaderSettings
 from pipeline.sharding import steps_per_epoch, valid_in_step
 
 
@@ -41,55 +41,40 @@ class DaliLoader:
         self,
         manifest: Manifest,
         split: str,
-        batch_size: int,
+        settings: LoaderSettings,
         *,
         augment: str = "paper",
-        crop_size: int = 224,
-        device: str = "cuda",
-        device_id: int | None = 0,
+        device: str | torch.device = "cuda",
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
-        num_threads: int = 4,
-        hw_decoder_load: float = 0.65,
-        prefetch: int = 2,
         dtype: torch.dtype = torch.float16,
-        divide_std: bool = False,
     ):
-        check_args(
-            manifest,
-            augment,
-            device,
-            dtype,
-            batch_size,
-            rank,
-            world_size,
-            crop_size,
-            num_threads,
-            prefetch,
-            hw_decoder_load,
-        )
-        self.device = torch.device("cuda", device_id or 0) if device == "cuda" else torch.device("cpu")
+        """`settings` may be any config composed with LoaderSettings (such as the run's): the loader keeps a checked
+        copy of its loader fields. `device`: "cpu", "cuda" (device 0) or "cuda:N"."""
+        self.settings = LoaderSettings.of(settings)
+        try:
+            self.device = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"device={device!r}: use 'cpu', 'cuda' or 'cuda:N'") from None
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", 0)
+        check_args(manifest, augment, self.device, dtype, rank, world_size)
         self.spec = PipelineSpec(
             manifest,
             split,
-            batch_size,
+            self.settings,
             augment=augment,
-            crop_size=crop_size,
             device=self.device,
             rank=rank,
             world_size=world_size,
             seed=seed,
-            num_threads=num_threads,
-            hw_decoder_load=hw_decoder_load,
-            prefetch=prefetch,
             dtype=dtype,
-            divide_std=divide_std,
         )
-        self.split, self.batch_size, self.augment, self.dtype = split, batch_size, augment, dtype
+        self.split, self.batch_size, self.augment, self.dtype = split, self.settings.batch_size, augment, dtype
         self.rank, self.world_size, self.count = rank, world_size, self.spec.count
         self.position = Position(
-            len(self), rank=rank, seed=seed, world_size=world_size, batch_size=batch_size, count=self.count
+            len(self), rank=rank, seed=seed, world_size=world_size, batch_size=self.batch_size, count=self.count
         )
         self.images_per_s = 0.0  # samples yielded / seconds since this pass over the epoch began, any build included
         self._hold = HoldBack(self.device)
@@ -134,8 +119,7 @@ class DaliLoader:
             raise ValueError("DaliLoader is closed")
         epoch, start, seen = self.epoch, time.perf_counter(), 0
         if self._pipe is None:
-            self._pipe = self.spec.build(self.position.restore)
-            self.position.built()
+            self._pipe, self.position.restore = self.spec.build(self.position.restore), None
         while self.epoch == epoch and not self._closed:
             images, labels = self._next_batch()
             seen += labels.numel()
@@ -147,8 +131,8 @@ class DaliLoader:
         """The batch last yielded: each sample's shard file and key, and the augmentation's draws (NumPy)."""
         if self._last is None:
             return {}
-        sources, draws, n = self._last
-        return batch_info(sources, draws, graphs.DRAWS[self.augment], n, self.spec.tars)
+        source, draws, n = self._last
+        return batch_info(source, draws, DRAWS[self.augment], n, self.spec.tars)
 
     def close(self) -> None:
         """Stop DALI's threads and free its buffers; safe to call twice."""
@@ -177,7 +161,7 @@ class DaliLoader:
         if self.device.type == "cuda":
             self._hold.release()
         outputs = self._run()
-        images, labels, sources, *draws = outputs
+        images, labels, source, *draws = outputs
         views = len(TENCROP_VIEWS) if self.augment == "tencrop" else 1
         n = (
             self.batch_size
@@ -189,29 +173,24 @@ class DaliLoader:
             images = images.flatten(0, 1)
         images = images[: n * views]
         labels = _to_torch(labels, self.device).view(-1)[:n]
-        self._last = (sources, draws, n)
+        self._last = (source, draws, n)
         if self.device.type == "cuda":  # torch may drop `images` (the float16 one of a bfloat16 batch at once)
             self._hold.hold(outputs)
-        self.position.advance(self._pipe.checkpoint)
+        self.position.advance()
         if self.dtype != images.dtype:
             images = images.to(self.dtype)
         return images.permute(0, 3, 1, 2), labels
 
     def _locate_failure(self, error: RuntimeError):
-        """The failed sample, found by replaying the reader alone from this epoch's start (or the resumed step)."""
-        checkpoint, start = self.position.anchor
-        where = f"rank {self.rank}'s '{self.split}' shards in epoch {self.epoch} step {self.step}"
-        ahead = self.spec.run_args["prefetch_queue_depth"]
+        """The failed sample's shard and key: see pipeline.failure."""
+        last = sources(self._last[0], self.spec.tars, self._last[2]) if self._last is not None else None
         return locate(
             error,
-            self.spec.reader,
-            checkpoint,
-            self.step - start,
-            ahead,
-            self.spec.tars,
-            where,
-            self.spec.root,
-            self.spec.hint,
+            self.spec,
+            self.epoch * len(self) + self.step,
+            self.settings.prefetch,
+            last,
+            f"rank {self.rank}'s '{self.split}' shards in epoch {self.epoch} step {self.step}",
         )
 
 
@@ -226,13 +205,13 @@ IDENTITY = ("rank", "seed", "world_size", "batch_size", "count")
 
 
 class Position:
-    """The next batch is `step` of `epoch`; `restore`, the DALI checkpoint to build the pipeline from; `anchor`,
-    (DALI checkpoint, step) where this epoch's batches can be replayed from (None: the pipeline's very start)."""
+    """The next batch is `step` of `epoch`; `restore`, the DALI checkpoint to build the pipeline from (None: its start,
+    or the pipeline is built already)."""
 
     def __init__(self, steps_per_epoch: int, **identity):
         self.steps_per_epoch, self.identity = steps_per_epoch, identity
         self.epoch = self.step = 0
-        self.restore, self.anchor = None, (None, 0)
+        self.restore = None
 
     def state_dict(self, checkpoint: bytes | None) -> dict:
         """The position with `checkpoint`, DALI's of the running pipeline (None: not built, so `restore`)."""
@@ -254,16 +233,11 @@ class Position:
             raise ValueError(f"loader state at epoch {state['epoch']} step {state['step']} has no DALI checkpoint")
         self.epoch, self.step, self.restore = state["epoch"], state["step"], state["dali"]
 
-    def built(self) -> None:
-        """The pipeline now runs from `restore`: replays of this epoch start there."""
-        self.anchor, self.restore = (self.restore, self.step), None
-
-    def advance(self, checkpoint) -> None:
-        """One batch yielded; at an epoch's end, `checkpoint()` (DALI's, ~0.2 ms) anchors the next epoch's replays."""
+    def advance(self) -> None:
+        """One batch yielded; after an epoch's last, DALI's reader has moved on to the next epoch by itself."""
         self.step += 1
-        if self.step == self.steps_per_epoch:  # DALI's reader has moved on to the next epoch by itself
+        if self.step == self.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
-            self.anchor = (checkpoint(), 0)
 
 
 # Batches whose DALI buffers stay referenced after the caller moved on, until the kernels it queued on them have run;

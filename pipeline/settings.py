@@ -177,15 +177,23 @@ def read_config(path: Path, cls, parser: Parser) -> dict:
     return out
 
 
-def validate(cfg, parser: Parser) -> None:
-    """Each value against its declaration: one line naming the flag and what it must be."""
+def refused(cfg) -> tuple[str, Any, str] | None:
+    """The first value its declaration refuses: (name, value, what it must be); None if every value passes."""
     for f in dataclasses.fields(cfg):
         value, meta = getattr(cfg, f.name), f.metadata
         each = value if isinstance(value, tuple) else (value,)
         if meta.get("choices") and (not each or any(v not in meta["choices"] for v in each)):
-            parser.error(f"{flag(f.name)} {_shown(value)}: choose from {', '.join(map(str, meta['choices']))}")
+            return f.name, value, f"choose from {', '.join(map(str, meta['choices']))}"
         if meta.get("check") and value is not None and not meta["check"][0](value):
-            parser.error(f"{flag(f.name)} {_shown(value)}: must be {meta['check'][1]}")
+            return f.name, value, f"must be {meta['check'][1]}"
+    return None
+
+
+def validate(cfg, parser: Parser) -> None:
+    """Each value against its declaration: one line naming the flag and what it must be."""
+    if bad := refused(cfg):
+        name, value, must = bad
+        parser.error(f"{flag(name)} {_shown(value)}: {must}")
 
 
 def parse(cls, argv=None, *, prog: str, description: str, preset: Callable[[dict], dict] | None = None):
@@ -236,3 +244,13 @@ class LoaderSettings:
         check=between(0.0, 1.0),
     )
     prefetch: int = option(2, "batches DALI prepares ahead", check=at_least(1))
+
+    @classmethod
+    def of(cls, cfg: LoaderSettings) -> LoaderSettings:
+        """A checked copy of the loader's settings in `cfg` (a composed config such as the run's): ValueError naming
+        the setting if its declaration refuses a value. The copy is the loader's own: later edits to `cfg` miss it."""
+        own = cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+        if bad := refused(own):
+            name, value, must = bad
+            raise ValueError(f"LoaderSettings {name}={value!r}: {must}")
+        return own

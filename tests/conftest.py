@@ -1,16 +1,15 @@
-"""Shared fixtures: GPU tests skip cleanly without CUDA; a tiny synthetic ImageNet and its shards, built once; deny.
-Shared helpers, imported by test modules with `from conftest import ...`: tree, decode, one_line."""
+"""Shared fixtures: GPU tests skip cleanly without CUDA; a tiny synthetic ImageNet and its shards, built once; deny;
+an S3 API on loopback (moto_endpoint) and the AWS environment pointing at it (aws). Helpers the test modules import
+are in helpers.py."""
 
 import builtins
 import errno
-import io
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import start_moto
 
 from pipeline.synthetic import make_dataset
 from tools.shard_imagenet import main as shard_main
@@ -111,23 +110,31 @@ def deny(monkeypatch):
         d.chmod(0o755)
 
 
-def tree(folder: Path) -> dict[str, bytes]:
-    """Every file under folder, by relative path, with its bytes: two trees compare equal when byte-identical."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """moto_server on 127.0.0.1 for the whole session (it starts in ~1 s), killed at its end: its endpoint URL."""
+    proc, endpoint = start_moto()
+    yield endpoint
+    proc.kill()
+    proc.wait()
 
 
-def decode(jpeg: bytes) -> np.ndarray:
-    """A JPEG's RGB pixels as float64 (Pillow), for comparisons with a tolerance."""
-    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).astype(np.float64)
-
-
-def one_line(err: str, *says: str, progress: str | None = None) -> str:
-    """The one line of a program's error output `err` (lines starting with `progress` aside, carriage returns as line
-    ends), having checked that it is one line, no traceback, and says all of `says`."""
-    lines = [
-        line
-        for line in err.replace("\r", "\n").splitlines()
-        if line.strip() and not (progress and line.startswith(progress))
-    ]
-    assert len(lines) == 1 and "Traceback" not in err and all(s in lines[0] for s in says), err
-    return lines[0]
+@pytest.fixture
+def aws(monkeypatch, tmp_path, moto_endpoint):
+    """boto3's standard chain from the environment alone (no ~/.aws, no instance metadata), at moto_endpoint, two
+    attempts per request, the default cache folder in tmp_path: the monkeypatch, to change any of it."""
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(k)
+    for k, v in {
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-test-secret",
+        "AWS_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_MAX_ATTEMPTS": "2",
+        "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+    }.items():
+        monkeypatch.setenv(k, v)
+    return monkeypatch

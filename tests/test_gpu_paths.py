@@ -13,15 +13,16 @@ import run
 from pipeline import DaliLoader, load_manifest
 from pipeline.augment import crop_window
 from pipeline.graphs import read_shards
+from pipeline.settings import LoaderSettings
 from pipeline.sharding import rank_range
 
 CROP = 64
 GPU = pytest.mark.gpu
 
 
-def loader(shards, split, batch, device, **kw) -> DaliLoader:
-    on = {"device": device, "device_id": 0 if device == "cuda" else None}
-    return DaliLoader(load_manifest(shards), split, batch, crop_size=CROP, num_threads=2, **on, **kw)
+def loader(shards, split, batch, device, hw_decoder_load=0.65, **kw) -> DaliLoader:
+    settings = LoaderSettings(batch_size=batch, crop_size=CROP, threads=2, hw_decoder_load=hw_decoder_load)
+    return DaliLoader(load_manifest(shards), split, settings, device=device, **kw)
 
 
 def center_crops(shards, split, device, **kw) -> dict[str, tuple[np.ndarray, int]]:

@@ -14,6 +14,7 @@ from nvidia.dali import fn, pipeline_def
 from pipeline import DaliLoader, load_manifest
 from pipeline.augment import crop_window, lighting_offset
 from pipeline.graphs import read_shards
+from pipeline.settings import LoaderSettings
 
 CROP = 64  # the demo shards' short side is 80
 
@@ -70,17 +71,8 @@ def paper_reference(image, info, i, crop, manifest, shift=0, with_lighting=True)
 def check_paper_batches(shards_dir, whole, device):
     """Per sample: max and mean |loader - NumPy reference|, the same without lighting, and one column off."""
     manifest = load_manifest(shards_dir)
-    loader = DaliLoader(
-        manifest,
-        "train",
-        16,
-        augment="paper",
-        crop_size=CROP,
-        device=device,
-        num_threads=2,
-        dtype=torch.float32,
-        divide_std=True,
-    )
+    settings = LoaderSettings(batch_size=16, crop_size=CROP, threads=2, divide_std=True)
+    loader = DaliLoader(manifest, "train", settings, augment="paper", device=device, dtype=torch.float32)
     with loader:
         batches = [(images, labels, loader.info) for images, labels in islice(loader, 3)]
     errors, means, unlit, shifted = [], [], [], []
@@ -116,17 +108,8 @@ def test_center_crop_normalisation_formula(demo_shards, whole, divide_std):
     manifest = load_manifest(demo_shards)
     std = manifest.rgb_std if divide_std else 1.0
     asked = {"divide_std": True} if divide_std else {}  # the default is §2's: the mean subtracted, no std
-    with DaliLoader(
-        manifest,
-        "val",
-        8,
-        augment="center",
-        crop_size=CROP,
-        device="cpu",
-        num_threads=2,
-        dtype=torch.float32,
-        **asked,
-    ) as loader:
+    settings = LoaderSettings(batch_size=8, crop_size=CROP, threads=2, **asked)
+    with DaliLoader(manifest, "val", settings, augment="center", device="cpu", dtype=torch.float32) as loader:
         for images, _ in loader:
             for i, key in enumerate(loader.info["key"]):
                 image = whole[key]
@@ -137,17 +120,8 @@ def test_center_crop_normalisation_formula(demo_shards, whole, divide_std):
 
 def test_tencrop_yields_the_ten_views_sample_major(demo_shards, whole):
     manifest = load_manifest(demo_shards)
-    with DaliLoader(
-        manifest,
-        "val",
-        5,
-        augment="tencrop",
-        crop_size=CROP,
-        device="cpu",
-        num_threads=2,
-        dtype=torch.float32,
-        divide_std=False,
-    ) as loader:
+    settings = LoaderSettings(batch_size=5, crop_size=CROP, threads=2, divide_std=False)
+    with DaliLoader(manifest, "val", settings, augment="tencrop", device="cpu", dtype=torch.float32) as loader:
         images, labels = next(iter(loader))
         keys = loader.info["key"]
     assert images.shape == (50, 3, CROP, CROP) and labels.shape == (5,)
@@ -169,9 +143,8 @@ def test_tencrop_yields_the_ten_views_sample_major(demo_shards, whole):
 
 
 def test_inception_gives_resized_random_crops(demo_shards):
-    with DaliLoader(
-        load_manifest(demo_shards), "train", 16, augment="inception", crop_size=48, device="cpu", num_threads=2
-    ) as loader:
+    settings = LoaderSettings(batch_size=16, crop_size=48, threads=2)
+    with DaliLoader(load_manifest(demo_shards), "train", settings, augment="inception", device="cpu") as loader:
         images, labels = next(iter(loader))
         mirror = loader.info["mirror"]
     assert images.shape == (16, 3, 48, 48) and images.dtype == torch.float16 and labels.shape == (16,)
@@ -182,17 +155,8 @@ def test_inception_gives_resized_random_crops(demo_shards):
 def test_output_layout_and_dtypes(demo_shards):
     out = {}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        with DaliLoader(
-            load_manifest(demo_shards),
-            "train",
-            8,
-            augment="paper",
-            crop_size=CROP,
-            device="cpu",
-            num_threads=2,
-            dtype=dtype,
-            divide_std=True,
-        ) as loader:
+        settings = LoaderSettings(batch_size=8, crop_size=CROP, threads=2, divide_std=True)
+        with DaliLoader(load_manifest(demo_shards), "train", settings, device="cpu", dtype=dtype) as loader:
             images, labels = next(iter(loader))
         assert images.dtype == dtype and images.shape == (8, 3, CROP, CROP)
         assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
@@ -213,16 +177,8 @@ def test_float16_is_the_nearest_to_the_float32_result_by_default(demo_shards):
     # from zero, torch's .half() to even, so here each value is held to half a unit in the last place instead.
     out = {}
     for dtype in (torch.float32, torch.float16):
-        with DaliLoader(
-            load_manifest(demo_shards),
-            "train",
-            8,
-            augment="paper",
-            crop_size=CROP,
-            device="cpu",
-            num_threads=2,
-            dtype=dtype,
-        ) as loader:
+        settings = LoaderSettings(batch_size=8, crop_size=CROP, threads=2)
+        with DaliLoader(load_manifest(demo_shards), "train", settings, device="cpu", dtype=dtype) as loader:
             out[dtype] = next(iter(loader))[0]
     exact, got = out[torch.float32], out[torch.float16].float()
     assert exact.abs().max() > 50  # mean-subtracted pixels, not divided by the std
@@ -238,8 +194,9 @@ def test_batches_on_the_device_match_numpy_and_the_cpu_ten_crops(demo_shards, wh
     assert means.max() < 0.02 and shifted.min() > 0.05
 
     def ten_crops(on, dtype):
+        settings = LoaderSettings(batch_size=8, crop_size=CROP)
         with DaliLoader(
-            load_manifest(demo_shards), "val", 8, augment="tencrop", crop_size=CROP, device=on, dtype=dtype
+            load_manifest(demo_shards), "val", settings, augment="tencrop", device=on, dtype=dtype
         ) as loader:
             return next(iter(loader))
 

@@ -8,6 +8,7 @@ import pytest
 import pipeline.manifest
 import run
 from pipeline import DaliLoader, load_manifest
+from pipeline.settings import LoaderSettings
 
 
 @pytest.fixture
@@ -43,10 +44,11 @@ def test_the_loader_reads_the_manifest_it_is_given(demo_shards, tmp_path):
     shutil.copytree(demo_shards, folder)
     manifest = load_manifest(folder)
     (folder / "manifest.json").unlink()  # a loader that read the folder again would fail here
-    with DaliLoader(manifest, "val", 8, augment="center", crop_size=48, device="cpu", num_threads=1) as ld:
+    settings = LoaderSettings(batch_size=8, crop_size=48, threads=1)
+    with DaliLoader(manifest, "val", settings, augment="center", device="cpu") as ld:
         assert sum(len(labels) for _, labels in ld) == 24
     with pytest.raises(TypeError, match=r"takes a Manifest.*pass pipeline\.load_manifest"):
-        DaliLoader(folder, "val", 8, device="cpu")
+        DaliLoader(folder, "val", settings, device="cpu")
 
 
 @pytest.mark.slow

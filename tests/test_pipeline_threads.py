@@ -11,8 +11,12 @@ def test_threads_leave_cores_free_share_the_node_and_cap():
 
 
 def test_default_reads_the_affinity_and_torchrun_s_local_world(monkeypatch):
-    cores = len(os.sched_getaffinity(0))
+    # A 12-core slice of a machine whose cpu_count says 4: the slice is what this process may run on.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert threads.default_threads() == threads.dali_threads(cores, 1)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
+    assert threads.default_threads() == 8  # 12 - 2, capped at 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert threads.default_threads() == 4  # 12 // 2 - 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "48")
     assert threads.default_threads() == 1

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_train_run import FAST, ROOT, interrupted, metrics, train
+from helpers import FAST, ROOT, interrupted, metrics, train
 
 import run
 from model.train import checkpoint

@@ -11,27 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_line
+from helpers import FAST, MACHINE, ROOT, interrupted, metrics, one_line, train
 
 import run
 from model.train import checkpoint, demo
 from pipeline.bench.sweep import best_line
 from pipeline.manifest import load_manifest
 from pipeline.threads import dali_threads
-
-ROOT = Path(__file__).resolve().parents[1]
-# 96 train images / batch 16 = 6 steps per epoch; 64x64 is the smallest crop AlexNet's three poolings take.
-MACHINE = ["--batch-size", "16", "--crop-size", "64", "--threads", "1", "--log-interval", "2", "--device", "cpu"]
-# He init at this lr diverges on undivided 0-255 pixels (the §2 default), as the demo would: hence --divide-std.
-FAST = MACHINE + ["--lr", "0.02", "--lr-scaling", "none", "--warmup-epochs", "0.5", "--init", "kaiming", "--divide-std"]
-
-
-def train(shards, workdir, *extra) -> int:
-    return run.main(["--shards", str(shards), "--workdir", str(workdir), *FAST, *extra])
-
-
-def metrics(workdir):
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -88,21 +74,6 @@ def test_plot_metrics_script(one_run, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def interrupted(argv, after: str, sig=signal.SIGTERM):
-    """`python run.py ARGV`, sent `sig` once it has printed a line containing `after`: (exit status, stdout, stderr)."""
-    proc = subprocess.Popen(
-        [sys.executable, "run.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if after in line:
-            proc.send_signal(sig)
-            break
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, "".join(lines) + out, err
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import one_line, tree
+from helpers import one_line, tree
 
 import pipeline.atomic
 from pipeline.synthetic import make_dataset, wnid

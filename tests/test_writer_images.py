@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import decode
+from helpers import decode
 from PIL import ExifTags, Image
 
 from pipeline.writer.images import Resize, prepare

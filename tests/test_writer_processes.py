@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import tree
+from helpers import tree
 
 from pipeline.synthetic import make_dataset
 from tools.shard_imagenet import main

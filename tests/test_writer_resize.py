@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import decode
+from helpers import decode
 from PIL import Image
 
 from pipeline.synthetic import make_dataset

@@ -10,7 +10,7 @@ from hashlib import sha256
 from pathlib import Path
 
 import pytest
-from conftest import tree
+from helpers import tree
 
 import pipeline.writer.build as shard_build
 from pipeline.synthetic import make_dataset, wnid

@@ -55,8 +55,11 @@ from pipeline.bench.timing import (
     time_windows,
     warm_up,
 )
+from pipeline.cache import CacheSettings, local_shards
+from pipeline.graphs import MMAP
 from pipeline.manifest import Manifest, ShardError, load_manifest
 from pipeline.settings import LoaderSettings, at_least, option, parse, show, to_json
+from pipeline.store import is_url
 from pipeline.threads import default_threads
 
 # --quick: about a minute on a 2-core CPU, where one training step of the 60M-parameter model takes seconds
@@ -74,10 +77,10 @@ def target(path) -> bool:
 
 
 @dataclass(kw_only=True)
-class BenchConfig(LoaderSettings, ComputeSettings):
+class BenchConfig(LoaderSettings, ComputeSettings, CacheSettings):
     """What is timed, and how"""
 
-    shards: str = option(help="shard folder written by tools/shard_imagenet.py")
+    shards: str = option(help="shard folder written by tools/shard_imagenet.py, or its s3:// or gs:// URL")
     workers: int | None = option(
         None, "baseline DataLoader processes; default: as many as DALI's threads (equal cores)", check=at_least(1)
     )
@@ -213,21 +216,8 @@ class Bench:
 
     def dali(self, s: dict) -> DaliLoader:
         c = self.cfg
-        return DaliLoader(
-            self.manifest,
-            "train",
-            s["batch_size"],
-            augment="paper",
-            crop_size=c.crop_size,
-            device=c.device,
-            device_id=0 if self.cuda else None,
-            seed=c.seed,
-            num_threads=s["threads"],
-            hw_decoder_load=s["hw_decoder_load"],
-            prefetch=s["prefetch"],
-            dtype=self.dtype,
-            divide_std=c.divide_std,
-        )
+        loader = replace(c, **{k: s[k] for k in SWEPT})  # the stream is not the loader's
+        return DaliLoader(self.manifest, "train", loader, device=c.device, seed=c.seed, dtype=self.dtype)
 
     def measure(self, name: str, step: Callable[[], None], batch_size: int, reset=lambda: None) -> dict:
         """Warm up, then time the windows with CPU use recorded; `reset` clears counters warm-up touched."""
@@ -409,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, grid = parse_args(argv)
     print(show(cfg), flush=True)
     try:
-        manifest = load_manifest(cfg.shards)
+        manifest = load_manifest(local_shards(cfg.shards, cfg.cache_dir))
         manifest.shards("train")
         count = manifest.count("train")
     except ShardError as e:
@@ -419,9 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_io: {refusal}", file=sys.stderr)
         return 2
     data = {
-        "shards": str(Path(cfg.shards).resolve()),
+        "shards": cfg.shards if is_url(cfg.shards) else str(Path(cfg.shards).resolve()),
         "train_images": count,
         "preprocessing": manifest.raw.get("preprocessing"),
+        "mmap": MMAP,  # shards read with read() (False) or mapped
     }
     report = {"machine": describe_machine(), "config": to_json(cfg), "data": data}
     record = Record(Path(cfg.json) if cfg.json else None, report)

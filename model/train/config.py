@@ -9,14 +9,15 @@ from pathlib import Path
 
 from model.train.demo import DEMO_PRESET
 from model.train.recipe import ComputeSettings, RecipeSettings
+from pipeline.cache import CacheSettings
 from pipeline.settings import LoaderSettings, above, at_least, option
 
 
 @dataclass(kw_only=True)
-class Config(RecipeSettings, LoaderSettings, ComputeSettings):
+class Config(RecipeSettings, LoaderSettings, ComputeSettings, CacheSettings):
     """The run"""
 
-    shards: str = option("", "a folder written by tools/shard_imagenet.py")
+    shards: str = option("", "a folder written by tools/shard_imagenet.py, or its s3:// or gs:// URL")
     workdir: str = option("runs/alexnet", "the run's folder: config, metrics, checkpoints; one run at a time")
     towers: int = option(2, "§3.5: two towers, run on one device as a block-diagonal conv; 1: no split", choices=(1, 2))
     model_parallel: bool = option(False, "§3.2: the two towers on two GPUs per process")
@@ -48,6 +49,7 @@ class UsageError(Exception):
 # Settings a --resume may change; anything else must match the run being continued.
 RESUMABLE = {
     "shards",
+    "cache_dir",
     "workdir",
     "lr",
     "epochs",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -44,23 +44,16 @@ def build(cfg, ctx: Context, num_classes: int):
 def make_loader(cfg, ctx: Context, manifest, split: str, augment: str, crop_size: int):
     from pipeline import DaliLoader
 
-    dev = ctx.devices[0]
     return DaliLoader(
         manifest,
         split,
-        cfg.batch_size,
+        replace(cfg, crop_size=crop_size),
         augment=augment,
-        crop_size=crop_size,
-        device=dev.type,
-        device_id=dev.index if dev.type == "cuda" else None,
+        device=ctx.devices[0],
         rank=ctx.rank,
         world_size=ctx.world,
         seed=cfg.seed,
-        num_threads=cfg.threads,
-        hw_decoder_load=cfg.hw_decoder_load,
-        prefetch=cfg.prefetch,
         dtype=AMP_DTYPES[cfg.amp] or torch.float32,
-        divide_std=cfg.divide_std,
     )
 
 

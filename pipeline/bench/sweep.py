@@ -3,13 +3,16 @@ feed the step fastest."""
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
+
+from pipeline.settings import LoaderSettings
 
 SWEPT = ("batch_size", "threads", "hw_decoder_load", "prefetch")
 # The stream the training step runs on: torch's legacy default one (as run.py trains), or a torch.cuda.Stream of its
 # own, which the legacy stream's implicit synchronisation with every other blocking stream cannot hold up.
 STREAMS = ("default", "dedicated")
-KINDS = {"batch_size": int, "threads": int, "hw_decoder_load": float, "prefetch": int, "stream": str}
+KINDS = {name: kind for name, kind in typing.get_type_hints(LoaderSettings).items() if name in SWEPT} | {"stream": str}
 
 
 def parse_values(spec: str) -> tuple[str, list]:
