@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import one_line
+from helpers import one_line
 from PIL import Image
 
 from pipeline.augment import crop_anchor
