@@ -320,8 +320,11 @@ class Bench:
             # batches add to this process; while the loader still holds its buffers.
             record["memory"] = {**peak_memory(self.cfg.device), "after_sweep": self.cfg.sweep}
             if self.cfg.trace:
-                self.trace(batches, s["batch_size"], Path(self.cfg.trace))
-                print(f"trace of {TRACE_STEPS} end-to-end steps: {self.cfg.trace}", flush=True)
+                try:
+                    self.trace(batches, s["batch_size"], Path(self.cfg.trace))
+                    print(f"trace of {TRACE_STEPS} end-to-end steps: {self.cfg.trace}", flush=True)
+                except RuntimeError as e:  # a profiler that cannot start costs the trace, not the figures after it
+                    print(f"trace: not written: {str(e).splitlines()[0]}", flush=True)
 
     def sweep_trial(self, s: dict) -> dict:
         """The loader alone (which shows whether the hardware decoder takes part), then end to end, at one --sweep
