@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from model.train import checkpoint
 from model.train.checkpoint import CheckpointError
-from model.train.cluster import Context, Preemption, Refused, agree, init_group, process_context
+from model.train.cluster import Context, Interrupted, Preemption, Refused, agree, init_group, process_context
 from model.train.config import Config, UsageError, demo_preset, refuse_changes
 from model.train.demo import make_demo_data, report_demo
 from model.train.loop import Diverged, Trainer, build, evaluate, make_loader
@@ -222,6 +222,12 @@ def main(argv=None) -> int:
         return 2
     except Refused:
         return 2
+    except (Interrupted, KeyboardInterrupt) as e:  # during start-up: nothing trained yet, nothing to save
+        print(
+            f"run.py: {e or 'SIGINT'} before the first step ended: stopped; run the same command to start",
+            file=sys.stderr,
+        )
+        return 128 + getattr(e, "signum", 2)
     except OSError as e:
         if e.filename is None:
             raise

@@ -196,7 +196,7 @@ def read_shards(files, index_files, *, shard_id, num_shards, shuffle, seed, memb
         seed=seed,
         # the file order's own seed: without it DALI draws every run's order from one fixed default
         shuffle_after_epoch=shuffle,
-        shuffle_after_epoch_seed=seed,
+        **({"shuffle_after_epoch_seed": seed} if shuffle else {}),  # else DALI warns it has no effect, every run
         stick_to_shard=not shuffle,
         shard_id=shard_id,
         num_shards=num_shards,

@@ -29,9 +29,10 @@ def describe(fd: int) -> str:
 
 
 @contextmanager
-def hold(out: Path):
-    """Hold `out`'s lock for the block, or raise Busy naming the live run. The file is removed on release."""
-    path = out / LOCK
+def hold(out: Path, name: str = LOCK):
+    """Hold `out`'s lock (the file `name`) for the block, or raise Busy naming the live run. The file is removed on
+    release."""
+    path = out / name
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -66,10 +67,10 @@ def hold(out: Path):
         os.close(fd)
 
 
-def writer(out: Path) -> str | None:
-    """The live run holding `out`'s lock, described, or None."""
+def writer(out: Path, name: str = LOCK) -> str | None:
+    """The live run holding `out`'s lock (the file `name`), described, or None."""
     try:
-        fd = os.open(out / LOCK, os.O_RDONLY)
+        fd = os.open(out / name, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:

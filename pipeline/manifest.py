@@ -15,6 +15,10 @@ MANIFEST = "manifest.json"
 # that DALI's webdataset reader takes with dtypes=INT32 and no parsing, and the source file's path relative to --src.
 IMAGE_EXT, CLS_EXT, LABEL_EXT, PATH_EXT = "jpg", "cls", "lbl", "path"
 FIX_HINT = "run tools/shard_imagenet.py --verify {dir} (or re-shard with tools/shard_imagenet.py --src ... --out {dir})"
+RESHARD_HINT = "re-shard with tools/shard_imagenet.py --src ... --out {dir}"
+# The manifest's checksum of its own content: the statistics the loaders normalise with are checked like the shards.
+# Manifests written before it have none; they are read as they are.
+CHECKSUM = "manifest_sha256"
 
 
 class ShardError(Exception):
@@ -68,12 +72,25 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def load_manifest(shards_dir: str | Path, checksums: bool = False, check_shards: bool = True) -> Manifest:
+def content_sha256(raw: dict) -> str:
+    """sha256 of a manifest's content, its own checksum left out, in one canonical JSON form."""
+    body = {k: v for k, v in raw.items() if k != CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sealed(raw: dict) -> dict:
+    """The manifest with its own checksum."""
+    return {**raw, CHECKSUM: content_sha256(raw)}
+
+
+def load_manifest(
+    shards_dir: str | Path, checksums: bool = False, check_shards: bool = True, fix: str = FIX_HINT
+) -> Manifest:
     """Read DIR/manifest.json and check every shard and index it names: present, index intact (tars too, with
     checksums). Once per run: the loaders take the Manifest. --verify passes check_shards=False and checks each shard
-    itself, to name every damaged one."""
+    itself, to name every damaged one, and its own `fix`."""
     root = Path(shards_dir)
-    hint = FIX_HINT.format(dir=root)
+    hint = fix.format(dir=root)
     if not root.is_dir():
         raise ShardError(f"{root}: no such shard folder; run tools/shard_imagenet.py --src IMAGENET --out {root} first")
     path = root / MANIFEST
@@ -83,6 +100,8 @@ def load_manifest(shards_dir: str | Path, checksums: bool = False, check_shards:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ShardError(f"{path}: unreadable ({e}); {hint}") from None
+    if not isinstance(raw, dict):
+        raise ShardError(f"{path}: holds a JSON {type(raw).__name__}, not a manifest; {hint}")
     if raw.get("format_version") != FORMAT_VERSION:
         raise ShardError(
             f"{path}: format version {raw.get('format_version')!r}, this code reads {FORMAT_VERSION}; "

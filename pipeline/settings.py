@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import importlib
 import inspect
 import json
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -28,10 +31,13 @@ def option(
     check: tuple[Callable[[Any], bool], str] | None = None,
     const: Any = None,
     default_factory: Callable[[], Any] | None = None,
+    shared: bool = True,
 ) -> Any:
     """A setting: its default, help, the values it may take (choices, or check: (predicate, what it must be)).
-    `const` is the value of the bare flag, for a flag whose value may be left out (--compile)."""
-    meta = {"help": help, "choices": choices, "check": check, "const": const}
+    `const` is the value of the bare flag, for a flag whose value may be left out (--compile). shared=False: another
+    program's setting of the same name means something else (the sharder's seed is not a run's), so another program's
+    saved settings do not set it."""
+    meta = {"help": help, "choices": choices, "check": check, "const": const, "shared": shared}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -47,6 +53,22 @@ def above(n: float) -> tuple[Callable[[Any], bool], str]:
 
 def between(low: float, high: float) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: low <= v <= high), f"between {low} and {high}"
+
+
+# torch.manual_seed takes seeds below 2**64, and a run adds its rank to its seed: every program's seed is one of these.
+SEED = between(0, 2**63 - 1)
+
+# Every program's settings, named rather than imported (a library does not import its programs); resolved only when a
+# --config file holds settings this program lacks, to tell another program's saved settings (a run's config.json given
+# to bench_io) from a typo.
+PROGRAMS = {
+    "run.py": "model.train.config:Config",
+    "tools/bench_io.py": "tools.bench_io:BenchConfig",
+    "tools/shard_imagenet.py": "pipeline.writer.build:ShardConfig",
+    "tools/make_demo_data.py": "tools.make_demo_data:DemoConfig",
+    "tools/profile_sharder.py": "tools.profile_sharder:ProfileConfig",
+    "tools/bench_store.py": "tools.bench_store:StoreBenchConfig",
+}
 
 
 def flag(name: str) -> str:
@@ -73,27 +95,53 @@ def sections(cls) -> list[tuple[type, list[dataclasses.Field]]]:
 
 def _unwrap(kind) -> Any:
     """`X | None` -> X: an optional setting is given on the command line as X."""
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+    if _optional(kind):
         return next(a for a in typing.get_args(kind) if a is not type(None))
     return kind
 
 
+def _optional(kind) -> bool:
+    union = isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
+    return union and type(None) in typing.get_args(kind)
+
+
 def _convert(kind, value):
-    """A JSON value as the declared type: lists back to tuples, strings to paths; ValueError if it is not one."""
-    kind = _unwrap(kind)
+    """A JSON value as the declared type: lists back to tuples, strings to paths; ValueError if it is not one. Nothing
+    is rounded or coerced: 16.9 is no integer, "16" no number, null only where the setting may be left unset."""
     if value is None:
+        if not _optional(kind):
+            raise ValueError(f"null is not {_name(kind)}")
         return None
+    kind = _unwrap(kind)
     if typing.get_origin(kind) is tuple:
-        args = typing.get_args(kind)
-        kinds = [args[0]] * len(value) if args[-1] is Ellipsis else args
+        args, many = typing.get_args(kind), typing.get_args(kind)[-1] is Ellipsis
+        if many and not isinstance(value, list):
+            raise ValueError(f"{json.dumps(value)} is not a list: write [{json.dumps(value)}]")
+        kinds = [args[0]] * len(value) if many else args
         if not isinstance(value, list) or len(kinds) != len(value):
-            raise ValueError(f"{value!r} is not a list of {len(kinds)}")
+            raise ValueError(f"{json.dumps(value)} is not a list of {len(kinds)}")
         return tuple(_convert(k, v) for k, v in zip(kinds, value))
-    if kind is bool or isinstance(value, bool):
-        if kind is not bool or not isinstance(value, bool):
-            raise ValueError(f"{value!r} is not a {kind.__name__}")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int and number and (isinstance(value, int) or (math.isfinite(value) and value.is_integer())):
+        return int(value)
+    if kind is float and number:
+        return float(value)
+    if kind in (str, Path) and isinstance(value, str):
+        return _path(value) if kind is Path else value
+    if kind is bool and isinstance(value, bool):
         return value
-    return kind(value)
+    raise ValueError(f"{json.dumps(value)} is not {_name(kind)}")
+
+
+def _name(kind) -> str:
+    return {int: "an integer", float: "a number", str: "a string", Path: "a path", bool: "a bool"}.get(kind, str(kind))
+
+
+def _path(text: str) -> Path:
+    """A path setting: "" would silently mean the current folder; "." says so."""
+    if not text:
+        raise ValueError("an empty path (for the current folder, pass .)")
+    return Path(text)
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -149,8 +197,40 @@ def build_parser(cls, prog: str, description: str) -> Parser:
             else:
                 extra = {"nargs": "?", "const": meta["const"]} if meta.get("const") is not None else {}
                 metavar = {int: "N", float: "X", Path: "PATH"}.get(kind)
-                group.add_argument(flag(f.name), type=kind, choices=meta.get("choices"), metavar=metavar, **extra, **kw)
+                group.add_argument(
+                    flag(f.name), type=_arg_type(kind), choices=meta.get("choices"), metavar=metavar, **extra, **kw
+                )
     return p
+
+
+def _arg_type(kind):
+    """argparse's converter: Path refuses "" (argparse names the flag and the value in its one-line error)."""
+    if kind is not Path:
+        return kind
+
+    def path(text: str) -> Path:
+        try:
+            return _path(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return path
+
+
+def shared(cls, name: str) -> bool:
+    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("shared", True)
+
+
+def programs() -> dict[str, type]:
+    """Every program's settings class, by program (one that cannot be imported here is left out)."""
+    out = {}
+    for prog, where in PROGRAMS.items():
+        module, name = where.split(":")
+        try:
+            out[prog] = getattr(importlib.import_module(module), name)
+        except ImportError:
+            continue
+    return out
 
 
 def read_config(path: Path, cls, parser: Parser) -> dict:
@@ -165,9 +245,24 @@ def read_config(path: Path, cls, parser: Parser) -> dict:
     if not isinstance(saved, dict):
         parser.error(f"--config {path}: holds no settings object; pass a JSON file such as a run's config.json")
     hints, known = typing.get_type_hints(cls), {f.name for f in dataclasses.fields(cls)}
-    other = sorted(set(saved) - known)
-    if other:
-        print(f"{parser.prog}: --config {path}: not settings of this program, left out: {', '.join(other)}")
+    foreign = set(saved) - known
+    if foreign:
+        others = programs()
+        theirs = {prog: {f.name for f in dataclasses.fields(c)} for prog, c in others.items()}
+        strangers = sorted(foreign - set().union(*theirs.values()))
+        if strangers:
+            near = difflib.get_close_matches(strangers[0], sorted(known | set().union(*theirs.values())), 1)
+            named = ", ".join(strangers[:3]) + (f" and {len(strangers) - 3} more" if len(strangers) > 3 else "")
+            fix = f"did you mean {near[0]}?" if near and len(strangers) == 1 else "pass a run's config.json or the like"
+            parser.error(
+                f"--config {path}: {named}: {'a setting' if len(strangers) == 1 else 'settings'} of no program; {fix}"
+            )
+        # The program the file is from: the one that takes the most of the settings this one lacks.
+        prog = max(theirs, key=lambda p: len(theirs[p] & foreign))
+        apart = {k for k in set(saved) & known & theirs[prog] if not (shared(cls, k) and shared(others[prog], k))}
+        left = sorted(foreign | apart)
+        print(f"{parser.prog}: --config {path}: settings of {prog}, left out: {', '.join(left)}")
+        saved = {k: v for k, v in saved.items() if k not in apart}
     out = {}
     for k in sorted(set(saved) & known):
         try:
@@ -178,12 +273,16 @@ def read_config(path: Path, cls, parser: Parser) -> dict:
 
 
 def refused(cfg) -> tuple[str, Any, str] | None:
-    """The first value its declaration refuses: (name, value, what it must be); None if every value passes."""
+    """The first value its declaration refuses: (name, value, what it must be); None if every value passes. Every
+    number is finite: inf and nan (or 1e400, read as inf) would only fail later, or train on as a "diverged" run."""
+    hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value, meta = getattr(cfg, f.name), f.metadata
         each = value if isinstance(value, tuple) else (value,)
         if meta.get("choices") and (not each or any(v not in meta["choices"] for v in each)):
             return f.name, value, f"choose from {', '.join(map(str, meta['choices']))}"
+        if _unwrap(hints[f.name]) is float and value is not None and not math.isfinite(value):
+            return f.name, value, "must be a finite number"
         if meta.get("check") and value is not None and not meta["check"][0](value):
             return f.name, value, f"must be {meta['check'][1]}"
     return None
@@ -193,7 +292,7 @@ def validate(cfg, parser: Parser) -> None:
     """Each value against its declaration: one line naming the flag and what it must be."""
     if bad := refused(cfg):
         name, value, must = bad
-        parser.error(f"{flag(name)} {_shown(value)}: {must}")
+        parser.error(f"{flag(name)} {_shown(value) if value != () else '(none)'}: {must}")
 
 
 def parse(cls, argv=None, *, prog: str, description: str, preset: Callable[[dict], dict] | None = None):
@@ -201,8 +300,7 @@ def parse(cls, argv=None, *, prog: str, description: str, preset: Callable[[dict
     parser = build_parser(cls, prog, description)
     given = vars(parser.parse_args(argv))
     config = given.pop("config", None)
-    hints = typing.get_type_hints(cls)
-    given = {k: _convert(hints[k], list(v) if isinstance(v, (list, tuple)) else v) for k, v in given.items()}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}  # argparse gave the types
     values = {**(read_config(config, cls, parser) if config else {}), **given}
     if preset:
         values = {**preset(values), **values}
@@ -243,7 +341,8 @@ class LoaderSettings:
         "share of the JPEGs for the GPU's hardware decoder, the rest on the SMs (docs/perf.md)",
         check=between(0.0, 1.0),
     )
-    prefetch: int = option(2, "batches DALI prepares ahead", check=at_least(1))
+    # Each batch prepared ahead holds its memory; past a few, no step is fed faster.
+    prefetch: int = option(2, "batches DALI prepares ahead", check=between(1, 32))
 
     @classmethod
     def of(cls, cfg: LoaderSettings) -> LoaderSettings:

@@ -1,10 +1,11 @@
 """Shared fixtures: GPU tests skip cleanly without CUDA; a tiny synthetic ImageNet and its shards, built once; deny;
-an S3 API on loopback (moto_endpoint) and the AWS environment pointing at it (aws). Helpers the test modules import
-are in helpers.py."""
+an S3 API on loopback (moto_endpoint), the AWS environment pointing at it (aws) and an empty bucket on it (bucket_url).
+Helpers the test modules import are in helpers.py."""
 
 import builtins
 import errno
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,13 @@ def aws(monkeypatch, tmp_path, moto_endpoint):
     }.items():
         monkeypatch.setenv(k, v)
     return monkeypatch
+
+
+@pytest.fixture
+def bucket_url(aws) -> str:
+    """s3://<a new, empty bucket>/shards on moto_endpoint, for this process and the programs it starts (aws)."""
+    import boto3
+
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}/shards"

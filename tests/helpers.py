@@ -93,3 +93,18 @@ def start_moto(**env) -> tuple[subprocess.Popen, str]:
         except OSError:
             assert proc.poll() is None and time.monotonic() < deadline, "moto_server did not start"
             time.sleep(0.05)
+
+
+def objects(url: str) -> dict[str, bytes]:
+    """Every object under an s3:// prefix, by name relative to it, with its bytes: compares equal to tree() of the
+    same files."""
+    import boto3
+
+    bucket, prefix = url[len("s3://") :].split("/", 1)
+    client = boto3.client("s3")
+    keys = [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+        for o in page.get("Contents", [])
+    ]
+    return {k[len(prefix) + 1 :]: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in sorted(keys)}

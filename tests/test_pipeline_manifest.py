@@ -64,3 +64,13 @@ def test_a_training_run_then_its_evaluation_load_the_manifest_once_each(demo_sha
         == 0
     )  # centre and ten-crop loaders
     assert hashed == Counter(indexes)
+
+
+def test_the_loaders_print_no_warnings_of_dalis_own(demo_shards, capfd):
+    """A line of DALI's on every run (an argument with no effect) teaches users to skim past stderr."""
+    manifest = load_manifest(demo_shards)
+    settings = LoaderSettings(batch_size=8, crop_size=48, threads=1)
+    for split, augment in (("val", "center"), ("train", "paper")):
+        with DaliLoader(manifest, split, settings, augment=augment, device="cpu") as ld:
+            assert sum(len(labels) for _, labels in ld) == manifest.count(split)
+    assert capfd.readouterr().err == ""

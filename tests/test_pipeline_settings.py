@@ -70,9 +70,9 @@ def test_saved_settings_rerun_the_same(tmp_path):
 
 
 def test_other_programs_settings_are_named_and_left_out(tmp_path, capsys):
-    (tmp_path / "c.json").write_text(json.dumps({"batch_size": 4, "lr": 0.1, "epochs": 3}))
-    assert run(["--config", str(tmp_path / "c.json")]).batch_size == 4
-    assert "left out: epochs, lr" in capsys.readouterr().out
+    (tmp_path / "c.json").write_text(json.dumps({"load": 0.5, "lr": 0.1, "epochs": 3}))
+    assert run(["--config", str(tmp_path / "c.json")]).load == 0.5
+    assert "settings of run.py, left out: epochs, lr" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -95,7 +95,7 @@ def test_bad_config_files_are_one_line(tmp_path, capsys):
     (tmp_path / "d.json").write_text(json.dumps({"mode": "fast"}))
     assert "a.json: cannot read it" in fails(["--config", str(tmp_path / "a.json")], capsys)
     assert "b.json: batch_size:" in fails(["--config", str(tmp_path / "b.json")], capsys)
-    assert "c.json: flip: 'yes' is not a bool" in fails(["--config", str(tmp_path / "c.json")], capsys)
+    assert 'c.json: flip: "yes" is not a bool' in fails(["--config", str(tmp_path / "c.json")], capsys)
     assert "--mode fast: choose from off, default, max" in fails(["--config", str(tmp_path / "d.json")], capsys)
     assert "--config" in fails(["--config", str(tmp_path / "missing.json")], capsys)
 
@@ -121,3 +121,151 @@ def test_make_demo_data_refuses_bad_values_before_writing(tmp_path):
     )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--size-range 9 3" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "saved, says",
+    [
+        ({"batch_size": None}, "batch_size: null is not an integer"),
+        ({"batch_size": 1e999}, "batch_size: Infinity is not an integer"),  # what json reads 1e999 as
+        ({"batch_size": 16.9}, "batch_size: 16.9 is not an integer"),  # not silently 16
+        ({"batch_size": "16"}, 'batch_size: "16" is not an integer'),
+        ({"towers": "dense"}, 'towers: "dense" is not a list: write ["dense"]'),
+        ({"out": ""}, "out: an empty path"),
+        ({"batch_sise": 3}, "batch_sise: a setting of no program; did you mean batch_size?"),
+        ([1, 2], "holds no settings object"),
+    ],
+)
+def test_bad_values_in_a_config_file_are_one_line(saved, says, tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps(saved))
+    assert says in fails(["--config", str(tmp_path / "c.json")], capsys)
+
+
+def test_empty_or_damaged_config_files_are_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("")
+    assert "config.json: cannot read it" in fails(["--config", str(tmp_path / "config.json")], capsys)
+    (tmp_path / "config.json").write_text('{"batch_size": 1')  # cut short by a full disk
+    assert "config.json: cannot read it" in fails(["--config", str(tmp_path / "config.json")], capsys)
+
+
+def test_integral_numbers_and_null_for_optional_settings_are_taken(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"batch_size": 16.0, "load": 1, "note": None}))
+    cfg = run(["--config", str(tmp_path / "c.json")])
+    assert (cfg.batch_size, cfg.load, cfg.note) == (16, 1.0, None) and type(cfg.batch_size) is int
+
+
+def test_an_empty_path_is_refused_on_the_command_line(capsys):
+    assert "argument --out: an empty path (for the current folder, pass .)" in fails(["--out", ""], capsys)
+
+
+# Programs whose settings are parsed in-process (nothing before the settings is written, nothing is started).
+def parse_run(argv):
+    import run as program
+
+    return program.parse(argv)
+
+
+def parse_bench(argv):
+    from tools.bench_io import parse_args
+
+    return parse_args(["--shards", "s", *argv])
+
+
+def parse_shard(argv):
+    from tools.shard_imagenet import parse_config
+
+    return parse_config(["--src", str(ROOT), "--out", "/nonexistent/out", *argv])
+
+
+def parse_demo(argv):
+    from tools.make_demo_data import main
+
+    if main(["--out", "/nonexistent/demo", *argv]) != 0:
+        raise SystemExit(2)
+
+
+PROGRAMS = {"run": parse_run, "bench_io": parse_bench, "shard_imagenet": parse_shard, "make_demo_data": parse_demo}
+
+
+def refused(parse, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+@pytest.mark.parametrize("seed", ["-1", str(2**64), "99999999999999999999999"])
+def test_every_program_refuses_a_seed_out_of_range_in_one_line(program, seed, capsys):
+    assert f"--seed {seed}: must be between 0 and {2**63 - 1}" in refused(PROGRAMS[program], ["--seed", seed], capsys)
+
+
+def test_the_largest_seed_is_one_every_consumer_takes():
+    """torch takes seeds below 2**64 and a run seeds each rank with seed + rank; numpy's generators take any."""
+    import numpy as np
+    import torch
+
+    from pipeline.settings import SEED
+    from pipeline.sharding import dali_seeds
+
+    top = 2**63 - 1
+    assert SEED[0](top) and not SEED[0](top + 1) and not SEED[0](-1)
+    torch.manual_seed(top + 4096)
+    torch.Generator().manual_seed(top)
+    np.random.default_rng([top, 7])
+    assert all(0 <= s < 2**31 for s in dali_seeds(top, 4095))
+
+
+@pytest.mark.parametrize(
+    "argv", [["--lr", "inf"], ["--weight-decay", "1e400"], ["--warmup-epochs", "inf"], ["--checkpoint-minutes", "nan"]]
+)
+def test_a_run_refuses_numbers_that_are_not_finite(argv, capsys):
+    assert f"{argv[0]} {float(argv[1])}: must be a finite number" in refused(parse_run, argv, capsys)
+
+
+@pytest.mark.parametrize("program", ["run", "bench_io"])
+def test_prefetch_is_bounded(program, capsys):
+    assert "--prefetch 100000: must be between 1 and 32" in refused(PROGRAMS[program], ["--prefetch", "100000"], capsys)
+
+
+def test_splits_must_name_at_least_one_folder(tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps({"splits": []}))
+    assert "--splits (none): must be one or more folder names" in refused(
+        parse_shard, ["--config", str(tmp_path / "c.json")], capsys
+    )
+    (tmp_path / "c.json").write_text(json.dumps({"splits": "train"}))
+    assert 'splits: "train" is not a list: write ["train"]' in refused(
+        parse_shard, ["--config", str(tmp_path / "c.json")], capsys
+    )
+
+
+def test_a_runs_config_sets_the_loader_of_bench_io_but_not_the_seed_of_the_sharder(tmp_path, capsys):
+    from model.train.config import Config
+
+    saved = to_json(Config(batch_size=32, seed=7, shards="shards", lr=0.02))
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    cfg = parse_bench(["--config", str(tmp_path / "config.json")])
+    assert (cfg.batch_size, cfg.seed) == (32, 7)  # the same sections: they read the same in both programs
+    assert "settings of run.py, left out: " in capsys.readouterr().out
+    cfg = parse_shard(["--config", str(tmp_path / "config.json")])
+    assert cfg.seed == 0  # the sharder's seed orders the shards; a run's seeds its training
+    note = capsys.readouterr().out
+    assert note.count("\n") == 1 and "settings of run.py, left out: " in note and "seed" in note
+
+
+def test_a_manifest_given_as_config_is_one_short_line(demo_shards, capsys):
+    err = refused(parse_bench, ["--config", str(demo_shards / "manifest.json")], capsys)
+    assert "settings of no program" in err and len(err) - len(str(demo_shards)) < 200
+
+
+def test_every_programs_settings_are_registered():
+    """A --config key is refused as a typo unless some program takes it: every program must be listed."""
+    import re
+
+    from pipeline.settings import PROGRAMS, programs
+
+    assert {f"{c.__module__}:{c.__qualname__}" for c in programs().values()} == set(PROGRAMS.values())
+    for path in [ROOT / "run.py", *sorted((ROOT / "tools").glob("*.py"))]:
+        for name in re.findall(r"parse(?:_settings)?\((\w+), argv", path.read_text()):
+            assert any(v.endswith(f":{name}") for v in PROGRAMS.values()), (path, name)

@@ -138,6 +138,18 @@ def test_usage_errors_are_one_line_and_exit_2(quirky, existing, tmp_path, capsys
     assert err.count("\n") == 1 and says in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "bad", [["--seed", "-1"], ["--seed", str(2**64)], ["--src", ""], ["--out", ""], ["--quality", "0"]]
+)
+def test_a_bad_value_writes_nothing_so_the_corrected_run_is_not_refused(quirky, tmp_path, capsys, bad):
+    out = tmp_path / "o"
+    assert main(["--src", str(quirky), "--out", str(out), *ARGS, *bad]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and bad[0] in err and "Traceback" not in err
+    assert not out.exists()
+    assert main(["--src", str(quirky), "--out", str(out), *ARGS, "--splits", "val"]) == 0
+
+
 def test_decoder_takes_every_written_image_including_repaired_ones(quirky_run, device):
     """DALI dies on one undecodable JPEG: its decoder (nvJPEG on a GPU) must decode every sample we wrote."""
     from nvidia.dali import fn, pipeline_def, types

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,33 @@ def test_disk_full_names_the_file_keeps_nothing_half_written_and_the_rerun_compl
     assert main(["--src", str(src), "--out", str(out), *ARGS]) == 0
     assert "resuming: 2 of" in capsys.readouterr().out
     assert tree(out) == tree(tmp_path / "reference")
+
+
+class SlowDisk(FullDisk):
+    """A file whose write stalls halfway (a slow disk, a busy worker): the run ends before it does."""
+
+    def write(self, data):
+        self.f.write(data[: len(data) // 2])
+        self.f.flush()
+        time.sleep(60)
+
+
+@pytest.mark.timeout(60)
+def test_disk_full_in_one_worker_leaves_no_partial_shard_of_another(src, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+
+    def open_on_a_full_disk(file, mode="r", *a, **k):
+        f = builtins.open(file, mode, *a, **k)
+        return {".train-000000.tar.tmp": SlowDisk, ".train-000001.tar.tmp": FullDisk}.get(Path(file).name, lambda f: f)(
+            f
+        )
+
+    monkeypatch.setattr(pipeline.atomic, "open", open_on_a_full_disk, raising=False)  # the workers fork with it
+    assert (
+        main(["--src", str(src), "--out", str(out), "--resize", "short:32", "--workers", "2", "--shard-size", "5"]) == 2
+    )
+    one_line(capsys.readouterr().err, str(out / "train-000001.tar"), "disk full", progress="sharding:")
+    assert not list(out.glob(".*.tmp"))  # train-000000's half, whose worker was stopped mid-write, too
 
 
 def val_labels(out: Path) -> dict[str, int]:

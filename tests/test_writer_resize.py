@@ -176,3 +176,20 @@ def test_profile_sharder_times_every_stage(demo_src, tmp_path, capsys):
     assert "120 files" in out and "img/s per core" in out
     assert profile_sharder.main(["--src", str(tmp_path)]) == 2
     assert "no .jpg or .jpeg files" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--rounds", "0"], "--rounds 0: must be at least 1"),
+        (["--resize", "bogus"], "--resize bogus: must be paper, short:N"),
+        (["--quality", "101"], "--quality 101: must be between 1 and 100"),
+        (["--workers", "0"], "--workers 0: must be at least 1"),
+        (["--src", ""], "argument --src: an empty path"),
+        (["--src", "/nonexistent/jpegs"], "--src /nonexistent/jpegs: no such folder"),
+    ],
+)
+def test_profile_sharder_refuses_bad_values_before_any_work_in_one_line(argv, says, capsys):
+    assert profile_sharder.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err and "Traceback" not in err, err

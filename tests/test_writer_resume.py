@@ -13,6 +13,7 @@ import pytest
 from helpers import tree
 
 import pipeline.writer.build as shard_build
+from pipeline.manifest import sealed
 from pipeline.synthetic import make_dataset, wnid
 from pipeline.writer.tars import Sample, build_shard, read_shard
 from tools.shard_imagenet import main
@@ -139,7 +140,7 @@ def test_verify_decodes_every_image(restored, capsys):
     shard.update(
         tar_bytes=len(tar), tar_sha256=hashlib.sha256(tar).hexdigest(), index_sha256=hashlib.sha256(index).hexdigest()
     )
-    (restored / "manifest.json").write_text(json.dumps(manifest))
+    (restored / "manifest.json").write_text(json.dumps(sealed(manifest)))
     assert main(["--verify", str(restored)]) == 1
     assert shard["tar"] in capsys.readouterr().err
 
@@ -198,7 +199,7 @@ def test_verify_finds_a_source_file_written_twice(reference, tmp_path, capsys):
     (tmp_path / second["tar"]).write_bytes(tar)
     (tmp_path / second["index"]).write_bytes(index)
     second.update(tar_bytes=len(tar), tar_sha256=sha256(tar).hexdigest(), index_sha256=sha256(index).hexdigest())
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "manifest.json").write_text(json.dumps(sealed(manifest)))
     assert main(["--verify", str(tmp_path)]) == 1
     assert f"{twice.path} is in the shards 2 times" in capsys.readouterr().err
 

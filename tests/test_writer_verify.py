@@ -55,3 +55,52 @@ def test_hidden_files_are_not_strays(demo_shards, tmp_path, capsys):
     out, _ = copy(demo_shards, tmp_path)
     (out / ".lock").write_text("")
     assert main(["--verify", str(out)]) == 0
+
+
+def test_a_hand_edited_manifest_is_caught_by_its_own_checksum(demo_shards, tmp_path, capsys):
+    """The statistics every loader normalises with are in the manifest alone: no shard checksum covers them."""
+    out, manifest = copy(demo_shards, tmp_path)
+    manifest["stats"]["rgb_mean"][0] += 1.0
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    assert main(["--verify", str(out)]) == 1
+    err = problems(capsys)
+    assert len(err) == 1 and "manifest.json: its content does not match its own checksum" in err[0], err
+    assert "--verify" not in err[0]
+
+
+def test_a_manifest_without_a_checksum_is_read_and_verify_says_so(demo_shards, tmp_path, capsys):
+    """Shard folders written before the manifest had a checksum stay usable."""
+    from pipeline.manifest import CHECKSUM, load_manifest
+
+    out, manifest = copy(demo_shards, tmp_path)
+    del manifest[CHECKSUM]
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    assert load_manifest(out).count("train") == manifest["splits"]["train"]["count"]
+    assert main(["--verify", str(out)]) == 0
+    assert "has no checksum of its own" in capsys.readouterr().out
+
+
+def test_verify_refuses_what_is_no_shard_folder_in_one_line(demo_shards, tmp_path, capsys):
+    out, _ = copy(demo_shards, tmp_path)
+    assert main(["--verify", str(out / "manifest.json")]) == 2  # a file, not the folder
+    assert problems(capsys) == [
+        f"--verify {out / 'manifest.json'}: a file; pass the shard folder (the one holding manifest.json)"
+    ]
+    (out / "manifest.json").write_text("[1, 2]")  # valid JSON, not an object
+    assert main(["--verify", str(out)]) == 1
+    err = problems(capsys)
+    assert len(err) == 1 and "manifest.json: holds a JSON list, not a manifest" in err[0] and "--verify" not in err[0]
+    for beside in (["--src", str(tmp_path)], ["--out", str(tmp_path / "o")]):
+        assert main(["--verify", str(out), *beside]) == 2  # not silently ignored
+        assert "--verify checks a shard folder alone" in capsys.readouterr().err
+
+
+def test_a_damaged_shard_found_by_verify_is_not_told_to_run_verify(demo_shards, tmp_path, capsys):
+    out, manifest = copy(demo_shards, tmp_path)
+    victim = out / manifest["splits"]["val"]["shards"][0]["tar"]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    assert main(["--verify", str(out)]) == 1
+    err = problems(capsys)
+    assert len(err) == 1 and str(victim) in err[0] and "--verify" not in err[0] and "re-shard" in err[0], err

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.settings import at_least, between, option, parse, show
+from pipeline.settings import SEED, at_least, between, option, parse, show
 from pipeline.synthetic import make_dataset
 
 
@@ -30,7 +30,7 @@ class DemoConfig:
     quirks: bool = option(False, "add CMYK/PNG/grayscale files and broken ones")
     size_range: tuple[int, int] = option((300, 640), "MIN MAX: image sides, ImageNet's typical ones by default")
     quality: int = option(94, "JPEG quality: ~100 KB at ImageNet sizes, like the real files", check=between(1, 100))
-    seed: int = option(0, "random seed")
+    seed: int = option(0, "random seed", check=SEED, shared=False)
     workers: int = option(os.cpu_count() or 1, "processes", check=at_least(1))
 
 

@@ -11,7 +11,6 @@ so other processes on the machine disturb it less; the best of several rounds is
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import resource
@@ -19,11 +18,13 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.settings import at_least, between, option, parse
 from pipeline.synthetic import make_dataset
 from pipeline.writer import images
-from pipeline.writer.build import ShardConfig, shard
+from pipeline.writer.build import ShardConfig, resize_named, shard
 from pipeline.writer.tars import Sample, write_shard
 
 # images.prepare's stages, as the module-level functions it calls, grouped for the report
@@ -36,6 +37,19 @@ STAGES = {
     "sample_pixels": "statistics",
     "moments": "statistics",
 }
+
+
+@dataclass
+class ProfileConfig:
+    """What is profiled"""
+
+    src: Path | None = option(None, "folder of JPEGs (searched recursively); default: synthetic")
+    resize: str = option(
+        "paper", "the sharder's --resize", check=(resize_named, "paper, short:N with N at least 1, or none")
+    )
+    quality: int = option(95, "the sharder's --quality", check=between(1, 100))
+    rounds: int = option(5, "rounds timed; the best is reported with the spread", check=at_least(1))
+    workers: int = option(2, "the sharder's wall clock with 1 and with this many workers", check=at_least(1))
 
 
 def timed(fn, group: str, clock: dict):
@@ -120,13 +134,12 @@ def scaling(src: Path, n: int, workers: int, resize: str, quality: int, rounds: 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", type=Path, help="folder of JPEGs (searched recursively); default: synthetic")
-    p.add_argument("--resize", default="paper")
-    p.add_argument("--quality", type=int, default=95)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--workers", type=int, default=2, help="the sharder's wall clock with 1 and with this many workers")
-    a = p.parse_args(argv)
+    try:
+        a, parser = parse(ProfileConfig, argv, prog="tools/profile_sharder.py", description=__doc__)
+        if a.src is not None and not a.src.is_dir():
+            parser.error(f"--src {a.src}: no such folder")
+    except SystemExit as e:  # --help, or a usage error already printed on one line
+        return e.code
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         src = a.src or make_dataset(

@@ -33,21 +33,34 @@ def agree(rank: int, world: int, decide, refusals: tuple):
     return answer
 
 
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT before the first step ended: nothing trained yet that a checkpoint would keep."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class Preemption:
-    """Records the first SIGTERM/SIGINT instead of dying; `agreed()` says, after a step, whether any rank got one."""
+    """Records the first SIGTERM/SIGINT instead of dying; `agreed()` says, after a step, whether any rank got one.
+    Before the first step has ended (start-up: loaders, the first batches) a signal raises Interrupted at once."""
 
     def __init__(self, world: int):
         self.signal = None
+        self.stepped = False
         self.world = world
         # gloo, whatever the training backend: the flag lives on the host, so reading it never waits for a GPU.
         self.group = dist.new_group(backend="gloo") if world > 1 else None
         self.before = {s: signal.signal(s, self._record) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _record(self, signum, frame) -> None:
+        if not self.stepped:
+            raise Interrupted(signum)
         self.signal = self.signal or signal.Signals(signum)  # torchrun forwards a second one: not a reason to die
 
     def agreed(self) -> signal.Signals | None:
         """The signal that stops every rank after this step, or None; a collective under torchrun."""
+        self.stepped = True
         if self.world == 1:
             return self.signal
         flag = torch.tensor([int(self.signal or 0)])

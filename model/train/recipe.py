@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.settings import above, at_least, option
+from pipeline.settings import SEED, above, at_least, option
 
 REFERENCE_BATCH = 128  # §5: the paper's batch; --lr is the rate at this global batch
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4  # §5
@@ -187,7 +187,7 @@ class ComputeSettings:
         choices=COMPILE_MODES,
         const="default",
     )
-    seed: int = option(0, "random seed")
+    seed: int = option(0, "random seed", check=SEED)
 
     def resolve_device(self) -> dict:
         """device and amp with "auto" decided for this machine."""

@@ -5,14 +5,12 @@ from __future__ import annotations
 import csv
 import os
 import unicodedata
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from pipeline.writer.devkit import DevkitError, synsets
+from pipeline.writer.walk import is_dir, listing, reject_hidden, taken, walk
 
 # Where each split's images live: <src>/<split>, or the Kaggle download's ILSVRC/Data/CLS-LOC/<split>.
 SPLIT_DIRS = ("{split}", "ILSVRC/Data/CLS-LOC/{split}")
@@ -20,25 +18,6 @@ SPLIT_DIRS = ("{split}", "ILSVRC/Data/CLS-LOC/{split}")
 LABEL_DIRS = (".", "ILSVRC2012_devkit_t12/data", "ILSVRC2012_devkit_t12", "devkit/data")
 KAGGLE_CSV, SYNSET_TXT = "LOC_val_solution.csv", "LOC_synset_mapping.txt"
 DEVKIT_TRUTH, DEVKIT_META = "ILSVRC2012_validation_ground_truth.txt", "meta.mat"
-# What counts as an image: torchvision ImageFolder's extensions, plus GIF and the photo formats a phone saves (HEIC,
-# AVIF: listed as rejected where Pillow has no decoder for them, not skipped). Files without an extension are images
-# if Pillow recognises their content. Anything else (.xmp, .json, .txt, Thumbs.db) and hidden files (.DS_Store,
-# macOS's ._IMG_0001.jpg) are skipped: listed in the manifest apart from the rejected images, never a sample.
-IMAGE_EXTENSIONS = {
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".ppm",
-    ".bmp",
-    ".pgm",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".gif",
-    ".heic",
-    ".heif",
-    ".avif",
-}
 
 
 class LayoutError(Exception):
@@ -64,6 +43,11 @@ class Source:
     skipped: list[dict] = field(default_factory=list)  # files that are not images: not samples, not rejections
     folders: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # per split: (wnid, folder) found
     warnings: list[str] = field(default_factory=list)  # one line each, printed by the program
+    # Links are resolved across the whole tree: each class folder (each flat split folder) by its real path owns what
+    # it really holds; a link elsewhere into the tree is rejected where it stands, the target written where it is.
+    owners: dict[str, str] = field(default_factory=dict)  # real path -> the owning folder, relative to the root
+    seen: set[tuple[int, int]] = field(default_factory=set)  # (st_dev, st_ino) of every folder walked
+    linked: dict[tuple[int, int], str] = field(default_factory=dict)  # files reached through links out of the tree
 
     def reject(self, path: str, reason: str) -> None:
         self.rejected.append({"file": os.path.relpath(path, self.root), "reason": reason})
@@ -75,6 +59,19 @@ class Source:
         # Every path the scan finds starts with the root, so slicing gives what os.path.relpath would, ten times faster.
         return Entry(Path(path), path[len(os.path.join(self.root, "")) :], label, st.st_size, st.st_mtime_ns)
 
+    def holder(self, real: str) -> str | None:
+        """The owning folder (class folder, flat split folder) that really holds the real path `real`, if any."""
+        while real not in self.owners:
+            parent = os.path.dirname(real)
+            if parent == real:
+                return None
+            real = parent
+        return self.owners[real]
+
+    def named(self, real: str) -> str:
+        rel = os.path.relpath(real, self.root)
+        return real if rel.startswith("..") or rel == "." else rel
+
 
 def find(root: Path, name: str, dirs=LABEL_DIRS) -> Path | None:
     return next((root / d / name for d in dirs if (root / d / name).exists()), None)
@@ -84,25 +81,8 @@ def split_dir(root: Path, split: str) -> Path | None:
     return next((root / d.format(split=split) for d in SPLIT_DIRS if (root / d.format(split=split)).is_dir()), None)
 
 
-def not_an_image(path: str) -> str | None:
-    """Why a file is skipped as not an image, by the rule of IMAGE_EXTENSIONS; None for an image."""
-    name = os.path.basename(path)
-    if name.startswith("."):
-        return "hidden file"
-    ext = os.path.splitext(name)[1].lower()
-    if ext:
-        return None if ext in IMAGE_EXTENSIONS else f"not an image file ({ext})"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            Image.open(path).close()  # reads the header only
-        return None
-    except Exception:  # Pillow raises many types on content it does not recognise; all mean "not an image"
-        return "no extension, and not an image by its content"
-
-
 def class_folders(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(folder) if is_dir(e) and not e.name.startswith("."))
 
 
 def scan(root: Path, splits: list[str]) -> Source:
@@ -125,6 +105,9 @@ def scan_splits(root: Path, splits: list[str]) -> Source:
             )
     wnids = load_wnids(root, dirs)
     src = Source(root, [{"index": i, "wnid": w, "name": w} for i, w in enumerate(wnids)])
+    for d in dirs.values():
+        for owner in [d / c for c in class_folders(d)] or [d]:
+            src.owners.setdefault(os.path.realpath(owner), os.path.relpath(owner, root))
     src.warnings += normalisation_twins(wnids)
     index = {w: i for i, w in enumerate(wnids)}
     for split, d in dirs.items():
@@ -151,55 +134,11 @@ def load_wnids(root: Path, dirs: dict[str, Path]) -> list[str]:
     )
 
 
-def listing(src: Source, folder: str) -> tuple[list[tuple[str, os.stat_result]], list[str]]:
-    """The regular files and the (sorted) folders directly in `folder`, links followed; anything else is rejected.
-    Paths stay strings: ImageNet has 1.28M files, and a Path object each would double the time of the scan."""
-    files, dirs = [], []
-    with os.scandir(folder) as found:
-        for e in found:
-            try:
-                if e.is_dir():
-                    dirs.append(e.path)
-                elif e.is_file():
-                    why = not_an_image(e.path)
-                    if why:
-                        src.skip(e.path, why)
-                    else:
-                        files.append((e.path, e.stat()))
-                else:  # a FIFO would block its reader forever; a dangling link has nothing to read
-                    src.reject(e.path, "unreadable (broken symbolic link)" if e.is_symlink() else "not a regular file")
-            except OSError as err:  # a link to itself (ELOOP) is one unreadable entry, not an unreadable folder
-                src.reject(e.path, f"unreadable ({err.strerror})")
-    return files, sorted(dirs)
-
-
-def walk(src: Source, folder: str) -> list[tuple[str, os.stat_result]]:
-    """Every regular file under `folder`, at any depth, as torchvision's ImageFolder finds them; each folder once."""
-    files, todo, seen = [], [folder], set()
-    while todo:
-        d = todo.pop(0)
-        st = os.stat(d)
-        if (st.st_dev, st.st_ino) in seen:
-            src.reject(d, "folder already included through another path (symbolic link)")
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        found, subfolders = listing(src, d)
-        files += found
-        todo += subfolders
-    return files
-
-
-def reject_hidden(src: Source, folders: list[str]) -> None:
-    """Hidden folders beside the class folders are not classes (.ipynb_checkpoints, .Trash); their files are listed."""
-    for d in folders:
-        for p, _ in walk(src, d):
-            src.reject(p, "in a hidden folder, not a class folder")
-
-
 def scan_class_folders(src: Source, split: str, folder: Path, index: dict[str, int]) -> list[Entry]:
     files, dirs = listing(src, os.fspath(folder))
-    for p, _ in files:
+    for p, _, _ in files:
         src.reject(p, "not in a class folder (no label)")
+    dirs = [d for d, _ in dirs]
     hidden = [d for d in dirs if os.path.basename(d).startswith(".")]
     reject_hidden(src, hidden)
     entries = []
@@ -210,7 +149,7 @@ def scan_class_folders(src: Source, split: str, folder: Path, index: dict[str, i
         if wnid not in index:
             raise LayoutError(f"{d}: class not among the train classes; remove it or add train/{wnid}/")
         src.folders.setdefault(split, []).append((wnid, os.path.relpath(d, src.root)))
-        entries += [src.entry(p, st, index[wnid]) for p, st in walk(src, d)]
+        entries += [src.entry(p, st, index[wnid]) for p, st in walk(src, d, os.path.relpath(d, src.root))]
     return entries
 
 
@@ -238,7 +177,8 @@ def empty_classes(src: Source, rejected: set[str]) -> list[str]:
 def scan_flat(src: Source, split: str, folder: Path, index: dict[str, int]) -> list[Entry]:
     """A flat folder labelled by the Kaggle CSV, else by the devkit's ground truth + meta.mat."""
     files, hidden = listing(src, os.fspath(folder))  # no class folders here, so every folder is a hidden one
-    reject_hidden(src, hidden)
+    reject_hidden(src, [d for d, _ in hidden])
+    files = [(p, st) for p, st, link in files if taken(src, p, st, link, False)]
     csv_path, truth = find(src.root, KAGGLE_CSV), find(src.root, DEVKIT_TRUTH)
     if csv_path:
         src.layout[split] = "flat_kaggle"

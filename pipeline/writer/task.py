@@ -1,25 +1,30 @@
-"""One shard as one worker's task: prepare its samples in plan order, stream the tar and the DALI index into --out,
-and return only the shard's record (counts, checksums, statistics sums, repairs, rejections)."""
+"""One shard as one worker's task: prepare its samples in plan order, stream the tar and the DALI index into --out (or
+into staging, then upload and check them), and return only the shard's record (counts, checksums, how it is stored,
+statistics sums, repairs, rejections)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.store import Location
 from pipeline.writer import stats
+from pipeline.writer.bucket import upload
 from pipeline.writer.images import Resize, prepare
 from pipeline.writer.layout import Entry
+from pipeline.writer.output import stamps
 from pipeline.writer.tars import Sample, write_shard
 
 
 @dataclass(frozen=True)
 class ShardTask:
-    out: Path
+    out: Path  # --out, or the staging folder of a bucket
     stem: str
     samples: list[tuple[str, Entry]]  # (key, source entry) in the plan's order
     resize: Resize
     quality: int
     stats_seed: int | None  # the seed of the pixel sample, for the split the statistics come from
+    target: Location | None = None  # where the staged shard goes
 
 
 @dataclass
@@ -54,8 +59,12 @@ def write_task(task: ShardTask) -> dict:
     tally = Tally()
     shard = write_shard(task.out, task.stem, prepared(task, tally))
     record = asdict(shard) if shard else None
+    stored = None
+    if record is not None:
+        stored = publish(task.target, task.out, record) if task.target else stamps(task.out, record)
     return {
         "shard": record,
+        "stored": stored,
         "repaired": tally.repaired,
         "rejected": tally.rejected,
         "moments": tally.moments,
@@ -63,3 +72,14 @@ def write_task(task: ShardTask) -> dict:
         "bytes_written": record["tar_bytes"] if record else 0,
         "peak_rss": tally.peak_rss,
     }
+
+
+def publish(target: Location, staging: Path, shard: dict) -> dict:
+    """Upload a staged shard, tar before index as on disk, each checked against its sha256, then free the staging
+    disk; the objects' sizes."""
+    sizes = {}
+    for name, digest in ((shard["tar"], shard["tar_sha256"]), (shard["index"], shard["index_sha256"])):
+        sizes[name] = [(staging / name).stat().st_size]
+        upload(target, staging / name, digest)
+        (staging / name).unlink()
+    return sizes
