@@ -130,9 +130,10 @@ def test_parse_values_reads_a_grid_and_rejects_bad_knobs():
 
 
 def test_sweep_values_set_the_grid_and_imply_sweep(demo_shards, capsys):
-    cfg, grid = bench_io.parse_args(
+    cfg = bench_io.parse_args(
         ["--shards", str(demo_shards), "--sweep-values", "hw_decoder_load=1,0.65,0", "threads=16", "stream=default"]
     )
+    grid = dict(map(parse_values, cfg.sweep_values))
     assert cfg.sweep and grid == {"hw_decoder_load": [1.0, 0.65, 0.0], "threads": [16], "stream": ["default"]}
     with pytest.raises(SystemExit) as e:
         bench_io.parse_args(["--shards", str(demo_shards), "--sweep-values", "threads=x"])
@@ -374,7 +375,7 @@ def test_a_training_run_s_config_sets_the_loader_and_flags_win(demo_shards, tmp_
         "epochs": 2,
     }
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    cfg, _ = bench_io.parse_args(["--config", str(tmp_path / "config.json"), "--prefetch", "1"])
+    cfg = bench_io.parse_args(["--config", str(tmp_path / "config.json"), "--prefetch", "1"])
     assert (cfg.shards, cfg.batch_size, cfg.threads, cfg.hw_decoder_load, cfg.prefetch, cfg.divide_std) == (
         str(demo_shards),
         8,
@@ -387,10 +388,10 @@ def test_a_training_run_s_config_sets_the_loader_and_flags_win(demo_shards, tmp_
 
 
 def test_quick_preset_and_explicit_flags(demo_shards):
-    quick, _ = bench_io.parse_args(["--shards", str(demo_shards), "--quick", "--device", "cpu"])
+    quick = bench_io.parse_args(["--shards", str(demo_shards), "--quick", "--device", "cpu"])
     assert (quick.batch_size, quick.crop_size, quick.steps, quick.windows, quick.warmup) == (32, 64, 2, 3, 1)
     assert quick.amp == "off"  # run.py's rule: bf16 autocast on a GPU only
-    given, _ = bench_io.parse_args(
+    given = bench_io.parse_args(
         [
             "--shards",
             str(demo_shards),
@@ -406,13 +407,13 @@ def test_quick_preset_and_explicit_flags(demo_shards):
         ]
     )
     assert (given.batch_size, given.crop_size, given.steps, given.warmup) == (8, 64, 5, 0)
-    full, _ = bench_io.parse_args(["--shards", str(demo_shards), "--device", "cpu"])
+    full = bench_io.parse_args(["--shards", str(demo_shards), "--device", "cpu"])
     assert (full.batch_size, full.crop_size, full.steps, full.windows) == (128, 224, 20, 5)
 
 
 def test_divide_std_is_off_by_default_as_in_run_py(demo_shards):
-    assert not bench_io.parse_args(["--shards", str(demo_shards)])[0].divide_std
-    assert bench_io.parse_args(["--shards", str(demo_shards), "--divide-std"])[0].divide_std
+    assert not bench_io.parse_args(["--shards", str(demo_shards)]).divide_std
+    assert bench_io.parse_args(["--shards", str(demo_shards), "--divide-std"]).divide_std
 
 
 @pytest.mark.slow

@@ -122,9 +122,9 @@ def quick_preset(given: dict) -> dict:
     return {**QUICK, **(QUICK_CPU if device == "cpu" else {})} if given.get("quick") else {}
 
 
-def parse_args(argv: list[str] | None) -> tuple[BenchConfig, dict[str, list]]:
-    """Declared defaults, then the --quick preset, then --config, then whatever was given on the command line; and the
-    --sweep-values grid, each value held to its setting's declared check. Every output path is tried first."""
+def parse_args(argv: list[str] | None) -> BenchConfig:
+    """Declared defaults, then the --quick preset, then --config, then whatever was given on the command line; each
+    --sweep-values value held to its setting's declared check, and every output path tried, before anything runs."""
     cfg, p = parse(BenchConfig, argv, prog="tools/bench_io.py", description=__doc__, preset=quick_preset)
     checks = {f.name: f.metadata["check"] for f in fields(LoaderSettings)}
     try:
@@ -151,7 +151,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, dict[str, list]]:
                     pass
         except OSError as e:
             p.error(f"--{name} {path}: cannot write in its folder ({e.strerror}); pick another path")
-    return cfg, grid
+    return cfg
 
 
 def check_sizes(cfg: BenchConfig, grid: dict, count: int) -> str | None:
@@ -399,7 +399,8 @@ def run(cfg: BenchConfig, grid: dict, manifest: Manifest, record: Record) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, grid = parse_args(argv)
+    cfg = parse_args(argv)
+    grid = dict(map(parse_values, cfg.sweep_values))  # checked by parse_args
     print(show(cfg), flush=True)
     try:
         manifest = load_manifest(local_shards(cfg.shards, cfg.cache_dir))
