@@ -439,3 +439,27 @@ def test_a_run_cut_off_keeps_every_figure_measured_and_prints_them(demo_shards, 
         [sys.executable, "-m", "pipeline.bench.goals", str(out)], capture_output=True, text=True, cwd=ROOT
     )
     assert goals.returncode == 0 and "model alone" in goals.stdout and "not measured (cut off)" in goals.stdout
+
+
+def test_the_tables_are_made_from_whatever_figures_are_there():
+    """A report cut off after the loader: its figure and boundary are shown, every other row says so, no ratio is
+    made up from figures that are not there."""
+    from pipeline.bench.goals import goals
+    from pipeline.bench.report import table
+
+    loader = {
+        **summarise([0.5, 0.5, 0.5], images_per_window=20_000),
+        "img_per_s_per_core": 10_000.0,
+        "cpu": {"cores_used": 4.0},
+        "epoch_boundary": {"longest_s": 0.02, "median_step_s": 0.01, "stall_steps": 2.0},
+    }
+    report = {"machine": {"gpu": "H100", "cpu": "x"}, "setting": {"threads": 8}, "loader": loader}
+    shown = table(report)
+    assert shown.splitlines()[1].split()[:4] == ["loader", "alone", "(DALI)", "40,000"]
+    assert shown.count("not measured") == 4
+    assert "overlap" not in shown and "vs baseline" not in shown and "CPU figures" not in shown
+    rows = {line.split("  ")[0]: line for line in goals(report).splitlines()}
+    assert "40,000" in rows["loader alone"] and rows["loader alone"].endswith("yes")
+    assert rows["epoch boundary"].endswith("yes")
+    for figure in ("model alone", "end to end", "vs like-for-like baseline", "peak memory"):
+        assert "not measured (cut off)" in rows[figure] and rows[figure].endswith("-")
