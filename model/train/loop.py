@@ -169,7 +169,7 @@ class Trainer:
             st.classes.index_add_(0, labels.to(dev), torch.ones_like(labels, device=dev))
             st.wait_s += wait
             st.step, n_log, wait_log = st.step + 1, n_log + 1, wait_log + wait
-            stop = self.preemption.agreed() or ("max_steps" if st.step == cfg.max_steps else None)
+            stop = self.preemption.agreed(overlapped=True) or ("max_steps" if st.step == cfg.max_steps else None)
             if st.step % cfg.log_interval and not stop:
                 continue
             # The loop's only host syncs: the interval's loss, and whether any rank is due a timed checkpoint.
