@@ -70,8 +70,11 @@ def baseline_loader(
     seed: int = 0,
     divide_std: bool = False,
     pin_memory: bool = False,
+    start: str | None = None,
 ) -> torch.utils.data.DataLoader:
-    """An endless DataLoader over the manifest's training shards (shards resampled, samples shuffled in each worker)."""
+    """An endless DataLoader over the manifest's training shards (shards resampled, samples shuffled in each worker).
+    `start`: how its workers start (a multiprocessing start method; "forkserver" in a process already running threads,
+    such as DALI's, which a fork would copy mid-work)."""
     import webdataset as wds
 
     paths = [str(s.tar) for s in m.shards("train")]
@@ -79,9 +82,10 @@ def baseline_loader(
     # Not wds.WebDataset: it opens a shard at urlparse(path).path, so a '#' in a folder name cuts the path short.
     # tarfile_to_samples opens a path without a URL scheme as the plain file it is.
     dataset = wds.DataPipeline(
-        wds.ResampledShards(paths),
+        # Seeded from each worker's seed (the DataLoader's generator): one seed gives one stream of batches.
+        wds.ResampledShards(paths, seed=seed, deterministic=True),
         wds.tarfile_to_samples(),
-        wds.shuffle(SHUFFLE_BUFFER),
+        wds.shuffle(SHUFFLE_BUFFER, seed=seed),
         wds.to_tuple("jpg", "cls"),
         wds.map(transform),
     )
@@ -91,6 +95,7 @@ def baseline_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),
+        multiprocessing_context=start if workers else None,
     )
 
 

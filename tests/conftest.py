@@ -30,6 +30,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> str:
+    """Each GPU test's device: its CPU variant runs everywhere, so an API change cannot pass by it unseen."""
+    return request.param
+
+
 DEMO_CLASSES, DEMO_PER_CLASS, DEMO_VAL_PER_CLASS, DEMO_SHARD_SIZE = 4, 24, 6, 32
 
 

@@ -230,19 +230,26 @@ def test_bad_tower_count_is_rejected():
         AlexNet(towers=3)
 
 
-@pytest.mark.gpu
-def test_cuda_compiled_bf16_channels_last_matches_eager():
-    """The configuration issue 7 times: compiled, bf16 autocast, channels-last; same scores and gradients as eager."""
+@pytest.mark.slow
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile unavailable here")
+def test_compiled_bf16_channels_last_matches_eager(device):
+    """Compiled, bf16 autocast, channels-last: its scores and gradients no further from fp32 eager's than bf16 eager's
+    are (twice, for kernels that round otherwise). Inductor on a GPU; AOT autograd's eager backend on the CPU."""
     torch.manual_seed(0)
-    net = AlexNet().cuda().to(memory_format=torch.channels_last).eval()
-    x = torch.randn(8, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last) * 50
-    results = []
-    for run in (net, torch.compile(net)):
+    net = AlexNet().to(device, memory_format=torch.channels_last).eval()
+    size = 224 if device == "cuda" else 64
+    x = torch.randn(8, 3, size, size, device=device).contiguous(memory_format=torch.channels_last) * 50
+    compiled = torch.compile(net, backend="inductor" if device == "cuda" else "aot_eager")
+
+    def run(fn, bf16: bool):
         net.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = run(x)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            out = fn(x)
         out.float().square().sum().backward()
-        results.append((out.float(), net.conv1[0].weight.grad.clone()))
-    (eager, g_eager), (compiled, g_compiled) = results
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=0.05 * eager.abs().max().item())
-    torch.testing.assert_close(g_compiled, g_eager, rtol=0, atol=0.05 * g_eager.abs().max().item())
+        return out.float(), net.conv1[0].weight.grad.float().clone()
+
+    reference, eager, ours = run(net, False), run(net, True), run(compiled, True)
+    for r, e, c in zip(reference, eager, ours):
+        bf16_error, error = (e - r).abs().max().item(), (c - r).abs().max().item()
+        print(f"max error against fp32: bf16 eager {bf16_error:.4g}, compiled {error:.4g}")
+        assert 0 < bf16_error and error <= 2 * bf16_error  # bf16 ran, and compiling added no error of its own

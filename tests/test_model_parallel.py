@@ -76,18 +76,25 @@ def test_needs_two_devices():
         ModelParallelAlexNet(("cpu",), num_classes=10)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("devices", [("cuda:0", "cuda:0"), ("cuda:0", "cuda:1")])
-def test_cuda_towers_match_single_device(devices, monkeypatch):
-    if torch.cuda.device_count() < len(set(devices)):
+@pytest.mark.parametrize(
+    "devices",
+    [
+        pytest.param(("cpu", "cpu"), marks=pytest.mark.slow),  # seconds: a whole step of two 60M-weight models
+        pytest.param(("cuda:0", "cuda:0"), marks=pytest.mark.gpu),
+        pytest.param(("cuda:0", "cuda:1"), marks=pytest.mark.gpu),
+    ],
+)
+def test_towers_match_single_device(devices, monkeypatch):
+    if devices[0] != "cpu" and torch.cuda.device_count() < len(set(devices)):
         pytest.skip(f"needs {len(set(devices))} GPUs")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
-    single = AlexNet(num_classes=10).cuda().eval()
+    single = AlexNet(num_classes=10).to(devices[0]).eval()
     parallel = ModelParallelAlexNet(devices, num_classes=10).eval()
     parallel.load_state_dict(single.state_dict())
     assert parallel.conv2[1].weight.device == torch.device(devices[1])
     assert parallel.fc6.weight.device == torch.device(devices[0])
-    x = torch.randn(4, 3, 224, 224, device="cuda:0").contiguous(memory_format=torch.channels_last)
-    assert_same_step(single, parallel, x, torch.tensor([1, 2, 3, 4], device="cuda:0"), device0=devices[0])
+    size = 64 if devices[0] == "cpu" else 224  # the smallest the poolings take: a second on 2 cores
+    x = torch.randn(4, 3, size, size, device=devices[0]).contiguous(memory_format=torch.channels_last)
+    assert_same_step(single, parallel, x, torch.tensor([1, 2, 3, 4], device=devices[0]), device0=devices[0])

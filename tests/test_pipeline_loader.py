@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from itertools import islice
@@ -387,50 +388,64 @@ def test_close_is_idempotent_and_leaves_no_threads(demo_shards):
         next(iter(ld))
 
 
-@pytest.mark.gpu
+def hold_back(device: str, seconds: float) -> None:
+    """Keep the device busy about `seconds` without the host waiting: queued GPU time, or the host's own on a CPU."""
+    if device == "cuda":
+        torch.cuda._sleep(int(seconds * 1.7e9))  # cycles at about 1.7 GHz
+    else:
+        time.sleep(seconds)
+
+
+def synchronise(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_batches_outlive_a_late_consumer(demo_shards, dtype):
-    """DALI must not reuse a batch's memory before the kernels queued on it have run. The GPU is held back before
-    each batch is asked for, so the loader's bfloat16 cast and the reads queue behind: the sums are a synchronised
-    run's."""
+def test_batches_outlive_a_late_consumer(demo_shards, dtype, device):
+    """DALI must not reuse a batch's memory before the work queued on it has run. The device is held back before
+    each batch is asked for, so on a GPU the loader's bfloat16 cast and the reads queue behind: the sums are a
+    synchronised run's."""
 
     def checksums(late: bool) -> torch.Tensor:
         sums = []
-        with loader(demo_shards, batch=8, device="cuda", dtype=dtype, seed=4) as ld:
+        with loader(demo_shards, batch=8, device=device, dtype=dtype, seed=4) as ld:
             for _ in range(2):  # two epochs: the boundary too
                 batches = iter(ld)
                 while True:
                     if late:
-                        torch.cuda._sleep(50_000_000)  # ~30 ms of GPU time, queued ahead of everything below
+                        hold_back(device, 0.03 if device == "cuda" else 0.001)  # queued ahead of everything below
                     batch = next(batches, None)
                     if batch is None:
                         break
                     if not late:
-                        torch.cuda.synchronize()
+                        synchronise(device)
                     x = batch[0].double()
                     where = torch.arange(x.numel(), dtype=x.dtype, device=x.device).view(x.shape)
                     sums.append(torch.stack([x.sum(), (x * where).sum(), batch[1].double().sum()]))
                     del batch, x  # as a training step drops its batch
                     if not late:
-                        torch.cuda.synchronize()
-        torch.cuda.synchronize()
+                        synchronise(device)
+        synchronise(device)
         return torch.stack(sums).cpu()
 
     synchronised = checksums(late=False)
     assert len(synchronised) == 24 and torch.equal(checksums(late=True), synchronised)
 
 
-@pytest.mark.gpu
-def test_gpu_back_pressure_is_counted_apart_from_data_wait(demo_shards):
+def test_back_pressure_is_counted_apart_from_data_wait(demo_shards, device):
     """A host HOLD batches ahead of a busy GPU is held in next(): gpu_wait_s takes that time, the trainer's timed() the
-    rest."""
+    rest. On the CPU the host does the step itself: nothing is held back, and no step waits for data either."""
     from model.train.loop import timed
 
-    with loader(demo_shards, batch=8, device="cuda", seed=4) as ld:
+    with loader(demo_shards, batch=8, device=device, seed=4) as ld:
         waits = []
         for wait, _ in timed(ld):
-            torch.cuda._sleep(100_000_000)  # a step of ~60 ms of GPU time that the host does not wait for
+            hold_back(device, 0.06)  # a step the host does not wait for on a GPU
             waits.append(wait)
-        torch.cuda.synchronize()
-    assert ld.gpu_wait_s > 0.5 * 0.05 * (len(waits) - HOLD)  # held about one step's GPU time per batch past HOLD
+        synchronise(device)
+    if device == "cuda":
+        assert ld.gpu_wait_s > 0.5 * 0.05 * (len(waits) - HOLD)  # held about one step's GPU time per batch past HOLD
+    else:
+        assert ld.gpu_wait_s == 0
     assert sorted(waits)[len(waits) // 2] < 0.02  # the median step waited for no data

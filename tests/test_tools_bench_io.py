@@ -1,15 +1,19 @@
 """tools/bench_io.py: the derived ratios, the window timer, the sweep search, the baseline's augmentation against
-NumPy, and a --quick run on the demo shards with every mode in its JSON and a PNG."""
+NumPy, a --quick run on the demo shards with every mode in its JSON, a PNG and a trace, a run cut off keeping what it
+measured, and bad values refused in one line before anything runs."""
 
 import json
+import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import one_line
 from PIL import Image
 
 from pipeline.augment import crop_anchor
@@ -28,12 +32,24 @@ def test_overlap_and_speedups():
     assert overlap(e2e=900.0, loader=3000.0, model=1000.0) == pytest.approx(0.9)  # the lower ceiling counts
     assert speedup(2600.0 * 8, 2600.0) == pytest.approx(8.0)
     results = {
-        "loader": {"img_per_s": 30000.0},
+        "loader": {"img_per_s": 30000.0, "img_per_s_per_core": 3000.0},
         "model": {"img_per_s": 25000.0},
         "e2e": {"img_per_s": 22500.0},
-        "baseline": {"img_per_s": 2500.0},
+        "baseline": {"img_per_s": 2500.0, "img_per_s_per_core": 150.0},
+        "baseline_e2e": {"img_per_s": 2250.0},
     }
-    assert derive(results) == pytest.approx({"overlap": 0.9, "speedup_vs_baseline": 9.0, "loader_vs_baseline": 12.0})
+    want = {
+        "overlap": 0.9,
+        "speedup_vs_baseline": 10.0,
+        "loader_vs_baseline": 12.0,
+        "loader_vs_baseline_per_core": 20.0,
+    }
+    assert derive(results) == pytest.approx(want)
+    # End to end is compared with the baseline's end to end, never with a loader; a ratio whose figures are not
+    # there (a run cut off) is left out.
+    assert derive({k: results[k] for k in ("loader", "model", "e2e", "baseline")}) == pytest.approx(
+        {"overlap": 0.9, "loader_vs_baseline": 12.0, "loader_vs_baseline_per_core": 20.0}
+    )
 
 
 def test_summarise_is_median_of_windows_with_spread():
@@ -77,31 +93,32 @@ def test_time_windows_marks_back_to_back_and_reads_the_clock_once():
     assert seconds == [3.0, 5.0, 7.0]  # marks at 1, 4, 9, 16: consecutive differences
 
 
-def test_cpu_clock_measures_wall_time():
-    clock = Clock("cpu")
-    marks = [clock.mark()]
-    time.sleep(0.05)
-    marks.append(clock.mark())
-    assert clock.seconds(marks)[0] >= 0.05
-
-
-@pytest.mark.gpu
-def test_cuda_clock_times_the_stream_without_a_host_sync():
-    """A window of queued GPU work is timed in full though the host queued it at once and never waited."""
-    clock = Clock("cuda")
-    torch.cuda.synchronize()
+def test_clock_times_the_device_without_a_host_sync(device):
+    """A window of device work is timed in full, and no longer than the wall clock around it: on a GPU queued work
+    that the host never waited for (sync debug mode raises on a sync), on the CPU the host's own."""
+    clock = Clock(device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
     start = time.perf_counter()
-    torch.cuda.set_sync_debug_mode("error")
     try:
         marks = [clock.mark()]
-        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time at 2 GHz
+        if device == "cuda":
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time at 2 GHz
+        else:
+            time.sleep(0.1)
         marks.append(clock.mark())
         queued = time.perf_counter() - start
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
     (window,) = clock.seconds(marks)
-    torch.cuda.synchronize()
-    assert queued < window <= time.perf_counter() - start  # the host returned before the GPU was done
+    if device == "cuda":
+        torch.cuda.synchronize()
+        assert queued < window  # the host returned before the GPU was done
+    else:
+        assert 0.1 <= window <= queued
+    assert window <= time.perf_counter() - start < 1.1  # within the wall clock around it
 
 
 def test_parse_values_reads_a_grid_and_rejects_bad_knobs():
@@ -114,10 +131,10 @@ def test_parse_values_reads_a_grid_and_rejects_bad_knobs():
 
 def test_sweep_values_set_the_grid_and_imply_sweep(demo_shards, capsys):
     cfg = bench_io.parse_args(
-        ["--shards", str(demo_shards), "--sweep-values", "hw_decoder_load=1,0.65,0", "threads=16"]
+        ["--shards", str(demo_shards), "--sweep-values", "hw_decoder_load=1,0.65,0", "threads=16", "stream=default"]
     )
     grid = dict(map(parse_values, cfg.sweep_values))
-    assert cfg.sweep and grid == {"hw_decoder_load": [1.0, 0.65, 0.0], "threads": [16]}
+    assert cfg.sweep and grid == {"hw_decoder_load": [1.0, 0.65, 0.0], "threads": [16], "stream": ["default"]}
     with pytest.raises(SystemExit) as e:
         bench_io.parse_args(["--shards", str(demo_shards), "--sweep-values", "threads=x"])
     assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
@@ -132,7 +149,8 @@ def test_coordinate_search_tunes_one_knob_at_a_time_without_remeasuring():
         return {"img_per_s": 1000.0 - sum(abs(s[k] - peak[k]) for k in peak)}
 
     start = {"batch_size": 128, "threads": 4, "hw_decoder_load": 0.65, "prefetch": 2}
-    grid = sweep_grid(start, cores=16, cuda=True)
+    grid = sweep_grid(start, cores=16, cuda=True, max_batch=1000)
+    grid.pop("stream")
     best, trials = coordinate_search(grid, start, measure)
     assert best == peak
     assert len(calls) == len({tuple(sorted(c.items())) for c in calls}) == len(trials)
@@ -141,15 +159,16 @@ def test_coordinate_search_tunes_one_knob_at_a_time_without_remeasuring():
 
 def test_sweep_grid():
     start = {"batch_size": 64, "threads": 3, "hw_decoder_load": 0.65, "prefetch": 2}
-    cpu = sweep_grid(start, cores=2, cuda=False)
+    cpu = sweep_grid(start, cores=2, cuda=False, max_batch=96)
     assert cpu == {
-        "batch_size": [32, 64, 128],
+        "batch_size": [32, 64],  # not 128: more than the split's 96 images
         "threads": [1, 2, 3],
         "hw_decoder_load": [0.65],
         "prefetch": [1, 2, 3, 4],
     }
-    gpu = sweep_grid(start, cores=16, cuda=True)
+    gpu = sweep_grid(start, cores=16, cuda=True, max_batch=1000)
     assert gpu["threads"] == [1, 2, 3, 4, 8, 16] and gpu["hw_decoder_load"] == [0.0, 0.5, 0.65, 0.8, 1.0]
+    assert gpu["batch_size"] == [32, 64, 128] and gpu["stream"] == ["default", "dedicated"]
 
 
 def test_baseline_augment_matches_numpy():
@@ -196,12 +215,16 @@ def test_baseline_default_subtracts_the_mean_only(demo_shards):
     assert abs(images.mean()) < 30 and images.std() > 10
 
 
-@pytest.mark.gpu
-def test_baseline_batches_land_on_the_gpu(demo_shards):
-    loader = baseline_loader(load_manifest(demo_shards), 8, crop_size=48, workers=1, seed=0, pin_memory=True)
-    images, labels = first_batch(loader, "cuda", torch.bfloat16)
-    assert images.is_cuda and labels.is_cuda and images.dtype == torch.bfloat16
+def test_baseline_batches_land_on_the_device_as_the_cpu_makes_them(demo_shards, device):
+    """The same seed's batch on `device` in bf16 is the CPU's float32 batch, rounded."""
+    manifest = load_manifest(demo_shards)
+    loader = baseline_loader(manifest, 8, crop_size=48, workers=1, seed=0, pin_memory=device == "cuda")
+    images, labels = first_batch(loader, device, torch.bfloat16)
+    assert images.device.type == labels.device.type == device and images.dtype == torch.bfloat16
     assert images.is_contiguous(memory_format=torch.channels_last)
+    cpu = baseline_loader(manifest, 8, crop_size=48, workers=1, seed=0)
+    cpu_images, cpu_labels = first_batch(cpu, "cpu", torch.float32)
+    assert torch.equal(labels.cpu(), cpu_labels) and torch.equal(images.cpu(), cpu_images.to(torch.bfloat16))
 
 
 # Run through a small Python parent: a child's peak RSS as the kernel counts it includes the memory of the process it
@@ -225,8 +248,8 @@ def run_with_peak_rss(argv, folder, cwd=None):
 
 
 @pytest.mark.slow
-def test_quick_run_writes_every_mode_and_a_plot(demo_shards, tmp_path):
-    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+def test_quick_run_writes_every_mode_a_plot_and_a_trace(demo_shards, tmp_path):
+    out_json, out_png, out_trace = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "trace.json"
     argv = [
         sys.executable,
         str(ROOT / "tools" / "bench_io.py"),
@@ -234,7 +257,7 @@ def test_quick_run_writes_every_mode_and_a_plot(demo_shards, tmp_path):
         str(demo_shards),
         "--quick",
         "--batch-size",
-        "32",
+        "16",  # half the CPU preset: the test times seven kinds of steps
         "--crop-size",
         "64",  # the CPU preset, on a GPU as well
         "--tower-convs",
@@ -244,6 +267,8 @@ def test_quick_run_writes_every_mode_and_a_plot(demo_shards, tmp_path):
         str(out_json),
         "--plot",
         str(out_png),
+        "--trace",
+        str(out_trace),
     ]
     run, peak_kib = run_with_peak_rss(argv, tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -251,7 +276,7 @@ def test_quick_run_writes_every_mode_and_a_plot(demo_shards, tmp_path):
     for mode in MODES:
         r = report[mode]
         assert 0 < r["img_per_s_min"] <= r["img_per_s"] <= r["img_per_s_max"], mode
-        assert r["windows"] == 3 and r["images_per_window"] == 32 * 2 and r["cpu"]["cores_used"] > 0, mode
+        assert r["windows"] == 3 and r["images_per_window"] == 16 * 2 and r["cpu"]["cores_used"] > 0, mode
         assert r["img_per_s_per_core"] == pytest.approx(r["img_per_s"] / r["cpu"]["cores_used"]), mode
     assert report["towers"]["dense"] == report["model"] and report["towers"]["split"]["img_per_s"] > 0
     assert "model alone, split towers" in run.stdout
@@ -262,7 +287,7 @@ def test_quick_run_writes_every_mode_and_a_plot(demo_shards, tmp_path):
     # process's, falls outside.
     _, floor_kib = run_with_peak_rss([sys.executable, "-c", "import tools.bench_io"], tmp_path, cwd=ROOT)
     assert floor_kib / 2**20 < report["memory"]["host_rss_gib"] <= peak_kib / 2**20
-    assert "peak memory after end to end" in run.stdout and not report["memory"]["after_sweep"]
+    assert "peak memory of the training part" in run.stdout and not report["memory"]["after_sweep"]
     assert ("gpu_used_gib" in report["memory"]) == torch.cuda.is_available()
     assert 0 <= report["e2e"]["data_wait_frac"] <= 1
     assert ("gpu_busy_frac" in report["e2e"]) == torch.cuda.is_available()
@@ -270,7 +295,17 @@ def test_quick_run_writes_every_mode_and_a_plot(demo_shards, tmp_path):
         assert 0 < report["e2e"]["gpu_busy_frac"] <= 1 and report["machine"]["gpu"]
     rate = {m: report[m]["img_per_s"] for m in MODES}
     assert report["overlap"] == pytest.approx(rate["e2e"] / min(rate["loader"], rate["model"]))
-    assert report["speedup_vs_baseline"] == pytest.approx(rate["e2e"] / rate["baseline"])
+    assert report["speedup_vs_baseline"] == pytest.approx(rate["e2e"] / rate["baseline_e2e"])  # like for like
+    assert report["loader_vs_baseline"] == pytest.approx(rate["loader"] / rate["baseline"])
+    assert report["baseline"]["workers"] == report["setting"]["threads"]  # equal cores unless told otherwise
+    assert "end to end vs baseline end to end (the same step)" in run.stdout and "CPU figures say nothing" in run.stdout
+    # Each figure printed as measured, before the table; windows of milliseconds flagged as such.
+    assert run.stdout.index("loader alone (DALI): ") < run.stdout.index("mode ")
+    assert report["loader"]["indicative"] == "windows under 0.1 s" and "* windows under 0.1 s" in run.stdout
+    # The trace opens as Chrome/Perfetto JSON and holds the named ranges, each once per traced step.
+    events = json.loads(out_trace.read_text())["traceEvents"]
+    named = Counter(e.get("name") for e in events)
+    assert named["data wait"] == named["training step"] == bench_io.TRACE_STEPS and named["DALI run"] >= 1
     assert f"overlap = end to end / min(loader, model) = {report['overlap']:.2f}" in run.stdout
     assert report["machine"]["cores_logical"] >= 1 and report["machine"]["torch"] == torch.__version__
     assert report["data"]["train_images"] == sum(
@@ -287,18 +322,45 @@ def test_missing_shards_is_one_line_and_exit_2(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and str(missing) in err and "shard_imagenet.py" in err
 
 
-def test_usage_errors_are_one_line_and_exit_2(demo_shards, tmp_path, capsys):
-    for argv in (
-        ["--batch-size", "0"],
-        ["--hw-decoder-load", "1.5"],
-        ["--json", str(tmp_path / "no" / "x.json")],
-        ["--threads", "many"],
-        ["--tower-convs", "dense", "sparse"],
+def test_usage_errors_are_one_line_and_exit_2(demo_shards, tmp_path, capsys, deny):
+    (tmp_path / "locked").mkdir()
+    deny(tmp_path / "locked")
+    for argv, says in (
+        (["--batch-size", "0"], "--batch-size"),
+        (["--hw-decoder-load", "1.5"], "--hw-decoder-load"),
+        (["--json", str(tmp_path / "no" / "x.json")], "--json"),
+        (["--json", ""], "--json"),  # would otherwise write nothing, silently
+        (["--json", str(tmp_path)], "--json"),  # a folder
+        (["--plot", str(tmp_path / "locked" / "b.png")], "cannot write"),
+        (["--trace", str(tmp_path / "locked" / "t.json")], "cannot write"),
+        (["--threads", "many"], "--threads"),
+        (["--tower-convs", "dense", "sparse"], "--tower-convs"),
+        (["--sweep-values", "batch_size=0,-1"], "batch_size=0: must be at least 1"),
+        (["--sweep-values", "hw_decoder_load=2"], "hw_decoder_load=2.0"),
+        (["--sweep-values", "stream=fast"], "stream"),
+        (["--device", "cpu", "--sweep-values", "stream=default,dedicated"], "needs a GPU"),
     ):
         with pytest.raises(SystemExit) as e:
             bench_io.parse_args(["--shards", str(demo_shards), *argv])
         assert e.value.code == 2
-        assert len(capsys.readouterr().err.strip().splitlines()) == 1, argv
+        one_line(capsys.readouterr().err, says)
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--batch-size", "100000"], "more than the 96 training images"),
+        (["--sweep-values", "batch_size=8,97"], "--batch-size 97: more than the 96"),
+        (["--batch-size", "96", "--crop-size", "20000"], "GiB of batches in flight"),
+    ],
+)
+def test_batch_sizes_beyond_the_data_or_the_memory_are_refused_before_anything_runs(
+    demo_shards, tmp_path, capsys, argv, says
+):
+    out = tmp_path / "bench.json"
+    assert bench_io.main(["--shards", str(demo_shards), "--device", "cpu", "--json", str(out), *argv]) == 2
+    one_line(capsys.readouterr().err, says)
+    assert not out.exists()  # refused before the first figure
 
 
 def test_a_training_run_s_config_sets_the_loader_and_flags_win(demo_shards, tmp_path, capsys):
@@ -352,3 +414,52 @@ def test_quick_preset_and_explicit_flags(demo_shards):
 def test_divide_std_is_off_by_default_as_in_run_py(demo_shards):
     assert not bench_io.parse_args(["--shards", str(demo_shards)]).divide_std
     assert bench_io.parse_args(["--shards", str(demo_shards), "--divide-std"]).divide_std
+
+
+@pytest.mark.slow
+def test_a_run_cut_off_keeps_every_figure_measured_and_prints_them(demo_shards, tmp_path):
+    """SIGTERM (a time cap) once the first figures are in the JSON: they stay there, whole, and the table printed at
+    the end shows them with the rest 'not measured'; the goal table is made from the same file."""
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, str(ROOT / "tools" / "bench_io.py"), "--shards", str(demo_shards), "--device", "cpu"]
+    argv += ["--quick", "--batch-size", "8", "--json", str(out), "--tower-convs", "dense", "grouped", "split"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and "model" in json.loads(out.read_text()):  # atomic: never a half-written file
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert {"loader", "model"} <= report.keys() and "baseline_e2e" not in report
+    assert "loader alone (DALI): " in stdout and "baseline end to end" in stdout and "not measured" in stdout
+    goals = subprocess.run(
+        [sys.executable, "-m", "pipeline.bench.goals", str(out)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert goals.returncode == 0 and "model alone" in goals.stdout and "not measured (cut off)" in goals.stdout
+
+
+def test_the_tables_are_made_from_whatever_figures_are_there():
+    """A report cut off after the loader: its figure and boundary are shown, every other row says so, no ratio is
+    made up from figures that are not there."""
+    from pipeline.bench.goals import goals
+    from pipeline.bench.report import table
+
+    loader = {
+        **summarise([0.5, 0.5, 0.5], images_per_window=20_000),
+        "img_per_s_per_core": 10_000.0,
+        "cpu": {"cores_used": 4.0},
+        "epoch_boundary": {"longest_s": 0.02, "median_step_s": 0.01, "stall_steps": 2.0},
+    }
+    report = {"machine": {"gpu": "H100", "cpu": "x"}, "setting": {"threads": 8}, "loader": loader}
+    shown = table(report)
+    assert shown.splitlines()[1].split()[:4] == ["loader", "alone", "(DALI)", "40,000"]
+    assert shown.count("not measured") == 4
+    assert "overlap" not in shown and "vs baseline" not in shown and "CPU figures" not in shown
+    rows = {line.split("  ")[0]: line for line in goals(report).splitlines()}
+    assert "40,000" in rows["loader alone"] and rows["loader alone"].endswith("yes")
+    assert rows["epoch boundary"].endswith("yes")
+    for figure in ("model alone", "end to end", "vs like-for-like baseline", "peak memory"):
+        assert "not measured (cut off)" in rows[figure] and rows[figure].endswith("-")

@@ -147,15 +147,25 @@ def test_initialise_kaiming_and_paper():
     assert all(not layer.bias.any() for layer in (model[0], model[2], model[3]))
 
 
-@pytest.mark.gpu
-def test_evaluation_does_not_sync_per_batch():
-    """Counting errors queues work only: CUDA's sync debug mode raises on any host synchronisation."""
-    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6)).cuda()
-    batches = [(torch.randn(8, 3, 2, 2, device="cuda"), torch.randint(0, 6, (8,), device="cuda")) for _ in range(3)]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+def test_evaluation_does_not_sync_per_batch_and_counts_as_numpy_does(device):
+    """Counting errors queues work only (on a GPU, CUDA's sync debug mode raises on any host synchronisation), and
+    the counts are the ones the scores give when ranked on the host."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6)).to(device)
+    batches = [(torch.randn(8, 3, 2, 2, device=device), torch.randint(0, 6, (8,), device=device)) for _ in range(3)]
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
     try:
-        counts = count_errors(model, batches, "bf16", 1, torch.device("cuda"))
+        counts = count_errors(model, batches, "bf16", 1, torch.device(device))
     finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert counts[2].item() == 24
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    want = [0, 0, 24]
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        for images, labels in batches:
+            ranked = model(images).float().argsort(1, descending=True).cpu()
+            for row, label in zip(ranked.tolist(), labels.tolist()):
+                want[0] += label != row[0]
+                want[1] += label not in row[:5]
+    assert counts.tolist() == want and 0 < want[0] < 24

@@ -1,26 +1,36 @@
 """Will the GPU wait on data? The DALI loader, the training step, both together, and plain PyTorch, in one run.
 
     python tools/bench_io.py --shards DIR [--batch-size 256 --compile] [--sweep] [--json FILE] [--plot FILE]
+                             [--trace FILE]
     python tools/bench_io.py --config runs/alexnet/config.json --shards DIR     the loader setting of a training run
 
-Modes, all on the same shards: `loader` (DaliLoader alone, then on across its next epoch boundary: up to an epoch,
-~1 minute of ImageNet on an H100), `model` (run.py's training step on synthetic
-batches already on the device: the compute ceiling), `e2e` (that step fed by that loader) and `baseline`
-(torch DataLoader + webdataset + Pillow workers doing the same augmentation, pipeline/baseline.py).
+Modes, all on the same shards, in this order: `loader` (DaliLoader alone, then on across its next epoch boundary: up
+to an epoch, ~1 minute of ImageNet on an H100), `model` (run.py's training step on synthetic batches already on the
+device: the compute ceiling), `e2e` (that step fed by that loader), then the like-for-like baseline (torch DataLoader
++ webdataset + Pillow workers doing the same augmentation on the same shards, pipeline/baseline.py, as many workers as
+DALI has threads): `baseline` alone and `baseline_e2e` feeding the same step.
 Each figure is the median images/s of --windows back-to-back windows of --steps steps, after --warmup steps; on a GPU
-the windows are CUDA events on the training stream, so DALI's prefetch keeps running across them.
-The JSON holds `machine`, `config`, `data`, `setting` (the DALI setting timed, after --sweep the best one), one
-object per mode and the derived `overlap`, `speedup_vs_baseline`, `loader_vs_baseline` (and `sweep`). With
---tower-convs dense grouped split the model alone is also timed with each other way of running the towers
-(`towers`); the first one named is the one every mode uses.
+the windows are CUDA events on the training stream, so DALI's prefetch keeps running across them. Figures from
+windows too short to mean much are marked `indicative`.
+Each figure is printed, and written to --json (rewritten atomically), as soon as it is measured: a run cut off keeps
+every figure before the cut, and the table at the end (also on SIGTERM) shows what is there. The JSON holds `machine`,
+`config`, `data`, `setting` (the DALI setting timed, after --sweep the best one), one object per mode, `memory` (the
+training part's peak, before the baseline runs) and the derived `overlap`, `speedup_vs_baseline` (end to end against
+the baseline's end to end), `loader_vs_baseline` (and per core), `sweep`, `towers` (with --tower-convs dense grouped
+split the model alone is also timed with each other way of running the towers; the first one named is the one every
+mode uses).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import psutil
@@ -32,8 +42,8 @@ from model.alexnet import TOWER_CONVS
 from model.train.recipe import AMP_DTYPES, ComputeSettings, make_train_step, sgd
 from pipeline import DaliLoader
 from pipeline.baseline import baseline_loader, device_batches
-from pipeline.bench.report import derive, table, write_json, write_plot
-from pipeline.bench.sweep import HEADER, SWEPT, best_line, coordinate_search, parse_values, sweep_grid, trial_row
+from pipeline.bench.report import Record, table, write_plot
+from pipeline.bench.sweep import HEADER, KINDS, SWEPT, best_line, coordinate_search, parse_values, sweep_grid, trial_row
 from pipeline.bench.timing import (
     Clock,
     CpuMeter,
@@ -55,10 +65,15 @@ from pipeline.threads import default_threads
 # --quick: about a minute on a 2-core CPU, where one training step of the 60M-parameter model takes seconds
 QUICK = {"steps": 2, "windows": 3, "warmup": 1}
 QUICK_CPU = {"batch_size": 32, "crop_size": 64}
+# Shorter windows than this are flagged: CPU time is counted in 10 ms ticks, and a ratio of two such windows (overlap,
+# cores used) can come out above its bound. A GPU window of 20 steps at 25,000 img/s lasts 0.2 s.
+MIN_WINDOW_S = 0.1
+TRACE_STEPS = 4
+TARGET = "a file path (not a folder) in a folder that exists"
 
 
-def writable(path) -> bool:
-    return Path(path).resolve().parent.is_dir()
+def target(path) -> bool:
+    return bool(path) and not Path(path).is_dir() and Path(path).resolve().parent.is_dir()
 
 
 @dataclass(kw_only=True)
@@ -66,8 +81,8 @@ class BenchConfig(LoaderSettings, ComputeSettings, CacheSettings):
     """What is timed, and how"""
 
     shards: str = option(help="shard folder written by tools/shard_imagenet.py, or its s3:// or gs:// URL")
-    workers: int = option(
-        help="baseline DataLoader processes: one per core", check=at_least(1), default_factory=psutil.cpu_count
+    workers: int | None = option(
+        None, "baseline DataLoader processes; default: as many as DALI's threads (equal cores)", check=at_least(1)
     )
     steps: int = option(20, "steps per timed window", check=at_least(1))
     windows: int = option(5, "timed windows per figure; the median is reported", check=at_least(1))
@@ -80,20 +95,25 @@ class BenchConfig(LoaderSettings, ComputeSettings, CacheSettings):
         "(model.alexnet.TowerConv); the first is the one every mode uses",
         choices=TOWER_CONVS,
     )
-    sweep: bool = option(False, "tune batch size, threads, hw_decoder_load and prefetch first")
+    sweep: bool = option(
+        False, "tune batch size, threads, hw_decoder_load and prefetch (and on a GPU the stream) first"
+    )
     sweep_values: tuple[str, ...] = option(
         (),
         f"KNOB=V,V ...: sweep only these values (KNOB one of "
-        f"{', '.join(SWEPT)}; implies --sweep), e.g. hw_decoder_load=1,0.65,0",
+        f"{', '.join(KINDS)}; implies --sweep), e.g. hw_decoder_load=1,0.65,0",
     )
+    baseline: bool = option(True, "time the DataLoader + Pillow baseline too, alone and end to end")
     quick: bool = option(False, "short windows: 2 steps, 3 windows, 1 warm-up step; on the CPU also batch 32, crop 64")
     json: str | None = option(
-        None,
-        "write every figure and the machine here",
-        check=(writable, "in a folder that exists; create it or pick another path"),
+        None, "write every figure and the machine here, each figure as it is measured", check=(target, TARGET)
     )
-    plot: str | None = option(
-        None, "write a PNG bar chart here", check=(writable, "in a folder that exists; create it or pick another path")
+    plot: str | None = option(None, "write a PNG bar chart here", check=(target, TARGET))
+    trace: str | None = option(
+        None,
+        f"write a torch.profiler trace (Chrome/Perfetto JSON; .json.gz compressed) of {TRACE_STEPS} end-to-end steps "
+        "here, with ranges for the data wait, DALI's run and the training step",
+        check=(target, TARGET),
     )
 
 
@@ -103,18 +123,51 @@ def quick_preset(given: dict) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> BenchConfig:
-    """Declared defaults, then the --quick preset, then --config, then whatever was given on the command line."""
+    """Declared defaults, then the --quick preset, then --config, then whatever was given on the command line; each
+    --sweep-values value held to its setting's declared check, and every output path tried, before anything runs."""
     cfg, p = parse(BenchConfig, argv, prog="tools/bench_io.py", description=__doc__, preset=quick_preset)
+    checks = {f.name: f.metadata["check"] for f in fields(LoaderSettings)}
     try:
-        dict(map(parse_values, cfg.sweep_values))
+        grid = dict(map(parse_values, cfg.sweep_values))
     except ValueError as e:
         p.error(f"--sweep-values {e}")
+    for name, values in grid.items():
+        for v in values:
+            if name in checks and not checks[name][0](v):
+                p.error(f"--sweep-values {name}={v}: must be {checks[name][1]}")
+    threads = cfg.threads or default_threads()
     cfg = replace(
-        cfg, **cfg.resolve_device(), threads=cfg.threads or default_threads(), sweep=cfg.sweep or bool(cfg.sweep_values)
+        cfg, **cfg.resolve_device(), threads=threads, workers=cfg.workers or threads, sweep=cfg.sweep or bool(grid)
     )
     if cfg.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here; leave --device out to use the CPU")
+    if cfg.device == "cpu" and set(grid.get("stream", ())) - {"default"}:
+        p.error("--sweep-values stream: a dedicated CUDA stream needs a GPU; leave stream out on the CPU")
+    for name in ("json", "plot", "trace"):
+        path = getattr(cfg, name)
+        try:
+            if path:
+                with tempfile.NamedTemporaryFile(dir=Path(path).resolve().parent):
+                    pass
+        except OSError as e:
+            p.error(f"--{name} {path}: cannot write in its folder ({e.strerror}); pick another path")
     return cfg
+
+
+def check_sizes(cfg: BenchConfig, grid: dict, count: int) -> str | None:
+    """Batch sizes the data and the machine can hold, before anything runs: at most the split's images, and the
+    batches in flight (the baseline's two per worker, DALI's prefetch, the step's) within half the free memory."""
+    available = psutil.virtual_memory().available
+    for batch in sorted({cfg.batch_size, *grid.get("batch_size", ())}):
+        if batch > count:
+            return f"--batch-size {batch}: more than the {count} training images in {cfg.shards}; pick at most {count}"
+        held = batch * 3 * cfg.crop_size**2 * 4 * (2 * cfg.workers + cfg.prefetch + 4)
+        if held > available / 2:
+            return (
+                f"--batch-size {batch} at --crop-size {cfg.crop_size}: about {held / 2**30:.1f} GiB of batches in "
+                f"flight, more than half the {available / 2**30:.1f} GiB free here; pick a smaller batch"
+            )
+    return None
 
 
 def endless(loader) -> Iterator:
@@ -127,7 +180,7 @@ def endless(loader) -> Iterator:
 
 
 class Bench:
-    """The four modes; training steps are built once per batch size and shared by `model` and `e2e`."""
+    """The modes; training steps are built once per batch size and shared by `model` and both ends to end."""
 
     def __init__(self, cfg: BenchConfig, manifest: Manifest):
         self.cfg, self.manifest = cfg, manifest
@@ -135,6 +188,7 @@ class Bench:
         self.clock = Clock(cfg.device)
         self.dtype = AMP_DTYPES[cfg.amp] or torch.float32
         self._steps = {}
+        self._stream = None
         if self.cuda:
             torch.backends.cudnn.benchmark = True  # as run.py
 
@@ -153,9 +207,17 @@ class Bench:
             self._steps[key] = make_train_step(model, sgd(model), self.cfg.amp, compile)
         return self._steps[key]
 
+    def stream(self, s: dict):
+        """The stream a setting trains on: torch's current (legacy default) one, or a dedicated torch.cuda.Stream."""
+        if s.get("stream", "default") == "default":
+            return contextlib.nullcontext()
+        self._stream = self._stream or torch.cuda.Stream()
+        return torch.cuda.stream(self._stream)
+
     def dali(self, s: dict) -> DaliLoader:
         c = self.cfg
-        return DaliLoader(self.manifest, "train", replace(c, **s), device=c.device, seed=c.seed, dtype=self.dtype)
+        loader = replace(c, **{k: s[k] for k in SWEPT})  # the stream is not the loader's
+        return DaliLoader(self.manifest, "train", loader, device=c.device, seed=c.seed, dtype=self.dtype)
 
     def measure(self, name: str, step: Callable[[], None], batch_size: int, reset=lambda: None) -> dict:
         """Warm up, then time the windows with CPU use recorded; `reset` clears counters warm-up touched."""
@@ -166,7 +228,9 @@ class Bench:
         r = summarise(seconds, batch_size * self.cfg.steps)
         # Per core of CPU time this process tree used: comparable across loaders on a machine others load too.
         r["img_per_s_per_core"] = r["img_per_s"] / max(cpu.result["cores_used"], 1e-9)
-        return {**r, "batch_size": batch_size, "cpu": cpu.result}
+        short = "windows of one step" if self.cfg.steps == 1 else None
+        short = short or (f"windows under {MIN_WINDOW_S:g} s" if min(seconds) < MIN_WINDOW_S else None)
+        return {**r, "batch_size": batch_size, "cpu": cpu.result, "indicative": short}
 
     def loader_alone(self, loader: DaliLoader, batches: Iterator, batch_size: int) -> dict:
         r = self.measure("loader", lambda: next(batches), batch_size)
@@ -191,22 +255,22 @@ class Bench:
         step = self.train_step(batch_size, tower_convs)
         return self.measure("model", lambda: step(images, labels), batch_size)
 
-    def end_to_end(self, loader: DaliLoader, batches: Iterator, batch_size: int) -> dict:
-        """The step fed by the loader, with the share of wall time spent waiting for data and keeping the GPU busy.
+    def end_to_end(self, batches: Iterator, batch_size: int, held=lambda: 0.0, name="e2e") -> dict:
+        """The step fed by a loader, with the share of wall time spent waiting for data and keeping the GPU busy.
 
-        data_wait_frac: host time blocked in next(loader) over wall time, less the time the loader held back a host
-        that ran ahead of the GPU (loader.gpu_wait_s: the GPU was busy then, not waiting). gpu_busy_frac: the span of
-        each step on the training stream (CUDA events recorded before and after it) summed, over wall time; 1 - busy
-        is the time the training stream sat idle, waiting for data or for the host. torch.cuda.utilization (NVML) is not
-        used: it samples at about 1/6 s and counts DALI's own kernels as busy, so it cannot tell training from decoding.
+        data_wait_frac: host time blocked in next(loader) over wall time, less the time a DaliLoader held back a host
+        that ran ahead of the GPU (`held`, its gpu_wait_s: the GPU was busy then, not waiting). gpu_busy_frac: the span
+        of each step on the training stream (CUDA events recorded before and after it) summed, over wall time;
+        1 - busy is the time the training stream sat idle, waiting for data or for the host. torch.cuda.utilization
+        (NVML) is not used: it samples at about 1/6 s and counts DALI's own kernels as busy.
         """
         train = self.train_step(batch_size)
         waited, spans = [0.0], []
 
         def step():
-            start, held = time.perf_counter(), loader.gpu_wait_s
+            start, before = time.perf_counter(), held()
             images, labels = next(batches)
-            waited[0] += time.perf_counter() - start - (loader.gpu_wait_s - held)
+            waited[0] += time.perf_counter() - start - (held() - before)
             if not self.cuda:
                 train(images, labels)
                 return
@@ -220,30 +284,55 @@ class Bench:
             waited[0] = 0.0
             spans.clear()
 
-        r = self.measure("e2e", step, batch_size, reset)
+        r = self.measure(name, step, batch_size, reset)
         r["data_wait_frac"] = waited[0] / r["seconds"]
         if self.cuda:
             r["gpu_busy_frac"] = sum(b.elapsed_time(e) for b, e in spans) / 1e3 / r["seconds"]
         return r
 
-    def dali_modes(self, s: dict) -> dict:
-        """loader, model and e2e at one setting; the loader's stream continues from `loader` into `e2e`."""
-        with self.dali(s) as loader:
+    def trace(self, batches: Iterator, batch_size: int, path: Path) -> None:
+        """A profile of TRACE_STEPS end-to-end steps, written where a browser's Perfetto (or chrome://tracing) opens
+        it: 'data wait' around next(loader) (holding DaliLoader's 'DALI run'), 'training step' around the step."""
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        train = self.train_step(batch_size)
+        with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * self.cuda) as prof:
+            for _ in range(TRACE_STEPS):
+                with record_function("data wait"):
+                    images, labels = next(batches)
+                with record_function("training step"):
+                    train(images, labels)
+            if self.cuda:
+                torch.cuda.synchronize()
+        part = path.with_name(f".{path.name}.part{''.join(path.suffixes[-2:])}")  # the suffix: .gz compresses
+        prof.export_chrome_trace(str(part))
+        os.replace(part, path)
+
+    def dali_modes(self, s: dict, record: Record) -> None:
+        """loader, model and e2e at one setting (the loader's stream continues from `loader` into `e2e`), the memory
+        they held, and the trace."""
+        with self.dali(s) as loader, self.stream(s):
             batches = endless(loader)
-            r = {
-                "loader": self.loader_alone(loader, batches, s["batch_size"]),
-                "model": self.model_alone(s["batch_size"]),
-                "e2e": self.end_to_end(loader, batches, s["batch_size"]),
-            }
-            return {**r, "memory": peak_memory(self.cfg.device)}  # while the loader still holds its buffers
+            record["loader"] = self.loader_alone(loader, batches, s["batch_size"])
+            record["model"] = self.model_alone(s["batch_size"])
+            record["e2e"] = self.end_to_end(batches, s["batch_size"], lambda: loader.gpu_wait_s)
+            # The training part's own peak: the loader and the step, before the baseline's workers and pinned
+            # batches add to this process; while the loader still holds its buffers.
+            record["memory"] = {**peak_memory(self.cfg.device), "after_sweep": self.cfg.sweep}
+            if self.cfg.trace:
+                try:
+                    self.trace(batches, s["batch_size"], Path(self.cfg.trace))
+                    print(f"trace of {TRACE_STEPS} end-to-end steps: {self.cfg.trace}", flush=True)
+                except RuntimeError as e:  # a profiler that cannot start costs the trace, not the figures after it
+                    print(f"trace: not written: {str(e).splitlines()[0]}", flush=True)
 
     def sweep_trial(self, s: dict) -> dict:
         """The loader alone (which shows whether the hardware decoder takes part), then end to end, at one --sweep
         setting; printed as a row when done."""
-        with self.dali(s) as loader:
+        with self.dali(s) as loader, self.stream(s):
             batches = endless(loader)
             alone = self.measure("loader", lambda: next(batches), s["batch_size"])
-            r = self.end_to_end(loader, batches, s["batch_size"])
+            r = self.end_to_end(batches, s["batch_size"], lambda: loader.gpu_wait_s)
         r = {
             "img_per_s": r["img_per_s"],
             "loader_img_per_s": alone["img_per_s"],
@@ -253,74 +342,95 @@ class Bench:
         print(trial_row({**s, **r}), flush=True)
         return r
 
-    def baseline(self) -> dict:
+    def baseline_modes(self, batch_size: int, record: Record) -> None:
+        """The DataLoader + Pillow baseline alone, then feeding the same training step, with as many workers as
+        DALI has threads unless told otherwise. Its workers start from a fresh server process (forkserver): a fork
+        of this one would copy DALI's running threads."""
         c = self.cfg
         loader = baseline_loader(
             self.manifest,
-            c.batch_size,
+            batch_size,
             crop_size=c.crop_size,
             workers=c.workers,
             seed=c.seed,
             divide_std=c.divide_std,
             pin_memory=self.cuda,
+            start="forkserver",
         )
         batches = device_batches(loader, c.device, self.dtype)
         try:
-            return {**self.measure("baseline", lambda: next(batches), c.batch_size), "workers": c.workers}
+            record["baseline"] = {**self.measure("baseline", lambda: next(batches), batch_size), "workers": c.workers}
+            e2e = self.end_to_end(batches, batch_size, name="base e2e")
+            record["baseline_e2e"] = {**e2e, "workers": c.workers}
         finally:
             batches.close()  # drops the DataLoader iterator, which stops its worker processes
 
 
-def run(cfg: BenchConfig, manifest: Manifest) -> dict:
+def run(cfg: BenchConfig, grid: dict, manifest: Manifest, record: Record) -> None:
+    """Every figure into `record` as it is measured, the most wanted first: the DALI modes, the baseline, the towers."""
     bench = Bench(cfg, manifest)
-    report = {
-        "machine": describe_machine(),
-        "config": to_json(cfg),
-        "data": {
-            "shards": cfg.shards if is_url(cfg.shards) else str(Path(cfg.shards).resolve()),
-            "train_images": manifest.count("train"),
-            "preprocessing": manifest.raw.get("preprocessing"),
-            "mmap": MMAP,  # shards read with read() (False) or mapped
-        },
-    }
     setting = {k: getattr(cfg, k) for k in SWEPT}
     bench.dali(setting).close()  # the loader's checks (index files, crop vs image size) before anything runs
-    # The baseline forks its workers first, before DALI's threads exist in this process.
-    report["baseline"] = bench.baseline()
     if cfg.sweep:
-        grid = dict(map(parse_values, cfg.sweep_values)) or sweep_grid(setting, psutil.cpu_count(), bench.cuda)
+        grid = grid or sweep_grid(setting, psutil.cpu_count(), bench.cuda, manifest.count("train"))
+        record["sweep"] = {"grid": grid, "trials": []}
         print(HEADER, flush=True)
-        setting, trials = coordinate_search(grid, setting, bench.sweep_trial)
-        print(best_line(setting))
-        report["sweep"] = {"grid": grid, "trials": trials, "best": setting}
+
+        def trial(s: dict) -> dict:
+            r = bench.sweep_trial(s)
+            record["sweep"]["trials"].append({**s, **r})
+            record.save()
+            return r
+
+        setting, _ = coordinate_search(grid, setting, trial)
+        record["sweep"] = {**record["sweep"], "best": setting}
+        print(best_line(setting), flush=True)
         release_pools(cfg.device)  # the memory figure below is then the best setting's, not the largest trial's
-    report["setting"] = setting
-    report.update(bench.dali_modes(setting))
-    report["memory"]["after_sweep"] = cfg.sweep
+    record["setting"] = setting
+    bench.dali_modes(setting, record)
+    if cfg.baseline:
+        bench.baseline_modes(setting["batch_size"], record)
     if len(cfg.tower_convs) > 1:
-        report["towers"] = {
-            cfg.tower_convs[0]: report["model"],
-            **{t: bench.model_alone(setting["batch_size"], t) for t in cfg.tower_convs[1:]},
-        }
-    report.update(derive(report))
-    return report
+        towers = {cfg.tower_convs[0]: record["model"]}
+        for t in cfg.tower_convs[1:]:
+            towers[t] = bench.model_alone(setting["batch_size"], t)
+            record["towers"] = towers
+            print(f"model alone, {t} towers: {towers[t]['img_per_s']:,.1f} img/s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    grid = dict(map(parse_values, cfg.sweep_values))  # checked by parse_args
     print(show(cfg), flush=True)
     try:
         manifest = load_manifest(local_shards(cfg.shards, cfg.cache_dir))
         manifest.shards("train")
-        report = run(cfg, manifest)
+        count = manifest.count("train")
     except ShardError as e:
         print(f"bench_io: {e}", file=sys.stderr)
         return 2
-    print(table(report))
-    if cfg.json:
-        write_json(Path(cfg.json), report)
+    if refusal := check_sizes(cfg, grid, count):
+        print(f"bench_io: {refusal}", file=sys.stderr)
+        return 2
+    data = {
+        "shards": cfg.shards if is_url(cfg.shards) else str(Path(cfg.shards).resolve()),
+        "train_images": count,
+        "preprocessing": manifest.raw.get("preprocessing"),
+        "mmap": MMAP,  # shards read with read() (False) or mapped
+    }
+    report = {"machine": describe_machine(), "config": to_json(cfg), "data": data}
+    record = Record(Path(cfg.json) if cfg.json else None, report)
+    # SIGTERM (a time cap) ends the run through Python, so the table below still shows what was measured.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        run(cfg, grid, manifest, record)
+    except ShardError as e:
+        print(f"bench_io: {e}", file=sys.stderr)
+        return 2
+    finally:
+        print(table(record.report), flush=True)
     if cfg.plot:
-        write_plot(Path(cfg.plot), report)
+        write_plot(Path(cfg.plot), record.report)
     return 0
 
 

@@ -205,15 +205,16 @@ class Trainer:
             if st.step % self.cfg.log_interval == 0:
                 self.progress(epoch)
             self.end_epoch(epoch)  # validation, metrics, the epoch's checkpoint
-        stop = self.stop_reason()
+        stop = self.stop_reason(overlapped=within)
         if within and (st.step % self.cfg.log_interval == 0 or stop):
             if self.progress(epoch) or stop:
                 self.save()
         return stop
 
-    def stop_reason(self) -> str | signal.Signals | None:
-        """The one place the run decides to stop early: a signal to any rank (a collective), or --max-steps."""
-        sig = self.preemption.agreed()
+    def stop_reason(self, overlapped: bool) -> str | signal.Signals | None:
+        """The one place the run decides to stop early: a signal to any rank (a collective: inside an epoch overlapped
+        with the next step, so the ranks stop one step later, all after the same one), or --max-steps."""
+        sig = self.preemption.agreed(overlapped=overlapped)
         if self.state.step == self.total:  # the run is done: its summary follows
             return None
         return sig or ("max_steps" if 0 < self.cfg.max_steps <= self.state.step else None)
