@@ -9,37 +9,66 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from model.train import checkpoint
-from model.train.checkpoint import CheckpointError
+from model.train.checkpoint import CheckpointError, with_statistics
 from model.train.cluster import Context, Interrupted, Preemption, Refused, agree, init_group, process_context
-from model.train.config import Config, UsageError, demo_preset, refuse_changes
+from model.train.config import (
+    Config,
+    UsageError,
+    demo_preset,
+    read_json,
+    read_saved,
+    refuse_changes,
+    refused,
+    saved_settings,
+)
 from model.train.demo import make_demo_data, report_demo
 from model.train.loop import Diverged, Trainer, build, evaluate, make_loader
-from model.train.workdir import WorkdirBusy, WorkdirLock, data_identity, other_classes, other_data, remove_temporaries
+from model.train.workdir import (
+    data_identity,
+    other_classes,
+    other_data,
+    remove_temporaries,
+    workdir_lock,
+    write_error,
+)
 from pipeline.atomic import atomic_write
 from pipeline.augment import WINDOW_AUGMENTS
 from pipeline.cache import local_shards
-from pipeline.manifest import ShardError, check_crop, load_manifest
+from pipeline.lock import Busy, FolderLock
+from pipeline.manifest import Manifest, ShardError, check_crop, load_manifest
 from pipeline.settings import parse as parse_settings
 from pipeline.settings import show
+from pipeline.store import is_url
 from pipeline.threads import default_threads
 
-REFUSALS = (UsageError, ShardError, CheckpointError, WorkdirBusy)
+REFUSALS = (UsageError, ShardError, CheckpointError, Busy)
 log = logging.getLogger("run")
 
 
 def parse(argv=None) -> Config:
-    """The settings: declared defaults, the demo's preset with --demo, --config, then the flags; all checked."""
-    cfg, _ = parse_settings(Config, argv, prog="run.py", description=__doc__, preset=demo_preset)
-    return replace(cfg, **cfg.resolve_device(), threads=cfg.threads or default_threads())
+    """The settings: declared defaults, the demo's preset with --demo, --config, then the flags; all checked. Folders
+    are kept absolute, so that --eval and --config work from anywhere."""
+    cfg, parser = parse_settings(Config, argv, prog="run.py", description=__doc__, preset=demo_preset)
+    if why := refused(cfg):
+        parser.error(why)
+    shards = cfg.shards or (str(Path(cfg.workdir) / "shards") if cfg.demo else "")
+    return replace(
+        cfg,
+        **cfg.resolve_device(),
+        threads=cfg.threads or default_threads(),
+        shards=shards if not shards or is_url(shards) else os.path.abspath(shards),
+        workdir=os.path.abspath(cfg.workdir),
+    )
 
 
 def setup(cfg: Config) -> Context:
@@ -64,7 +93,7 @@ def setup_logging(rank: int) -> None:
         log.addHandler(handler)
 
 
-def load_data(cfg: Config, ctx: Context):
+def load_data(cfg: Config, ctx: Context) -> Manifest:
     """The shard folder's manifest, checked against the settings before anything is built or written."""
     manifest = load_manifest(local_shards(cfg.shards, cfg.cache_dir, log.info))  # a bucket: its local copy
     for split in ("val", "train") if cfg.augment in WINDOW_AUGMENTS else ("val",):
@@ -77,18 +106,7 @@ def load_data(cfg: Config, ctx: Context):
     return manifest
 
 
-def check_shard_sizes(manifest) -> None:
-    """A stat per train shard before each epoch: DALI maps the tars, so one truncated under it would end in SIGBUS."""
-    for s in manifest.shards("train"):
-        size = s.tar.stat().st_size if s.tar.exists() else 0
-        if size != s.tar_bytes:
-            raise ShardError(
-                f"{s.tar}: {size} bytes now, the manifest says {s.tar_bytes} (changed during the run); "
-                f"restore the shard folder, then run the same command to continue"
-            )
-
-
-def continue_or_start(cfg: Config, ctx: Context, manifest) -> str | None:
+def continue_or_start(cfg: Config, ctx: Context, manifest: Manifest) -> str | None:
     """The checkpoint this run continues from (the newest readable one in WORKDIR), or None to start from step 0."""
     workdir = Path(cfg.workdir)
     for p in remove_temporaries(workdir):
@@ -102,7 +120,7 @@ def continue_or_start(cfg: Config, ctx: Context, manifest) -> str | None:
             )
         saved = workdir / "config.json"  # a run stopped before its first checkpoint: the same settings start again
         if saved.exists():
-            refuse_changes(cfg, json.loads(saved.read_text()), saved)
+            refuse_changes(cfg, read_saved(read_json(saved), saved, log.warning), saved)
         return None
     ckpt, path = found
     if isinstance(ckpt.get("loader"), dict):  # one loader state per rank since DALI's own checkpoints hold them
@@ -110,7 +128,7 @@ def continue_or_start(cfg: Config, ctx: Context, manifest) -> str | None:
             f"{path} was written by an older run.py, whose loader position this one cannot continue "
             f"exactly; evaluate it with --eval {path}, or train anew in another --workdir"
         )
-    refuse_changes(cfg, ckpt["config"], path)
+    refuse_changes(cfg, read_saved(ckpt["config"], path, log.warning), path)
     if ckpt["world_size"] != ctx.world:
         raise UsageError(f"{path} was written by {ckpt['world_size']} processes; continue it with as many")
     what = "data" in ckpt and other_data(ckpt["data"], data_identity(manifest))
@@ -122,46 +140,48 @@ def continue_or_start(cfg: Config, ctx: Context, manifest) -> str | None:
     return str(path)
 
 
-def train(cfg: Config, ctx: Context, manifest, start: str | None, preemption: Preemption) -> int:
+def train(cfg: Config, ctx: Context, manifest: Manifest, start: str | None, preemption: Preemption) -> int:
     """The recipe epoch by epoch, from step 0 or from the checkpoint `start`; WORKDIR gets metrics and summary.json."""
-    t = Trainer(cfg, ctx, manifest, preemption)
+    ckpt = checkpoint.read(start) if start is not None else {}
+    t = Trainer(cfg, ctx, with_statistics(manifest, ckpt.get("statistics")), preemption)
     if start is not None:
-        t.resume(checkpoint.read(start), start)
-    if ctx.rank == 0:
-        t.workdir.mkdir(parents=True, exist_ok=True)
-        atomic_write(t.workdir / "config.json", json.dumps(asdict(cfg), indent=1).encode())
-    t.write_metrics()
-    total = cfg.epochs * t.spe
-    if t.state.step >= total or 0 < cfg.max_steps <= t.state.step:
-        log.info(f"{t.workdir}: at step {t.state.step} already; pass a larger --epochs (or --max-steps) to train on")
+        t.resume(ckpt, start)
+    if t.done or 0 < cfg.max_steps <= t.state.step:
+        log.info(
+            f"{t.workdir}: at step {t.state.step} already (epoch {len(t.state.history)}); pass a larger --epochs "
+            f"(or --max-steps) to train on"
+        )
         return 0
+    if start is not None:
+        log.info(f"continuing from {start}: epoch {t.state.step // t.spe + 1}, step {t.state.step}")
+        was = ckpt["config"].get("epochs", cfg.epochs)
+        if cfg.schedule == "cosine" and was != cfg.epochs:
+            log.info(f"--epochs {cfg.epochs} (was {was}): the cosine schedule is recomputed over {cfg.epochs} epochs")
+    if ctx.rank == 0:  # the settings that train, once a step is about to run
+        t.workdir.mkdir(parents=True, exist_ok=True)
+        atomic_write(t.workdir / "config.json", json.dumps(saved_settings(cfg), indent=1).encode())
+    t.write_metrics()
     try:
-        for epoch in range(t.state.step // t.spe, cfg.epochs):
-            check_shard_sizes(manifest)
-            stop = t.train_epoch(epoch)
-            if t.state.step % t.spe == 0:  # the epoch ran to its end
-                last = t.end_epoch(epoch)
-                stop = preemption.agreed() or stop or ("max_steps" if 0 < cfg.max_steps <= t.state.step else None)
-                stop = None if t.state.step == total else stop  # the run is done: its summary follows
-            if stop:
-                return t.stopped(stop)
+        stop = t.fit()
     except Diverged as e:
         log.error(str(e))
         return 1
-    summary = t.summary(last)
+    if stop:
+        return t.stopped(stop)
     if ctx.rank == 0:
-        atomic_write(t.workdir / "summary.json", json.dumps(summary, indent=1).encode())
+        atomic_write(t.workdir / "summary.json", json.dumps(t.summary(), indent=1).encode())
     t.train_loader.close()
     t.val_loader.close()
     return 0
 
 
 def evaluate_only(cfg: Config, ctx: Context) -> int:
-    """--eval CHECKPOINT: centre-crop (and with --ten-crop, ten-crop) error of saved weights on the val split."""
+    """--eval CHECKPOINT: centre-crop (and with --ten-crop, ten-crop) error of saved weights on the val split, the
+    inputs normalised as the weights were trained on (the checkpoint's statistics, not the folder's)."""
     ckpt = checkpoint.read(cfg.eval)
-    manifest = load_manifest(local_shards(cfg.shards or ckpt["config"]["shards"], cfg.cache_dir, log.info))
-    known = {f.name for f in fields(Config)}  # a checkpoint of an older run.py may hold settings since renamed
-    saved = Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+    saved = read_saved(ckpt["config"], Path(cfg.eval), log.warning)
+    shards = local_shards(cfg.shards or saved.shards, cfg.cache_dir, log.info)
+    manifest = with_statistics(load_manifest(shards), ckpt.get("statistics"))
     check_crop(manifest, "val", saved.crop_size)
     classes = ckpt["data"]["classes"] if "data" in ckpt else [None] * ckpt["model"]["fc8.weight"].shape[0]
     differs = other_classes(
@@ -170,7 +190,7 @@ def evaluate_only(cfg: Config, ctx: Context) -> int:
     if differs:
         raise UsageError(f"--eval: {cfg.eval} was trained on {differs}; evaluate it on shards of its own classes")
     cfg = replace(cfg, divide_std=saved.divide_std)  # the inputs as the weights were trained on
-    _, raw = build(Config(**{**asdict(saved), "model_parallel": cfg.model_parallel}), ctx, manifest.num_classes)
+    _, raw = build(replace(saved, model_parallel=cfg.model_parallel), ctx, manifest.num_classes)
     raw.load_state_dict(ckpt["model"])
     result = {"checkpoint": cfg.eval, "step": ckpt["step"], "num_classes": manifest.num_classes}
     for augment, views in [("center", 1)] + [("tencrop", 10)] * cfg.ten_crop:
@@ -185,12 +205,19 @@ def evaluate_only(cfg: Config, ctx: Context) -> int:
     return 0
 
 
+def take(lock: FolderLock, workdir: str) -> None:
+    """WORKDIR's lock, or one line: another run holds it (Busy), or the folder cannot be written."""
+    try:
+        lock.acquire()
+    except OSError as e:
+        what = "is a file" if Path(workdir).is_file() else f"cannot be written ({e.strerror})"
+        raise UsageError(f"--workdir {workdir} {what}; pass a folder you can write to") from None
+
+
 def main(argv=None) -> int:
     t0 = time.perf_counter()
     cfg = parse(argv)
-    if cfg.demo and not cfg.shards:
-        cfg.shards = str(Path(cfg.workdir) / "shards")
-    lock, preemption = WorkdirLock(Path(cfg.workdir)), None
+    lock, preemption, rank = workdir_lock(cfg.workdir), None, int(os.environ.get("RANK", 0))
     try:
         ctx = setup(cfg)
         setup_logging(ctx.rank)
@@ -204,7 +231,7 @@ def main(argv=None) -> int:
             init_group("nccl" if cfg.device == "cuda" else "gloo", ctx)
         if cfg.eval:
             return evaluate_only(cfg, ctx)
-        agree(ctx.rank, ctx.world, lock.acquire, REFUSALS)  # rank 0 holds WORKDIR/run.lock until this process ends
+        agree(ctx.rank, ctx.world, lambda: take(lock, cfg.workdir), REFUSALS)  # rank 0 holds it till it ends
         if cfg.demo:
             agree(ctx.rank, ctx.world, lambda: make_demo_data(cfg), REFUSALS)
             manifest = load_data(cfg, ctx)
@@ -218,7 +245,8 @@ def main(argv=None) -> int:
             report_demo(cfg, time.perf_counter() - t0)
         return code
     except REFUSALS as e:
-        print(f"run.py: {e}", file=sys.stderr)
+        if rank == 0:  # every rank meets the same refusal: torchrun's log shows it once
+            print(f"run.py: {e}", file=sys.stderr)
         return 2
     except Refused:
         return 2
@@ -231,11 +259,7 @@ def main(argv=None) -> int:
     except OSError as e:
         if e.filename is None:
             raise
-        print(
-            f"run.py: cannot write {e.filename} ({e.strerror}); the checkpoints written before are intact: make "
-            f"room, then run the same command to continue",
-            file=sys.stderr,
-        )
+        print(write_error(e), file=sys.stderr)
         return 1
     finally:
         if preemption is not None:

@@ -1,5 +1,6 @@
-"""One writer per shard folder: an exclusive flock on --out/.lock, held for the run's whole life and released by the
-kernel however the process ends (kill -9 leaves no stale lock). The file names the holder for whoever is refused."""
+"""One run per folder: an exclusive flock on a file in it, held for the run's whole life and released by the kernel
+however the process ends (kill -9 leaves no stale lock). The file names the holder for whoever is refused. The sharder
+holds --out/.lock, a training run WORKDIR/run.lock."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import fcntl
 import json
 import os
 import shlex
+import socket
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,55 +19,73 @@ LOCK = ".lock"
 
 
 class Busy(Exception):
-    """Another live run holds the folder."""
+    """Another live run holds the folder; the message is one line naming it."""
 
 
 def describe(fd: int) -> str:
-    """The holder as it wrote itself into the lock file: pid, start time and command."""
+    """The holder as it wrote itself into the lock file: pid (and host, if another), start time and command."""
     try:
         holder = json.loads(os.pread(fd, 1 << 16, 0))
-        return f"pid {holder['pid']}, started {holder['started']}, command: {holder['command']}"
-    except (ValueError, KeyError, TypeError):  # the holder has locked the file and not yet written itself into it
+        host = holder.get("host", socket.gethostname())
+        where = "" if host == socket.gethostname() else f" on {host}"
+        return f"pid {holder['pid']}{where}, started {holder['started']}, command: {holder['command']}"
+    except (ValueError, KeyError, TypeError, AttributeError):  # locked, and not yet written into: or an older file
         return "a run that is just starting"
+
+
+class FolderLock:
+    """An flock on `path` from acquire() to release() (or the process's death); `refusal(holder)` is the Busy line."""
+
+    def __init__(self, path: Path, refusal: Callable[[str], str]):
+        self.path, self.refusal, self.fd = Path(path), refusal, None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = describe(fd)
+                os.close(fd)
+                raise Busy(self.refusal(holder)) from None
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the last holder removed the file between our open and our lock: lock the one there now
+        self.fd = fd
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": shlex.join(sys.orig_argv),
+        }
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(me).encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked: a run that opened it meanwhile sees it go, retries
+            os.close(self.fd)  # closing the last descriptor drops the flock
+            self.fd = None
 
 
 @contextmanager
 def hold(out: Path, name: str = LOCK):
-    """Hold `out`'s lock (the file `name`) for the block, or raise Busy naming the live run. The file is removed on
-    release."""
-    path = out / name
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = describe(fd)
-            os.close(fd)
-            raise Busy(
-                f"--out {out} is being written by another run ({holder}); wait for it to end or stop it, then rerun"
-            ) from None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # the last holder removed the file between our open and our lock: lock the one there now
+    """Hold the shard folder `out`'s lock (the file `name`) for the block, or raise Busy naming the live run."""
+    lock = FolderLock(
+        out / name,
+        lambda holder: (
+            f"--out {out} is being written by another run ({holder}); wait for it to end or stop it, then rerun"
+        ),
+    )
+    lock.acquire()
     try:
-        os.ftruncate(fd, 0)
-        os.write(
-            fd,
-            json.dumps(
-                {
-                    "pid": os.getpid(),
-                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "command": shlex.join(sys.orig_argv),
-                }
-            ).encode(),
-        )
         yield
     finally:
-        path.unlink(missing_ok=True)  # while still locked: a run that opened it meanwhile sees the inode go, retries
-        os.close(fd)
+        lock.release()
 
 
 def writer(out: Path, name: str = LOCK) -> str | None:

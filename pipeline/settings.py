@@ -32,12 +32,23 @@ def option(
     const: Any = None,
     default_factory: Callable[[], Any] | None = None,
     shared: bool = True,
+    resumable: bool = False,
+    saved: bool = True,
 ) -> Any:
     """A setting: its default, help, the values it may take (choices, or check: (predicate, what it must be)).
     `const` is the value of the bare flag, for a flag whose value may be left out (--compile). shared=False: another
     program's setting of the same name means something else (the sharder's seed is not a run's), so another program's
-    saved settings do not set it."""
-    meta = {"help": help, "choices": choices, "check": check, "const": const, "shared": shared}
+    saved settings do not set it. `resumable`: a continued run may change it; `saved=False`: a switch of one
+    invocation, left out of the saved settings."""
+    meta = {
+        "help": help,
+        "choices": choices,
+        "check": check,
+        "const": const,
+        "shared": shared,
+        "resumable": resumable,
+        "saved": saved,
+    }
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -334,7 +345,10 @@ class LoaderSettings:
     crop_size: int = option(224, "side of the square crops the network sees", check=at_least(1))  # §3.5, §4.1
     divide_std: bool = option(False, "also divide the pixels by the per-channel std (§2 subtracts the mean only)")
     threads: int = option(
-        0, "DALI CPU threads per process; 0: the node's cores shared by its processes", check=at_least(0)
+        0,
+        "DALI CPU threads per process; 0: the node's cores shared by its processes",
+        check=at_least(0),
+        resumable=True,
     )
     hw_decoder_load: float = option(
         0.65,
@@ -342,7 +356,7 @@ class LoaderSettings:
         check=between(0.0, 1.0),
     )
     # Each batch prepared ahead holds its memory; past a few, no step is fed faster.
-    prefetch: int = option(2, "batches DALI prepares ahead", check=between(1, 32))
+    prefetch: int = option(2, "batches DALI prepares ahead", check=between(1, 32), resumable=True)
 
     @classmethod
     def of(cls, cfg: LoaderSettings) -> LoaderSettings:

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model.alexnet
 from model import AlexNet
 from model.alexnet import TOWER_CONVS, TowerConv
 
@@ -153,15 +152,17 @@ def test_towers_do_not_talk_before_conv3(own_paper):
     assert not torch.allclose(before[:, 128:], after[:, 128:])
 
 
-def test_small_crops_pool_to_6x6_and_224_does_not(paper, monkeypatch):
-    calls = []
-    real = F.adaptive_avg_pool2d
-    monkeypatch.setattr(model.alexnet.F, "adaptive_avg_pool2d", lambda x, s: calls.append(x.shape) or real(x, s))
+def test_small_crops_pool_to_6x6_and_224_does_not(paper):
+    """fc6 sees pool5's maps as they are at 224, and a 64-pixel crop's 1x1 maps spread over the 6x6 it expects."""
+    maps = {}
+    hook = paper.pool5.register_forward_hook(lambda m, i, out: maps.setdefault(out.shape[-1], out))
+    fc = lambda x: paper.fc8(F.relu(paper.fc7(F.relu(paper.fc6(x.flatten(1))))))  # noqa: E731 (eval: no dropout)
     with torch.no_grad():
-        assert paper(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
-        assert calls == [(2, 256, 1, 1)]
-        paper(torch.randn(1, 3, 224, 224))
-    assert len(calls) == 1
+        small, full = paper(torch.randn(2, 3, 64, 64)), paper(torch.randn(2, 3, 224, 224))
+        hook.remove()
+        assert sorted(maps) == [1, 6]
+        assert torch.allclose(small, fc(maps[1].expand(-1, -1, 6, 6)), atol=1e-6)
+        assert torch.equal(full, fc(maps[6]))
 
 
 def test_dropout_only_in_training(own_paper):

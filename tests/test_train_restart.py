@@ -113,6 +113,33 @@ def test_torchrun_restart_after_kill_9_continues_from_the_last_checkpoint(two_ra
     assert untimed(workdir) == untimed(two_ranks)
 
 
+def summary(workdir) -> dict:
+    return {k: v for k, v in json.loads((Path(workdir) / "summary.json").read_text()).items() if k not in TIMINGS}
+
+
+@pytest.mark.slow
+def test_torchrun_stopped_inside_an_epoch_continues_to_every_figure_of_one_run(two_ranks, demo_shards, tmp_path):
+    """Each rank's sums of the epoch under way (loss, classes seen) are its own: a continued run reports what an
+    uninterrupted one does, in metrics.jsonl and summary.json alike."""
+    workdir = tmp_path / "stopped"
+    argv = ["--shards", str(demo_shards), "--workdir", str(workdir), "--epochs", "2", *FAST]
+    for extra in (["--max-steps", "4"], []):  # step 4: inside epoch 2 (3 steps each)
+        code, out, err = torchrun([*argv, *extra], "", None)
+        assert code == 0, err[-3000:]
+    assert f"continuing from {workdir / 'checkpoints' / 'step-000000004.pt'}: epoch 2, step 4" in out
+    assert untimed(workdir) == untimed(two_ranks)
+    assert summary(workdir) == summary(two_ranks)
+
+
+@pytest.mark.slow
+def test_a_refusal_under_torchrun_is_one_line_once(tmp_path):
+    code, _, err = torchrun(["--shards", str(tmp_path / "nothing"), "--workdir", str(tmp_path / "w")], "", None)
+    assert code != 0
+    ours = [line for line in err.splitlines() if line.startswith("run.py:")]
+    assert len(ours) == 1 and "no such shard folder" in ours[0]
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_the_same_command_continues(
     two_ranks, demo_shards, tmp_path
@@ -156,7 +183,7 @@ def test_a_second_run_in_a_busy_workdir_is_refused_and_ctrl_c_saves(demo_shards,
     _, err = proc.communicate(timeout=300)
     for code, message in second.values():
         assert code == 2 and len(message.strip().splitlines()) == 1
-        assert f"{workdir}: in use by pid {proc.pid} on " in message and "another --workdir" in message
+        assert f"{workdir}: in use by pid {proc.pid}, started " in message and "another --workdir" in message
     assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err
     saved = checkpoint.step_files(workdir / "checkpoints")[0]
     assert err.strip().splitlines() == [
@@ -297,3 +324,36 @@ def test_a_shard_truncated_during_the_run_is_named_before_the_next_epoch(demo_sh
             f"restore the shard folder, then run the same command to continue"
         ]
     )
+
+
+@pytest.mark.slow
+def test_a_val_shard_truncated_before_validation_keeps_the_epochs_training(one_epoch, demo_shards, tmp_path):
+    """The epoch's checkpoint comes first, the line names the epoch and step trained; once the shard is back, the
+    same command validates that epoch without training it again, and ends as one uninterrupted run."""
+    shards = Path(shutil.copytree(demo_shards, tmp_path / "shards"))
+    tar, kept = shards / "val-000000.tar", tmp_path / "val.tar"
+    shutil.copy(tar, kept)
+    driver = (
+        f"import os, sys, run\nend = run.Trainer.end_epoch\n"
+        f"def truncating(self, epoch):\n    os.truncate({str(tar)!r}, 1000)\n    return end(self, epoch)\n"
+        f"run.Trainer.end_epoch = truncating\nsys.exit(run.main(sys.argv[1:]))\n"
+    )
+    argv = ["--shards", str(shards), "--workdir", str(tmp_path / "w"), *FAST, "--epochs", "1"]
+    out = subprocess.run(
+        [sys.executable, "-c", driver, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV
+    )
+    saved = tmp_path / "w" / "checkpoints" / "step-000000006.pt"
+    size = json.loads((shards / "manifest.json").read_text())["splits"]["val"]["shards"][0]["tar_bytes"]
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"run.py: {tar}: 1000 bytes now, the manifest says {size} (changed during the run); restore the shard "
+        f"folder, then run the same command to continue (validating epoch 1 at step 6; its training is saved in "
+        f"{saved})"
+    )
+    shutil.copy(kept, tar)
+    again = subprocess.run(
+        [sys.executable, "run.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV
+    )
+    assert again.returncode == 0, again.stderr
+    assert f"continuing from {saved}" in again.stdout and "epoch 1/1 step" not in again.stdout  # nothing retrained
+    assert untimed(tmp_path / "w") == untimed(one_epoch)

@@ -1,23 +1,28 @@
 """Checkpoints: atomic writes with a checksum footer, keep the last K and the best, load the latest good one;
-the training state and every rank's RNG states that a resume restores."""
+what a resume restores: the training state, where the run stands (TrainState), every rank's RNG states, and the
+pixel statistics the inputs were normalised with."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed
 
 from pipeline.atomic import atomic_write, fsync_dir
+from pipeline.manifest import Manifest
 
 MAGIC = b"ALEXNET-CKPT-v1\n"  # footer: MAGIC + sha256 of the payload + payload length (8 bytes, little endian)
 FOOTER = len(MAGIC) + 32 + 8
 NAME = re.compile(r"^step-(\d{9})\.pt$")
 BEST = "best.pt"
+STATISTICS = ("rgb_mean", "rgb_std", "eigval", "eigvec")  # the inputs' normalisation and PCA lighting (§2, §4.1)
 
 
 class CheckpointError(Exception):
@@ -131,3 +136,60 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def statistics(manifest: Manifest) -> dict:
+    """The pixel statistics the inputs are normalised and lit with, as a checkpoint keeps them."""
+    return {k: np.asarray(getattr(manifest, k)).tolist() for k in STATISTICS}
+
+
+def with_statistics(manifest: Manifest, saved: dict | None) -> Manifest:
+    """`manifest` normalising with the statistics a checkpoint was trained with (None: an older one's, its own)."""
+    if saved is None:
+        return manifest
+    return dataclasses.replace(manifest, **{k: np.asarray(saved[k], np.float64) for k in STATISTICS})
+
+
+class TrainState:
+    """Where the run stands: the global step, each finished epoch's metrics, and this rank's sums of the epoch under
+    way (on the device until the epoch ends)."""
+
+    def __init__(self, num_classes: int, steps_per_epoch: int, device):
+        self.spe, self.device, self.step, self.history = steps_per_epoch, device, 0, []
+        self.loss = torch.zeros((), device=device)
+        self.classes = torch.zeros(num_classes, dtype=torch.long, device=device)
+        self.wait_s = self.train_s = 0.0
+
+    def add(self, loss: torch.Tensor, labels: torch.Tensor, wait_s: float) -> None:
+        """One step's loss, labels and data wait into the epoch's sums, on the device (no host sync)."""
+        self.loss += loss
+        self.classes.index_add_(0, labels.to(self.device), torch.ones_like(labels, device=self.device))
+        self.wait_s += wait_s
+        self.step += 1
+
+    def new_epoch(self) -> None:
+        self.loss, self.wait_s, self.train_s = torch.zeros_like(self.loss), 0.0, 0.0
+        self.classes = torch.zeros_like(self.classes)
+
+    def partial(self) -> dict | None:
+        """This rank's sums of an epoch whose row is not in history yet (None between epochs)."""
+        if len(self.history) * self.spe == self.step:
+            return None
+        return {
+            "loss": self.loss.cpu(),
+            "classes": self.classes.cpu(),
+            "wait_s": torch.tensor(self.wait_s),
+            "train_s": torch.tensor(self.train_s),
+        }
+
+    def state_dict(self, world: int) -> dict:
+        """The step, history and every rank's partial sums (gathered: a collective under torchrun)."""
+        return {"step": self.step, "history": self.history, "partial": every_rank(self.partial(), world)}
+
+    def load_state_dict(self, state: dict, rank: int) -> None:
+        self.step, self.history, partial = state["step"], state["history"], state["partial"]
+        if isinstance(partial, list):  # one per rank; older checkpoints hold rank 0's alone
+            partial = partial[rank]
+        if partial is not None:
+            self.loss, self.classes = partial["loss"].to(self.device), partial["classes"].to(self.device)
+            self.wait_s, self.train_s = float(partial["wait_s"]), float(partial["train_s"])

@@ -1,22 +1,35 @@
-"""One training run's machinery: the model and loaders built from the settings, where the run stands (TrainState),
-and the epoch loop with its evaluation, checkpoints and metrics (Trainer). run.py decides whether to start or
-continue, and drives it."""
+"""One training run: the model and loaders built from the settings, and the loop:
+train_one_epoch's steps and, between two steps, Trainer.after_step (progress, checkpoints, the epoch's end and the
+one decision to stop). run.py decides whether to start or continue, and drives it."""
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from model.train import checkpoint
-from model.train.checkpoint import CheckpointError
+from model.train.checkpoint import CheckpointError, TrainState, statistics
 from model.train.cluster import Context, Preemption, all_gather, all_sum
-from model.train.recipe import AMP_DTYPES, count_errors, initialise, lr_at, make_train_step, scaled_lr, set_lr, sgd
+from model.train.config import Config, saved_settings
+from model.train.recipe import (
+    AMP_DTYPES,
+    count_errors,
+    initialise,
+    lr_at,
+    make_loss,
+    make_scaler,
+    scaled_lr,
+    set_lr,
+    sgd,
+)
 from model.train.workdir import data_identity
+from pipeline.manifest import Manifest, ShardError
 
 log = logging.getLogger("run")  # run.py's: its handlers print rank 0's lines
 
@@ -25,7 +38,7 @@ class Diverged(Exception):
     """The loss or the weights are not finite: one line naming the last good checkpoint, exit status 1."""
 
 
-def build(cfg, ctx: Context, num_classes: int):
+def build(cfg: Config, ctx: Context, num_classes: int):
     """The model (channels-last, DDP-wrapped under torchrun) and the bare module whose weights are saved."""
     from model import AlexNet, ModelParallelAlexNet
 
@@ -41,7 +54,7 @@ def build(cfg, ctx: Context, num_classes: int):
     return torch.nn.parallel.DistributedDataParallel(raw, device_ids=ids), raw
 
 
-def make_loader(cfg, ctx: Context, manifest, split: str, augment: str, crop_size: int):
+def make_loader(cfg: Config, ctx: Context, manifest: Manifest, split: str, augment: str, crop_size: int):
     from pipeline import DaliLoader
 
     return DaliLoader(
@@ -55,6 +68,17 @@ def make_loader(cfg, ctx: Context, manifest, split: str, augment: str, crop_size
         seed=cfg.seed,
         dtype=AMP_DTYPES[cfg.amp] or torch.float32,
     )
+
+
+def check_shards(manifest: Manifest, split: str) -> None:
+    """A stat per shard of `split`: DALI maps the tars, so one truncated under it would end in SIGBUS."""
+    for s in manifest.shards(split):
+        size = s.tar.stat().st_size if s.tar.exists() else 0
+        if size != s.tar_bytes:
+            raise ShardError(
+                f"{s.tar}: {size} bytes now, the manifest says {s.tar_bytes} (changed during the run); "
+                f"restore the shard folder, then run the same command to continue"
+            )
 
 
 def evaluate(model, loader, amp: str, ctx: Context, views: int = 1) -> dict:
@@ -75,45 +99,32 @@ def timed(loader):
         yield time.perf_counter() - t0 - (loader.gpu_wait_s - held), batch
 
 
-class TrainState:
-    """Where the run stands: the global step, each finished epoch's metrics, and the sums of the epoch under way
-    (on the device until the epoch ends)."""
-
-    def __init__(self, num_classes: int, steps_per_epoch: int, device):
-        self.spe, self.device, self.step, self.history = steps_per_epoch, device, 0, []
-        self.loss = torch.zeros((), device=device)
-        self.classes = torch.zeros(num_classes, dtype=torch.long, device=device)
-        self.wait_s = self.train_s = 0.0
-
-    def new_epoch(self) -> None:
-        self.loss, self.wait_s, self.train_s = torch.zeros_like(self.loss), 0.0, 0.0
-        self.classes = torch.zeros_like(self.classes)
-
-    def state_dict(self) -> dict:
-        within = self.step % self.spe != 0  # at an epoch's end its sums are in history already
-        partial = (
-            {
-                "loss": self.loss.cpu(),
-                "classes": self.classes.cpu(),
-                "wait_s": torch.tensor(self.wait_s),
-                "train_s": torch.tensor(self.train_s),
-            }
-            if within
-            else None
-        )
-        return {"step": self.step, "history": self.history, "partial": partial}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.history, partial = state["step"], state["history"], state["partial"]
-        if partial is not None:
-            self.loss, self.classes = partial["loss"].to(self.device), partial["classes"].to(self.device)
-            self.wait_s, self.train_s = float(partial["wait_s"]), float(partial["train_s"])
+def train_one_epoch(t: Trainer, epoch: int) -> str | signal.Signals | None:
+    """The epoch's steps (the rest of them after a restart); returns why the run stops early, or None."""
+    model, optimizer, scaler, loss_fn = t.model, t.optimizer, t.scaler, t.loss_fn
+    t.begin_epoch(epoch)
+    model.train()
+    for wait, (images, labels) in timed(t.train_loader):
+        set_lr(optimizer, t.lr_at(t.state.step))
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(images, labels)  # forward and cross-entropy: what --compile compiles
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:  # fp16: the loss scaled, the step skipped where the gradients overflowed
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        stop = t.after_step(epoch, loss.detach(), labels, wait)
+        if stop:
+            return stop
+    return None
 
 
 class Trainer:
-    """One run: model, optimiser, train step and loaders, and its TrainState."""
+    """One run: model, optimiser, loss and loaders, its TrainState, and what happens between two steps."""
 
-    def __init__(self, cfg, ctx: Context, manifest, preemption: Preemption):
+    def __init__(self, cfg: Config, ctx: Context, manifest: Manifest, preemption: Preemption):
         torch.manual_seed(cfg.seed + ctx.rank)
         self.cfg, self.ctx, self.manifest, self.preemption, self.dev = cfg, ctx, manifest, preemption, ctx.devices[0]
         # The loaders first: they check the settings against the shards (crop size) before the model is built.
@@ -121,11 +132,14 @@ class Trainer:
         self.val_loader = make_loader(cfg, ctx, manifest, "val", "center", cfg.crop_size)
         self.model, self.raw = build(cfg, ctx, manifest.num_classes)
         self.optimizer = sgd(self.raw, cfg.lr, cfg.momentum, cfg.weight_decay)
-        self.train_step = make_train_step(self.model, self.optimizer, cfg.amp, cfg.compile != "off" and cfg.compile)
+        self.loss_fn = make_loss(self.model, cfg.amp, cfg.compile != "off" and cfg.compile)
+        self.scaler = make_scaler(self.raw, cfg.amp)
         self.spe, self.global_batch = len(self.train_loader), cfg.batch_size * ctx.world
+        self.total = cfg.epochs * self.spe
         self.base_lr = scaled_lr(cfg.lr, self.global_batch) if cfg.lr_scaling == "linear" else cfg.lr
         self.state = TrainState(manifest.num_classes, self.spe, self.dev)
-        self.workdir, self.lr, self.saved = Path(cfg.workdir), self.base_lr, None
+        self.workdir, self.lr, self.saved, self.last = Path(cfg.workdir), self.base_lr, None, None
+        self.t_epoch = None  # when the epoch's training time last started counting (None between epochs)
         log.info(
             f"{manifest.count('train')} train images, {manifest.num_classes} classes; {ctx.world} process(es) x "
             f"batch {cfg.batch_size} = {self.global_batch}, {self.spe} steps per epoch; lr {self.base_lr:g}"
@@ -134,74 +148,114 @@ class Trainer:
 
     def resume(self, ckpt: dict, path: str) -> None:
         """Weights, optimiser, RNG states, the TrainState, and this rank's loader where it stood."""
-        checkpoint.restore_training(ckpt, self.raw, self.optimizer, self.train_step.scaler)
+        checkpoint.restore_training(ckpt, self.raw, self.optimizer, self.scaler)
         checkpoint.set_rng_state(ckpt["rng"][self.ctx.rank])
         try:
             self.train_loader.load_state_dict(ckpt["loader"][self.ctx.rank])
         except ValueError as e:  # e.g. --shards now names a folder sharded anew: other samples, other batches
             raise CheckpointError(f"{path}: {e}") from None
-        self.state.load_state_dict(ckpt)
+        self.state.load_state_dict(ckpt, self.ctx.rank)
         self.saved = path
-        log.info(f"continuing from {path}: epoch {self.state.step // self.spe + 1}, step {self.state.step}")
 
-    def train_epoch(self, epoch: int) -> str | None:
-        """The epoch's steps (the rest of them after a restart); returns why it stopped early, or None."""
-        cfg, dev, spe, st = self.cfg, self.dev, self.spe, self.state
-        self.train_loader.set_epoch(epoch)  # a check: the loader stands in this epoch (inside it, after a restart)
-        val_errors = [r["val_top1_err"] for r in st.history]
-        t_epoch = t_log = time.perf_counter()
-        t_save, n_log, wait_log, loss_log = time.monotonic(), 0, 0.0, torch.zeros((), device=dev)
-        stop = None
-        for wait, (images, labels) in timed(self.train_loader):
-            self.lr = lr_at(
-                cfg.schedule,
-                self.base_lr,
-                st.step,
-                spe,
-                cfg.epochs,
-                warmup_steps=round(cfg.warmup_epochs * spe),
-                val_errors=val_errors,
-            )
-            set_lr(self.optimizer, self.lr)
-            loss = self.train_step(images, labels)
-            st.loss += loss
-            loss_log += loss
-            st.classes.index_add_(0, labels.to(dev), torch.ones_like(labels, device=dev))
-            st.wait_s += wait
-            st.step, n_log, wait_log = st.step + 1, n_log + 1, wait_log + wait
-            stop = self.preemption.agreed(overlapped=True) or ("max_steps" if st.step == cfg.max_steps else None)
-            if st.step % cfg.log_interval and not stop:
-                continue
-            # The loop's only host syncs: the interval's loss, and whether any rank is due a timed checkpoint.
-            due = time.monotonic() - t_save > 60 * cfg.checkpoint_minutes
-            stats = all_sum(torch.stack([loss_log, torch.tensor(float(due), device=dev)]), self.ctx).tolist()
-            interval_loss, dt = stats[0] / (n_log * self.ctx.world), time.perf_counter() - t_log
-            if not math.isfinite(interval_loss):
-                raise self.diverged(f"loss is {interval_loss}")
-            left = (cfg.epochs * spe - st.step) * dt / n_log
-            log.info(
-                f"epoch {epoch + 1}/{cfg.epochs} step {st.step - epoch * spe}/{spe} loss {interval_loss:.4f} "
-                f"lr {self.lr:.3g} {n_log * self.global_batch / dt:,.0f} img/s data-wait {wait_log / dt:.0%} "
-                f"eta {left / 60:.1f} min"
-            )
-            t_log, n_log, wait_log, loss_log = time.perf_counter(), 0, 0.0, torch.zeros((), device=dev)
-            if (stats[1] > 0 or stop) and st.step % spe:  # at the epoch's end, end_epoch saves
-                st.train_s += time.perf_counter() - t_epoch
-                t_epoch, t_save = time.perf_counter(), time.monotonic()
-                self.save()
+    @property
+    def done(self) -> bool:
+        """Whether every epoch is trained and validated."""
+        return len(self.state.history) >= self.cfg.epochs
+
+    def fit(self) -> str | signal.Signals | None:
+        """The epochs left, one train_one_epoch each; returns why the run stopped early, or None when it is done."""
+        st = self.state
+        if len(st.history) < st.step // self.spe:  # stopped between an epoch's last step and its validation
+            self.end_epoch(len(st.history))
+        for epoch in range(st.step // self.spe, self.cfg.epochs):
+            stop = train_one_epoch(self, epoch)
             if stop:
-                break
-        st.train_s += time.perf_counter() - t_epoch
+                return stop
+        return None
+
+    def begin_epoch(self, epoch: int) -> None:
+        check_shards(self.manifest, "train")
+        self.train_loader.set_epoch(epoch)  # a check: the loader stands in this epoch (inside it, after a restart)
+        self.t_epoch = self.t_log = time.perf_counter()
+        self.t_save, self.n_log, self.wait_log = time.monotonic(), 0, 0.0
+        self.loss_log = torch.zeros((), device=self.dev)
+
+    def lr_at(self, step: int) -> float:
+        cfg = self.cfg
+        self.lr = lr_at(
+            cfg.schedule,
+            self.base_lr,
+            step,
+            self.spe,
+            cfg.epochs,
+            warmup_steps=round(cfg.warmup_epochs * self.spe),
+            val_errors=[r["val_top1_err"] for r in self.state.history],
+        )
+        return self.lr
+
+    def after_step(self, epoch: int, loss: torch.Tensor, labels: torch.Tensor, wait: float):
+        """Everything between two steps, in order: the sums, the epoch's end, the stop decision, progress and
+        checkpoints. Returns why the run stops after this step, or None."""
+        st = self.state
+        st.add(loss, labels, wait)
+        self.loss_log += loss
+        self.n_log, self.wait_log = self.n_log + 1, self.wait_log + wait
+        within = st.step % self.spe != 0
+        if not within:
+            if st.step % self.cfg.log_interval == 0:
+                self.progress(epoch)
+            self.end_epoch(epoch)  # validation, metrics, the epoch's checkpoint
+        stop = self.stop_reason(overlapped=within)
+        if within and (st.step % self.cfg.log_interval == 0 or stop):
+            if self.progress(epoch) or stop:
+                self.save()
         return stop
+
+    def stop_reason(self, overlapped: bool) -> str | signal.Signals | None:
+        """The one place the run decides to stop early: a signal to any rank (a collective: inside an epoch overlapped
+        with the next step, so the ranks stop one step later, all after the same one), or --max-steps."""
+        sig = self.preemption.agreed(overlapped=overlapped)
+        if self.state.step == self.total:  # the run is done: its summary follows
+            return None
+        return sig or ("max_steps" if 0 < self.cfg.max_steps <= self.state.step else None)
+
+    def progress(self, epoch: int) -> bool:
+        """The interval's progress line; returns whether any rank is due a timed checkpoint. The loop's only host
+        syncs: the interval's loss, and that flag."""
+        cfg, st, dev = self.cfg, self.state, self.dev
+        due = time.monotonic() - self.t_save > 60 * cfg.checkpoint_minutes
+        stats = all_sum(torch.stack([self.loss_log, torch.tensor(float(due), device=dev)]), self.ctx).tolist()
+        interval_loss, dt = stats[0] / (self.n_log * self.ctx.world), time.perf_counter() - self.t_log
+        if not math.isfinite(interval_loss):
+            raise self.diverged(f"loss is {interval_loss}")
+        left = (self.total - st.step) * dt / self.n_log
+        log.info(
+            f"epoch {epoch + 1}/{cfg.epochs} step {st.step - epoch * self.spe}/{self.spe} loss {interval_loss:.4f} "
+            f"lr {self.lr:.3g} {self.n_log * self.global_batch / dt:,.0f} img/s data-wait {self.wait_log / dt:.0%} "
+            f"eta {left / 60:.1f} min"
+        )
+        self.t_log, self.n_log, self.wait_log = time.perf_counter(), 0, 0.0
+        self.loss_log = torch.zeros((), device=dev)
+        return stats[1] > 0
 
     def end_epoch(self, epoch: int) -> dict:
         """Validation, the epoch's row of metrics.jsonl, its checkpoint (best.pt if best); returns the row."""
-        ctx, spe, st, t_eval = self.ctx, self.spe, self.state, time.perf_counter()
+        ctx, spe, st = self.ctx, self.spe, self.state
+        if self.t_epoch is not None:
+            st.train_s += time.perf_counter() - self.t_epoch
+        t_eval = time.perf_counter()
         totals = all_sum(torch.cat([st.loss.double().view(1), st.classes.double()]), ctx)
         ranks = all_gather(
             torch.tensor([st.step - epoch * spe, int(st.classes.sum())], dtype=torch.float64, device=self.dev), ctx
         )
-        val = evaluate(self.raw, self.val_loader, self.cfg.amp, ctx)
+        try:
+            check_shards(self.manifest, "val")
+            val = evaluate(self.raw, self.val_loader, self.cfg.amp, ctx)
+        except ShardError as e:  # the epoch's training is kept: a continued run validates it first
+            self.save()
+            raise ShardError(
+                f"{e} (validating epoch {epoch + 1} at step {st.step}; its training is saved in {self.saved})"
+            ) from None
         row = {
             "epoch": epoch + 1,
             "step": st.step,
@@ -227,11 +281,13 @@ class Trainer:
         )
         self.save(best=val["top1_err"] <= min(r["val_top1_err"] for r in st.history))
         self.write_metrics()
-        return {**row, "samples_seen_per_class": [int(c) for c in totals[1:]], "val_samples": val["samples"]}
+        self.t_epoch = None
+        self.last = {**row, "samples_seen_per_class": [int(c) for c in totals[1:]], "val_samples": val["samples"]}
+        return self.last
 
-    def summary(self, last: dict) -> dict:
+    def summary(self) -> dict:
         """summary.json: the last epoch's errors, the run's shape and cost, and with --ten-crop its errors too."""
-        cfg, m, history = self.cfg, self.manifest, self.state.history
+        cfg, m, history, last = self.cfg, self.manifest, self.state.history, self.last
         s = {
             "num_classes": m.num_classes,
             "val_top1_err": last["val_top1_err"],
@@ -262,15 +318,19 @@ class Trainer:
         return s
 
     def save(self, best: bool = False) -> None:
-        """A checkpoint of all a restart needs, written by rank 0 (every rank's RNG and loader state gathered)."""
+        """A checkpoint of all a restart needs, written by rank 0 (every rank's RNG, loader and sums gathered)."""
         if not checkpoint.is_finite(self.raw, self.dev):
             raise self.diverged("the weights are not finite")
+        if self.t_epoch is not None and self.state.step % self.spe:  # the time trained so far
+            self.state.train_s += time.perf_counter() - self.t_epoch
+            self.t_epoch, self.t_save = time.perf_counter(), time.monotonic()
         state = {
-            "config": asdict(self.cfg),
+            "config": saved_settings(self.cfg),
             "world_size": self.ctx.world,
             "data": data_identity(self.manifest),
-            **self.state.state_dict(),
-            **checkpoint.training_state(self.raw, self.optimizer, self.train_step.scaler),
+            "statistics": statistics(self.manifest),
+            **self.state.state_dict(self.ctx.world),
+            **checkpoint.training_state(self.raw, self.optimizer, self.scaler),
             "rng": checkpoint.every_rank(checkpoint.rng_state(), self.ctx.world),
             "loader": checkpoint.every_rank(self.train_loader.state_dict(), self.ctx.world),
         }

@@ -135,26 +135,35 @@ def count_errors(model: nn.Module, loader, amp: str, views: int, device) -> torc
     return torch.cat([errors, errors.new_full((1,), samples)])
 
 
-def make_train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, amp: str = "off", compile: bool | str = False
+def make_loss(
+    model: nn.Module, amp: str = "off", compile: bool | str = False
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A step(images, labels) -> detached loss tensor: forward, backward, SGD update, with no host sync.
+    """loss(images, labels): the forward pass under autocast and the cross-entropy, the region torch.compile traces.
 
-    amp is "bf16" (sync-free), "fp16" (a GradScaler, which reads found-inf on the host) or "off".
-    compile is False, True (torch.compile's default mode) or a mode such as "reduce-overhead" (CUDA graphs).
-    The returned function carries `.scaler` (the GradScaler or None) so checkpoints can save it.
-    """
+    amp is "bf16", "fp16" or "off"; compile is False, True (torch.compile's default mode) or a mode such as
+    "reduce-overhead" (CUDA graphs)."""
     dtype = AMP_DTYPES[amp]
     device_type = next(model.parameters()).device.type
-    scaler = torch.amp.GradScaler(device_type) if amp == "fp16" else None
 
     def loss_of(images, labels):
         with torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(images)
         return F.cross_entropy(logits.float(), labels.to(logits.device, non_blocking=True))
 
-    if compile:
-        loss_of = torch.compile(loss_of, mode=None if compile is True else compile)
+    return torch.compile(loss_of, mode=None if compile is True else compile) if compile else loss_of
+
+
+def make_scaler(model: nn.Module, amp: str) -> torch.amp.GradScaler | None:
+    """fp16's loss scaler (it reads found-inf on the host), or None: bf16 and fp32 need none."""
+    return torch.amp.GradScaler(next(model.parameters()).device.type) if amp == "fp16" else None
+
+
+def make_train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, amp: str = "off", compile: bool | str = False
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A step(images, labels) -> detached loss tensor: forward, backward, SGD update, with no host sync (as the
+    training loop's step, for benchmarks and tests). It carries `.scaler` (the GradScaler or None)."""
+    loss_of, scaler = make_loss(model, amp, compile), make_scaler(model, amp)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -186,6 +195,7 @@ class ComputeSettings:
         "torch.compile mode (bare --compile: default; reduce-overhead: CUDA graphs)",
         choices=COMPILE_MODES,
         const="default",
+        resumable=True,
     )
     seed: int = option(0, "random seed", check=SEED)
 
@@ -199,8 +209,8 @@ class ComputeSettings:
 class RecipeSettings:
     """The optimisation recipe (§5)"""
 
-    epochs: int = option(90, "passes over the training set (§5: roughly 90)", check=at_least(1))
-    lr: float = option(LR, f"learning rate at a global batch of {REFERENCE_BATCH} (§5)", check=above(0))
+    epochs: int = option(90, "passes over the training set (§5: roughly 90)", check=at_least(1), resumable=True)
+    lr: float = option(LR, f"learning rate at a global batch of {REFERENCE_BATCH} (§5)", check=above(0), resumable=True)
     lr_scaling: str = option(
         "linear", "linear: the rate grows with the global batch (Goyal et al. 2017)", choices=("linear", "none")
     )

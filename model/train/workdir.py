@@ -3,54 +3,32 @@ trained on."""
 
 from __future__ import annotations
 
-import fcntl
+import errno
 import hashlib
 import json
-import os
-import socket
-import sys
-import time
 from pathlib import Path
+
+from pipeline.lock import FolderLock
 
 LOCK = "run.lock"
 
 
-class WorkdirBusy(Exception):
-    """Another live process holds the workdir; the message is one line naming it."""
+def workdir_lock(workdir: Path) -> FolderLock:
+    """WORKDIR/run.lock, taken by rank 0 for the run's life: a second run in the same folder is refused (Busy)."""
+    path = Path(workdir) / LOCK
+    return FolderLock(
+        path,
+        lambda holder: f"{workdir}: in use by {holder} ({path}); wait for that run to end, or pass another --workdir",
+    )
 
 
-class WorkdirLock:
-    """An flock on WORKDIR/run.lock from acquire() to release(), or to the process's death (kill -9 leaves none)."""
-
-    def __init__(self, workdir: Path):
-        self.path = Path(workdir) / LOCK
-        self.fd = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise WorkdirBusy(
-                f"{self.path.parent}: in use by {holder} ({self.path}); wait for that run to end, "
-                f"or pass another --workdir"
-            ) from None
-        os.ftruncate(fd, 0)  # who holds it, for the message a second run prints
-        os.pwrite(
-            fd,
-            f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-            f"{' '.join(sys.argv)}\n".encode(),
-            0,
-        )
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the last descriptor drops the flock
-            self.fd = None
+def write_error(e: OSError) -> str:
+    """A failed write during the run, in one line: the file, the cause, and the fix."""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return (
+        f"run.py: cannot write {e.filename} ({e.strerror}); the checkpoints written before are intact: "
+        f"{'make room' if full else 'fix that'}, then run the same command to continue"
+    )
 
 
 def remove_temporaries(workdir: Path) -> list[Path]:
