@@ -43,7 +43,7 @@ class CacheSettings:
         "",
         "where --shards s3://... or gs://... is downloaded and verified before training, reused by later runs; "
         "empty: $XDG_CACHE_HOME/alexnet-dali, else ~/.cache/alexnet-dali",
-        resumable=True,
+        saved=False,  # a node's own folder: config.json and checkpoints record the bucket's URL alone
     )
 
 
