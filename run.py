@@ -22,6 +22,7 @@ from model.train import checkpoint
 from model.train.checkpoint import CheckpointError, with_statistics
 from model.train.cluster import Context, Interrupted, Preemption, Refused, agree, init_group, process_context
 from model.train.config import (
+    SAVED_SETTINGS,
     Config,
     UsageError,
     demo_preset,
@@ -58,7 +59,9 @@ log = logging.getLogger("run")
 def parse(argv=None) -> Config:
     """The settings: declared defaults, the demo's preset with --demo, --config, then the flags; all checked. Folders
     are kept absolute, so that --eval and --config work from anywhere."""
-    cfg, parser = parse_settings(Config, argv, prog="run.py", description=__doc__, preset=demo_preset)
+    cfg, parser = parse_settings(
+        Config, argv, prog="run.py", description=__doc__, preset=demo_preset, others=SAVED_SETTINGS
+    )
     if why := refused(cfg):
         parser.error(why)
     shards = cfg.shards or (str(Path(cfg.workdir) / "shards") if cfg.demo else "")

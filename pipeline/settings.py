@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import importlib
 import inspect
 import json
 import math
@@ -68,18 +67,6 @@ def between(low: float, high: float) -> tuple[Callable[[Any], bool], str]:
 
 # torch.manual_seed takes seeds below 2**64, and a run adds its rank to its seed: every program's seed is one of these.
 SEED = between(0, 2**63 - 1)
-
-# Every program's settings, named rather than imported (a library does not import its programs); resolved only when a
-# --config file holds settings this program lacks, to tell another program's saved settings (a run's config.json given
-# to bench_io) from a typo.
-PROGRAMS = {
-    "run.py": "model.train.config:Config",
-    "tools/bench_io.py": "tools.bench_io:BenchConfig",
-    "tools/shard_imagenet.py": "pipeline.writer.build:ShardConfig",
-    "tools/make_demo_data.py": "tools.make_demo_data:DemoConfig",
-    "tools/profile_sharder.py": "tools.profile_sharder:ProfileConfig",
-    "tools/bench_store.py": "tools.bench_store:StoreBenchConfig",
-}
 
 
 def flag(name: str) -> str:
@@ -232,20 +219,9 @@ def shared(cls, name: str) -> bool:
     return next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("shared", True)
 
 
-def programs() -> dict[str, type]:
-    """Every program's settings class, by program (one that cannot be imported here is left out)."""
-    out = {}
-    for prog, where in PROGRAMS.items():
-        module, name = where.split(":")
-        try:
-            out[prog] = getattr(importlib.import_module(module), name)
-        except ImportError:
-            continue
-    return out
-
-
-def read_config(path: Path, cls, parser: Parser) -> dict:
-    """The settings `cls` takes from a saved JSON file; the ones it does not take are named on one line."""
+def read_config(path: Path, cls, parser: Parser, others: dict[str, type]) -> dict:
+    """The settings `cls` takes from a saved JSON file; those of `others` (program: its settings class), the programs
+    whose saved files it may be given, are named on one line and left out; any other key is refused as a typo."""
     try:
         saved = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -258,7 +234,7 @@ def read_config(path: Path, cls, parser: Parser) -> dict:
     hints, known = typing.get_type_hints(cls), {f.name for f in dataclasses.fields(cls)}
     foreign = set(saved) - known
     if foreign:
-        others = programs()
+        others = {prog: c for prog, c in others.items() if c is not cls}
         theirs = {prog: {f.name for f in dataclasses.fields(c)} for prog, c in others.items()}
         strangers = sorted(foreign - set().union(*theirs.values()))
         if strangers:
@@ -306,13 +282,22 @@ def validate(cfg, parser: Parser) -> None:
         parser.error(f"{flag(name)} {_shown(value) if value != () else '(none)'}: {must}")
 
 
-def parse(cls, argv=None, *, prog: str, description: str, preset: Callable[[dict], dict] | None = None):
-    """Settings from, lowest first: the declared defaults, `preset` (given what was named), --config, the flags."""
+def parse(
+    cls,
+    argv=None,
+    *,
+    prog: str,
+    description: str,
+    preset: Callable[[dict], dict] | None = None,
+    others: dict[str, type] | None = None,
+):
+    """Settings from, lowest first: the declared defaults, `preset` (given what was named), --config, the flags.
+    `others`: the settings of the programs whose saved files --config may hold (a run's config.json, ...)."""
     parser = build_parser(cls, prog, description)
     given = vars(parser.parse_args(argv))
     config = given.pop("config", None)
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}  # argparse gave the types
-    values = {**(read_config(config, cls, parser) if config else {}), **given}
+    values = {**(read_config(config, cls, parser, others or {}) if config else {}), **given}
     if preset:
         values = {**preset(values), **values}
     missing = [

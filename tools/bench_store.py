@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from model.train.config import SAVED_SETTINGS
 from pipeline.cache import WORKERS, fill
 from pipeline.manifest import ShardError
 from pipeline.settings import at_least, option, parse, show
@@ -100,7 +101,7 @@ def upload(url: str, folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, parser = parse(StoreBenchConfig, argv, prog="tools/bench_store.py", description=__doc__)
+    cfg, parser = parse(StoreBenchConfig, argv, prog="tools/bench_store.py", description=__doc__, others=SAVED_SETTINGS)
     endpoint = urlsplit(os.environ.get("AWS_ENDPOINT_URL", ""))
     if endpoint.scheme != "http" or not endpoint.port:
         parser.error("set AWS_ENDPOINT_URL to the store's http://HOST:PORT (moto_server, a local MinIO)")

@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.train.config import SAVED_SETTINGS
 from pipeline.settings import SEED, at_least, between, option, parse, show
 from pipeline.synthetic import make_dataset
 
@@ -34,10 +35,15 @@ class DemoConfig:
     workers: int = option(os.cpu_count() or 1, "processes", check=at_least(1))
 
 
-def main(argv=None) -> int:
-    cfg, parser = parse(DemoConfig, argv, prog="tools/make_demo_data.py", description=__doc__)
+def parse_config(argv) -> DemoConfig:
+    cfg, parser = parse(DemoConfig, argv, prog="tools/make_demo_data.py", description=__doc__, others=SAVED_SETTINGS)
     if not 1 <= cfg.size_range[0] <= cfg.size_range[1]:
         parser.error(f"--size-range {cfg.size_range[0]} {cfg.size_range[1]}: give MIN <= MAX, both at least 1")
+    return cfg
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(argv)
     print(show(cfg))
     if cfg.out.exists() and any(cfg.out.iterdir()):
         print(f"{cfg.out}: exists and is not empty; pick a new --out", file=sys.stderr)

@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.train.config import SAVED_SETTINGS
 from pipeline.settings import at_least, between, option, parse
 from pipeline.synthetic import make_dataset
 from pipeline.writer import images
@@ -135,7 +136,9 @@ def scaling(src: Path, n: int, workers: int, resize: str, quality: int, rounds: 
 
 def main(argv=None) -> int:
     try:
-        a, parser = parse(ProfileConfig, argv, prog="tools/profile_sharder.py", description=__doc__)
+        a, parser = parse(
+            ProfileConfig, argv, prog="tools/profile_sharder.py", description=__doc__, others=SAVED_SETTINGS
+        )
         if a.src is not None and not a.src.is_dir():
             parser.error(f"--src {a.src}: no such folder")
     except SystemExit as e:  # --help, or a usage error already printed on one line

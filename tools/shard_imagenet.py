@@ -13,6 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
+from model.train.config import SAVED_SETTINGS
 from pipeline.settings import parse, show
 from pipeline.store import StoreError
 from pipeline.writer.bucket import parse_url
@@ -56,7 +57,7 @@ def ranked(cfg: ShardConfig, parser) -> ShardConfig:
 
 
 def parse_config(argv) -> ShardConfig:
-    cfg, parser = parse(ShardConfig, argv, prog="tools/shard_imagenet.py", description=__doc__)
+    cfg, parser = parse(ShardConfig, argv, prog="tools/shard_imagenet.py", description=__doc__, others=SAVED_SETTINGS)
     for name in ("out", "verify"):
         if getattr(cfg, name) == "":
             parser.error(f"--{name}: an empty path (for the current folder, pass .)")

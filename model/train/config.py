@@ -13,6 +13,7 @@ from model.train.demo import DEMO_PRESET
 from model.train.recipe import ComputeSettings, RecipeSettings
 from pipeline.cache import CacheSettings
 from pipeline.settings import LoaderSettings, above, at_least, option, to_json
+from pipeline.writer.build import ShardConfig
 
 
 @dataclass(kw_only=True)
@@ -69,6 +70,11 @@ def refused(cfg: Config) -> str | None:
     if cfg.crop_size < MIN_CROP:
         return f"--crop-size {cfg.crop_size}: must be at least {MIN_CROP}, the least AlexNet's poolings take"
     return None
+
+
+# The programs whose saved settings another program's --config may be given: their keys are left out there by name,
+# and a key none of them takes is refused as a typo.
+SAVED_SETTINGS = {"run.py": Config, "tools/shard_imagenet.py": ShardConfig}
 
 
 class UsageError(Exception):
