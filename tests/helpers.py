@@ -108,3 +108,19 @@ def objects(url: str) -> dict[str, bytes]:
         for o in page.get("Contents", [])
     ]
     return {k[len(prefix) + 1 :]: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in sorted(keys)}
+
+
+# The real sharder, but its main process stops itself (SIGSTOP) right after its first progress record: certainly
+# mid-way (its workers carry on).
+STOPPING = """
+import os, signal, sys
+import pipeline.writer.build as build
+from tools.shard_imagenet import main
+real = build.save_progress
+def save_progress(*args):
+    real(*args)
+    os.kill(os.getpid(), signal.SIGSTOP)
+    build.save_progress = real
+build.save_progress = save_progress
+sys.exit(main(sys.argv[1:]))
+"""

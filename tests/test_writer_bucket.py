@@ -13,7 +13,7 @@ from pathlib import Path
 import boto3
 import psutil
 import pytest
-from helpers import objects, one_line, tree
+from helpers import STOPPING, objects, one_line, tree
 
 import pipeline.writer.build as shard_build
 from pipeline.lock import Busy
@@ -25,20 +25,6 @@ from tools.shard_imagenet import main
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--resize", "short:40", "--shard-size", "16", "--seed", "3", "--workers", "1"]
 pytestmark = pytest.mark.slow  # each test runs the sharder against moto_server
-
-# The real program, but it stops itself (SIGSTOP) right after its first progress record: certainly mid-way.
-STOPPING = """
-import os, signal, sys
-import pipeline.writer.build as build
-from tools.shard_imagenet import main
-real = build.save_progress
-def save_progress(*args):
-    real(*args)
-    os.kill(os.getpid(), signal.SIGSTOP)
-    build.save_progress = real
-build.save_progress = save_progress
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def shard(src: Path, out, *extra: str) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import tree
+from helpers import STOPPING, tree
 
 from pipeline.synthetic import make_dataset
 from tools.shard_imagenet import main
@@ -21,20 +21,6 @@ from tools.shard_imagenet import main
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # real sharder processes, signalled and rerun
 ARGS = ["--resize", "short:40", "--shard-size", "16", "--seed", "3", "--workers", "2"]
-
-# The real program, but its main process stops itself after its first progress record (the workers carry on).
-STOPPING = """
-import os, signal, sys
-import pipeline.writer.build as build
-from tools.shard_imagenet import main
-real = build.save_progress
-def save_progress(*args):
-    real(*args)
-    os.kill(os.getpid(), signal.SIGSTOP)
-    build.save_progress = real
-build.save_progress = save_progress
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def errors(err: str) -> list[str]:

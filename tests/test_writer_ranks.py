@@ -13,27 +13,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import objects, one_line, tree
+from helpers import STOPPING, objects, one_line, tree
 
 from tools.shard_imagenet import main, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--resize", "short:40", "--shard-size", "16", "--seed", "3", "--workers", "1"]
 TWO = ["--world-size", "2"]
-
-# The real program, but it stops itself (SIGSTOP) right after its first progress record: certainly mid-way.
-STOPPING = """
-import os, signal, sys
-import pipeline.writer.build as build
-from tools.shard_imagenet import main
-real = build.save_progress
-def save_progress(*args):
-    real(*args)
-    os.kill(os.getpid(), signal.SIGSTOP)
-    build.save_progress = real
-build.save_progress = save_progress
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 @pytest.fixture(scope="module")

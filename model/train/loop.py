@@ -71,7 +71,7 @@ def make_loader(cfg: Config, ctx: Context, manifest: Manifest, split: str, augme
 
 
 def check_shards(manifest: Manifest, split: str) -> None:
-    """A stat per shard of `split`: DALI maps the tars, so one truncated under it would end in SIGBUS."""
+    """A stat per shard of `split` before each pass: a shard rewritten since the manifest is named before it is read."""
     for s in manifest.shards(split):
         size = s.tar.stat().st_size if s.tar.exists() else 0
         if size != s.tar_bytes:
