@@ -150,8 +150,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         path = getattr(cfg, name)
         try:
             if path:
-                with tempfile.NamedTemporaryFile(dir=Path(path).resolve().parent):
-                    pass
+                tempfile.NamedTemporaryFile(dir=Path(path).resolve().parent).close()
         except OSError as e:
             p.error(f"--{name} {path}: cannot write in its folder ({e.strerror}); pick another path")
     return cfg

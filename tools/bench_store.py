@@ -91,10 +91,8 @@ class DelayingProxy:
 def upload(url: str, folder: Path) -> None:
     bucket = Bucket(url)
     if bucket.head("manifest.json") is None:
-        try:
+        with contextlib.suppress(bucket.client.exceptions.BucketAlreadyOwnedByYou):
             bucket.client.create_bucket(Bucket=bucket.where.bucket)
-        except bucket.client.exceptions.BucketAlreadyOwnedByYou:
-            pass
         for f in sorted(folder.iterdir()):
             if f.is_file() and not f.name.startswith("."):
                 bucket.upload(f, f.name)
