@@ -25,11 +25,11 @@ from model.train.config import (
     SAVED_SETTINGS,
     Config,
     UsageError,
+    alexnet_refuses,
     demo_preset,
     read_json,
     read_saved,
     refuse_changes,
-    refused,
     saved_settings,
 )
 from model.train.demo import make_demo_data, report_demo
@@ -59,11 +59,15 @@ log = logging.getLogger("run")
 def parse(argv=None) -> Config:
     """The settings: declared defaults, the demo's preset with --demo, --config, then the flags; all checked. Folders
     are kept absolute, so that --eval and --config work from anywhere."""
-    cfg, parser = parse_settings(
-        Config, argv, prog="run.py", description=__doc__, preset=demo_preset, others=SAVED_SETTINGS
+    cfg, _ = parse_settings(
+        Config,
+        argv,
+        prog="run.py",
+        description=__doc__,
+        preset=demo_preset,
+        others=SAVED_SETTINGS,
+        check=alexnet_refuses,
     )
-    if why := refused(cfg):
-        parser.error(why)
     shards = cfg.shards or (str(Path(cfg.workdir) / "shards") if cfg.demo else "")
     return replace(
         cfg,

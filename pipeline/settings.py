@@ -290,9 +290,11 @@ def parse(
     description: str,
     preset: Callable[[dict], dict] | None = None,
     others: dict[str, type] | None = None,
+    check: Callable[[Any], str | None] | None = None,
 ):
     """Settings from, lowest first: the declared defaults, `preset` (given what was named), --config, the flags.
-    `others`: the settings of the programs whose saved files --config may hold (a run's config.json, ...)."""
+    `others`: the settings of the programs whose saved files --config may hold (a run's config.json, ...); `check`:
+    what settings valid each on its own may still refuse together (one line, or None)."""
     parser = build_parser(cls, prog, description)
     given = vars(parser.parse_args(argv))
     config = given.pop("config", None)
@@ -307,6 +309,8 @@ def parse(
         parser.error(f"{' and '.join(missing)} required")
     cfg = cls(**values)
     validate(cfg, parser)
+    if check and (why := check(cfg)):
+        parser.error(why)
     return cfg, parser
 
 

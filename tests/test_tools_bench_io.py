@@ -328,6 +328,7 @@ def test_usage_errors_are_one_line_and_exit_2(demo_shards, tmp_path, capsys, den
     for argv, says in (
         (["--batch-size", "0"], "--batch-size"),
         (["--hw-decoder-load", "1.5"], "--hw-decoder-load"),
+        (["--crop-size", "32"], "--crop-size 32: must be at least 63"),  # AlexNet's poolings leave no pixel
         (["--json", str(tmp_path / "no" / "x.json")], "--json"),
         (["--json", ""], "--json"),  # would otherwise write nothing, silently
         (["--json", str(tmp_path)], "--json"),  # a folder

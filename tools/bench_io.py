@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from model import AlexNet
 from model.alexnet import TOWER_CONVS
-from model.train.config import SAVED_SETTINGS
+from model.train.config import SAVED_SETTINGS, alexnet_refuses
 from model.train.recipe import AMP_DTYPES, ComputeSettings, make_train_step, sgd
 from pipeline import DaliLoader
 from pipeline.baseline import baseline_loader, device_batches
@@ -127,7 +127,13 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     """Declared defaults, then the --quick preset, then --config, then whatever was given on the command line; each
     --sweep-values value held to its setting's declared check, and every output path tried, before anything runs."""
     cfg, p = parse(
-        BenchConfig, argv, prog="tools/bench_io.py", description=__doc__, preset=quick_preset, others=SAVED_SETTINGS
+        BenchConfig,
+        argv,
+        prog="tools/bench_io.py",
+        description=__doc__,
+        preset=quick_preset,
+        others=SAVED_SETTINGS,
+        check=alexnet_refuses,
     )
     checks = {f.name: f.metadata["check"] for f in fields(LoaderSettings)}
     try:

@@ -65,7 +65,7 @@ class Config(RecipeSettings, LoaderSettings, ComputeSettings, CacheSettings):
 MIN_CROP = 63  # the least crop AlexNet's stride-4 conv1 and three 3x3/2 poolings leave a pixel of
 
 
-def refused(cfg: Config) -> str | None:
+def alexnet_refuses(cfg: LoaderSettings) -> str | None:
     """What the network refuses of settings each valid on its own (the loader takes any crop): one line, or None."""
     if cfg.crop_size < MIN_CROP:
         return f"--crop-size {cfg.crop_size}: must be at least {MIN_CROP}, the least AlexNet's poolings take"
