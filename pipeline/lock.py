@@ -4,6 +4,7 @@ holds --out/.lock, a training run WORKDIR/run.lock."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -49,11 +50,9 @@ class FolderLock:
                 holder = describe(fd)
                 os.close(fd)
                 raise Busy(self.refusal(holder)) from None
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     break
-            except FileNotFoundError:
-                pass
             os.close(fd)  # the last holder removed the file between our open and our lock: lock the one there now
         self.fd = fd
         me = {

@@ -37,6 +37,11 @@ class NoSuchObject(StoreError):
     """The bucket has no object under that name."""
 
 
+def error_code(e: bx.ClientError) -> str:
+    """The store's error code ("NoSuchKey", "412", ...) of a failed request."""
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
 def is_url(path: str) -> bool:
     return "://" in str(path)
 
@@ -121,7 +126,7 @@ class Bucket:
         url = self.name_url(name) if name else self.url
         endpoint = self.client.meta.endpoint_url
         if isinstance(e, bx.ClientError):
-            code = str(e.response.get("Error", {}).get("Code"))
+            code = error_code(e)
             if code == "NoSuchBucket":
                 return StoreError(f"{url}: no such bucket '{self.where.bucket}' at {endpoint}; check the URL")
             if code in DENIED:
@@ -164,7 +169,7 @@ class Bucket:
         try:
             r = self.client.head_object(Bucket=self.where.bucket, Key=self.where.key(name))
         except bx.ClientError as e:
-            if str(e.response.get("Error", {}).get("Code")) in MISSING:
+            if error_code(e) in MISSING:
                 return None
             raise self.error(name, e) from None
         except Exception as e:
@@ -217,15 +222,3 @@ class Bucket:
             raise self.error(name, e.__context__ or e) from None
         except Exception as e:
             raise self.error(name, e) from None
-
-    def put_if_absent(self, name: str, data: bytes) -> bool:
-        """Create the object only if there is none (If-None-Match: *); False if one exists already."""
-        try:
-            self.client.put_object(Bucket=self.where.bucket, Key=self.where.key(name), Body=data, IfNoneMatch="*")
-        except bx.ClientError as e:
-            if str(e.response.get("Error", {}).get("Code")) in CONFLICT:
-                return False
-            raise self.error(name, e) from None
-        except Exception as e:
-            raise self.error(name, e) from None
-        return True

@@ -25,7 +25,7 @@ import psutil
 
 from pipeline import store
 from pipeline.lock import Busy
-from pipeline.store import CONFLICT, MISSING, Location, StoreError
+from pipeline.store import CONFLICT, MISSING, Location, StoreError, error_code
 
 # Seconds a lock object stays valid after its holder last renewed it (4 times per lease). Its age is measured on the
 # store's clock alone (the Date of a response minus the object's Last-Modified), so machines' clocks need not agree.
@@ -58,10 +58,6 @@ def opened(b: Location) -> store.Bucket:
     return _buckets[key]
 
 
-def code(e: bx.ClientError) -> str:
-    return str(e.response.get("Error", {}).get("Code", ""))
-
-
 @contextmanager
 def errors(b: Location, name: str = ""):
     """The client's exceptions as one line naming the object's URL (pipeline.store's wording)."""
@@ -77,7 +73,7 @@ def fetch(b: Location, name: str) -> tuple[bytes, str, float] | None:
         try:
             r = opened(b).client.get_object(Bucket=b.bucket, Key=b.key(name))
         except bx.ClientError as e:
-            if code(e) in MISSING:
+            if error_code(e) in MISSING:
                 return None
             raise
         now = parsedate_to_datetime(r["ResponseMetadata"]["HTTPHeaders"]["date"])
@@ -97,7 +93,7 @@ def put(b: Location, name: str, data: bytes, if_none_match: bool = False, if_mat
         try:
             return opened(b).client.put_object(Bucket=b.bucket, Key=b.key(name), Body=data, **extra)["ETag"]
         except bx.ClientError as e:
-            if code(e) in CONFLICT or (if_none_match and code(e) == "409"):
+            if error_code(e) in CONFLICT or (if_none_match and error_code(e) == "409"):
                 return None
             raise
 
@@ -110,7 +106,7 @@ def delete(b: Location, *names: str, if_match: str | None = None) -> None:
                     Bucket=b.bucket, Key=b.key(name), **({"IfMatch": if_match} if if_match else {})
                 )
             except bx.ClientError as e:
-                if code(e) not in MISSING | CONFLICT:
+                if error_code(e) not in MISSING | CONFLICT:
                     raise
 
 
@@ -125,7 +121,7 @@ def check_bucket(b: Location) -> None:
         try:
             opened(b).client.head_bucket(Bucket=b.bucket)
         except bx.ClientError as e:
-            if code(e) in MISSING:  # a HEAD has no body to say NoSuchBucket in
+            if error_code(e) in MISSING:  # a HEAD has no body to say NoSuchBucket in
                 raise StoreError(f"{b.url}: no such bucket '{b.bucket}'; create it or correct the URL") from None
             raise
 
@@ -138,7 +134,7 @@ def stored(b: Location, name: str, size: int, sha256: str) -> bool:
         try:
             head = client.head_object(Bucket=b.bucket, Key=b.key(name), ChecksumMode="ENABLED")
         except bx.ClientError as e:
-            if code(e) in MISSING:
+            if error_code(e) in MISSING:
                 return False
             raise
         if head["ContentLength"] != size:
@@ -167,7 +163,7 @@ def download(b: Location, name: str, path: Path) -> bool:
             opened(b).client.download_file(b.bucket, b.key(name), str(path))
             return True
         except bx.ClientError as e:
-            if code(e) in MISSING:
+            if error_code(e) in MISSING:
                 return False
             raise
 
