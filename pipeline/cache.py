@@ -8,7 +8,6 @@ any shard: `.verified.json` records the manifest's sha256 and each file's size a
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -22,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_write
+from pipeline.lock import FolderLock
 from pipeline.manifest import MANIFEST, ShardError
 from pipeline.settings import option
 from pipeline.store import Bucket, NoSuchObject, StoreError, is_url, parse_url
@@ -96,27 +96,13 @@ def stamp(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-class NodeLock:
-    """One filler per cache folder on this node (torchrun's local ranks included): the others wait, then reuse."""
-
-    def __init__(self, root: Path, say):
-        self.fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"{root}: another process is filling this cache; waiting for it")
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def release(self):
-        os.close(self.fd)
-
-
 def fill(bucket: Bucket, root: Path, *, workers: int = WORKERS, say=print, bar: bool = True) -> Filled:
     """Bring `root` to a verified copy of the bucket's shard folder; raise a one-line ShardError if an object is
     missing or differs from the manifest, with nothing of it left where the loader would read it."""
     t0 = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
-    lock = NodeLock(root, say)
+    lock = FolderLock(root / LOCK)  # one filler per cache folder on this node (torchrun's local ranks too)
+    lock.acquire(wait=lambda holder: say(f"{root}: {holder} is filling this cache; waiting for it"))
     try:
         try:
             text = bucket.read(MANIFEST)

@@ -37,10 +37,12 @@ def describe(fd: int) -> str:
 class FolderLock:
     """An flock on `path` from acquire() to release() (or the process's death); `refusal(holder)` is the Busy line."""
 
-    def __init__(self, path: Path, refusal: Callable[[str], str]):
-        self.path, self.refusal, self.fd = Path(path), refusal, None
+    def __init__(self, path: Path, refusal: Callable[[str], str] | None = None):
+        self.path, self.fd = Path(path), None
+        self.refusal = refusal or (lambda holder: f"{self.path.parent}: in use by {holder} ({self.path})")
 
-    def acquire(self) -> None:
+    def acquire(self, wait: Callable[[str], None] | None = None) -> None:
+        """Take the lock, or raise Busy naming its holder; with `wait`, tell it the holder and wait for the lock."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -48,8 +50,11 @@ class FolderLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = describe(fd)
-                os.close(fd)
-                raise Busy(self.refusal(holder)) from None
+                if wait is None:
+                    os.close(fd)
+                    raise Busy(self.refusal(holder)) from None
+                wait(holder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
             with contextlib.suppress(FileNotFoundError):
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     break
