@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -59,7 +59,7 @@ from pipeline.bench.timing import (
 from pipeline.cache import CacheSettings, local_shards
 from pipeline.graphs import MMAP
 from pipeline.manifest import Manifest, ShardError, load_manifest
-from pipeline.settings import LoaderSettings, at_least, option, parse, show, to_json
+from pipeline.settings import LoaderSettings, at_least, option, parse, refused, show, to_json
 from pipeline.store import is_url
 from pipeline.threads import default_threads
 
@@ -135,15 +135,15 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         others=SAVED_SETTINGS,
         check=alexnet_refuses,
     )
-    checks = {f.name: f.metadata["check"] for f in fields(LoaderSettings)}
+    loader = LoaderSettings.of(cfg)
     try:
         grid = dict(map(parse_values, cfg.sweep_values))
     except ValueError as e:
         p.error(f"--sweep-values {e}")
     for name, values in grid.items():
         for v in values:
-            if name in checks and not checks[name][0](v):
-                p.error(f"--sweep-values {name}={v}: must be {checks[name][1]}")
+            if hasattr(loader, name) and (bad := refused(replace(loader, **{name: v}))):
+                p.error(f"--sweep-values {name}={v}: {bad[2]}")
     threads = cfg.threads or default_threads()
     cfg = replace(
         cfg, **cfg.resolve_device(), threads=threads, workers=cfg.workers or threads, sweep=cfg.sweep or bool(grid)
