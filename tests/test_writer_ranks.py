@@ -63,10 +63,10 @@ def test_two_concurrent_ranks_one_killed_and_rerun_equal_one_machine(src, refere
     script = tmp_path / "stopping.py"
     script.write_text(STOPPING)
     argv = ["--src", str(src), "--out", out, *ARGS, *TWO]
-    killed = start([*argv, "--rank", "1"], script)
-    rank0 = start([*argv, "--rank", "0"])
+    killed, rank0 = start([*argv, "--rank", "1"], script), None
     try:
-        stopped(killed)
+        stopped(killed)  # rank 1 holds its lock, one shard written, while rank 0 writes all of its own
+        rank0 = start([*argv, "--rank", "0"])
         said, err = rank0.communicate(timeout=300)
         assert rank0.returncode == 0, err
         assert "rank 0 of 2: its shards are done; 3 shards of other ranks are not yet" in said
@@ -89,8 +89,9 @@ def test_two_concurrent_ranks_one_killed_and_rerun_equal_one_machine(src, refere
     finally:
         os.killpg(killed.pid, signal.SIGKILL)
         killed.wait()
-        rank0.kill()
-        rank0.wait()
+        if rank0:
+            rank0.kill()
+            rank0.wait()
     capsys.readouterr()
     assert main([*argv, "--rank", "1"]) == 0  # the killed rank, run again, continues its own shards and merges
     said = capsys.readouterr().out
