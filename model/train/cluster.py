@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,30 @@ def agree(rank: int, world: int, decide, refusals: tuple):
     return answer
 
 
+def alike(ctx: Context, work, failures: tuple):
+    """work() on every rank, then one collective: its answer, or on every rank the failure (one of `failures`) that
+    the first failing rank met, so that the ranks go on alike where one leaving the others' collectives hangs them."""
+    answer = error = None
+    try:
+        answer = work()
+    except failures as e:
+        error = e
+    if ctx.world > 1:
+        every = [None] * ctx.world
+        dist.all_gather_object(every, error)
+        error = next((e for e in every if e is not None), None)
+    if error is not None:
+        raise error
+    return answer
+
+
+def another_failed_first(store: dist.Store | None) -> bool:
+    """Records in the group's store that this rank is failing; whether another rank failed before it. A failure of
+    one rank alone (its shard's data, its disk) ends that rank at once: the others' collectives then fail (their peer
+    has gone) or torchrun stops them, failures that follow from the first one, which says why."""
+    return store is not None and store.add("failed", 1) > 1
+
+
 class Interrupted(BaseException):
     """SIGTERM or SIGINT before the first step ended: nothing trained yet that a checkpoint would keep."""
 
@@ -59,7 +84,8 @@ class Preemption:
         self.before = {s: signal.signal(s, self._record) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _record(self, signum, frame) -> None:
-        if not self.stepped:
+        # A failure being handled (torchrun stops the other ranks when one fails) ends the run as it is.
+        if not self.stepped and sys.exc_info()[0] is None:
             raise Interrupted(signum)
         self.signal = self.signal or signal.Signals(signum)  # torchrun forwards a second one: not a reason to die
 
@@ -85,10 +111,12 @@ class Preemption:
             answer = answer or int(self._flag[0])
         return signal.Signals(answer) if answer else None
 
-    def close(self) -> None:
-        if self._pending is not None:  # every rank started it, so it completes: the group must not go with it
+    def close(self, drain: bool = True) -> None:
+        """drain: wait for the agreement in flight (every rank started it, so it completes: the group must not go with
+        it); not after another rank failed, which may never have started it."""
+        if self._pending is not None and drain:
             self._pending.wait()
-            self._pending = None
+        self._pending = None
         for s, handler in self.before.items():
             signal.signal(s, handler)
 
@@ -138,9 +166,16 @@ def all_gather(t: torch.Tensor, ctx: Context) -> list[torch.Tensor]:
     return every
 
 
-def init_group(backend: str, ctx: Context) -> None:
+def barrier(ctx: Context) -> None:
+    if ctx.world > 1:
+        dist.barrier()
+
+
+def init_group(backend: str, ctx: Context) -> dist.Store:
     """The process group, its keys apart for each of torchrun's restarts: the store outlives a restarted group, and
-    a rank that read the dead group's addresses could not connect (seen with torch 2.13's torchrun --max-restarts)."""
+    a rank that read the dead group's addresses could not connect (seen with torch 2.13's torchrun --max-restarts).
+    Returns the store, this restart's part of it."""
     store, _, _ = next(dist.rendezvous("env://"))
     store = dist.PrefixStore(f"restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world)
+    return store
