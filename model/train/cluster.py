@@ -1,6 +1,7 @@
 """A process's place in a torchrun job (Context), the process group, and what every rank must do alike: act on rank
-0's decisions, and stop after the same step when any of them is sent SIGTERM (what SLURM and Kubernetes send before
-the kill) or SIGINT."""
+0's decisions, stop after the same step when any of them is sent SIGTERM (what SLURM and Kubernetes send before
+the kill) or SIGINT, and end when one fails (a failure every rank waits on is agreed; one met alone ends its rank at
+once, and the others, whose collectives lose their peer or whom torchrun stops, follow it quietly)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def agree(rank: int, world: int, decide, refusals: tuple):
 
 
 def alike(ctx: Context, work, failures: tuple):
-    """work() on every rank, then one collective: its answer, or on every rank the failure (one of `failures`) that
-    the first failing rank met, so that the ranks go on alike where one leaving the others' collectives hangs them."""
+    """work() on every rank, then one collective: its answer, or on every rank the failure (one of `failures`) of the
+    lowest rank that met one: the ranks go on alike, where one leaving the others' collectives would hang them."""
     answer = error = None
     try:
         answer = work()
