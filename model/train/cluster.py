@@ -85,8 +85,9 @@ class Preemption:
         self.before = {s: signal.signal(s, self._record) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _record(self, signum, frame) -> None:
-        # A failure being handled (torchrun stops the other ranks when one fails) ends the run as it is.
-        if not self.stepped and sys.exc_info()[0] is None:
+        # Under torchrun not while a failure is handled: torchrun stops the other ranks when one fails, and each ends on
+        # its own failure (which the signal would interrupt), quietly, after the one that says why.
+        if not self.stepped and not (self.world > 1 and sys.exc_info()[0] is not None):
             raise Interrupted(signum)
         self.signal = self.signal or signal.Signals(signum)  # torchrun forwards a second one: not a reason to die
 
@@ -168,8 +169,10 @@ def all_gather(t: torch.Tensor, ctx: Context) -> list[torch.Tensor]:
 
 
 def barrier(ctx: Context) -> None:
+    """Every rank waits here for the others (its host too, under NCCL)."""
     if ctx.world > 1:
-        dist.barrier()
+        dev = ctx.devices[0]
+        dist.barrier(device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
 def init_group(backend: str, ctx: Context) -> dist.Store:
