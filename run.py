@@ -20,7 +20,16 @@ import torch.distributed as dist
 
 from model.train import checkpoint
 from model.train.checkpoint import CheckpointError, with_statistics
-from model.train.cluster import Context, Interrupted, Preemption, Refused, agree, init_group, process_context
+from model.train.cluster import (
+    Context,
+    Interrupted,
+    Preemption,
+    Refused,
+    agree,
+    another_failed_first,
+    init_group,
+    process_context,
+)
 from model.train.config import (
     SAVED_SETTINGS,
     Config,
@@ -221,10 +230,31 @@ def take(lock: FolderLock, workdir: str) -> None:
         raise UsageError(f"--workdir {workdir} {what}; pass a folder you can write to") from None
 
 
+def said(e: BaseException) -> tuple[str, int] | None:
+    """The one line and exit status of a failure run.py reports as such; None for a bug (its traceback shows)."""
+    if isinstance(e, REFUSALS):
+        return f"run.py: {e}", 2
+    if isinstance(e, (Interrupted, KeyboardInterrupt)):  # during start-up: nothing trained yet, nothing to save
+        return (
+            f"run.py: {e or 'SIGINT'} before the first step ended: stopped; run the same command to start",
+            128 + getattr(e, "signum", 2),
+        )
+    if isinstance(e, OSError) and e.filename is not None:
+        return write_error(e), 1
+    return None
+
+
+def lost_a_rank(e: BaseException) -> bool:
+    """A collective failed because another rank's process is gone without a word (kill -9, the OOM killer, its
+    machine lost): gloo says so in a RuntimeError, NCCL in a DistError."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "gloo" in str(e))
+
+
 def main(argv=None) -> int:
     t0 = time.perf_counter()
     cfg = parse(argv)
     lock, preemption, rank = workdir_lock(cfg.workdir), None, int(os.environ.get("RANK", 0))
+    store, followed = None, False  # the group's store; whether another rank failed (or vanished) before this one
     try:
         ctx = setup(cfg)
         setup_logging(ctx.rank)
@@ -235,7 +265,7 @@ def main(argv=None) -> int:
             torch.cuda.set_device(ctx.devices[0])
             torch.backends.cudnn.benchmark = True
         if ctx.world > 1:  # first: every decision below is rank 0's, given to the others through the group
-            init_group("nccl" if cfg.device == "cuda" else "gloo", ctx)
+            store = init_group("nccl" if cfg.device == "cuda" else "gloo", ctx)
         if cfg.eval:
             return evaluate_only(cfg, ctx)
         agree(ctx.rank, ctx.world, lambda: take(lock, cfg.workdir), REFUSALS)  # rank 0 holds it till it ends
@@ -251,26 +281,28 @@ def main(argv=None) -> int:
         if cfg.demo and ctx.rank == 0 and code == 0 and (Path(cfg.workdir) / "summary.json").exists():
             report_demo(cfg, time.perf_counter() - t0)
         return code
-    except REFUSALS as e:
-        if rank == 0:  # every rank meets the same refusal: torchrun's log shows it once
-            print(f"run.py: {e}", file=sys.stderr)
+    except Refused:  # rank 0 says why
         return 2
-    except Refused:
-        return 2
-    except (Interrupted, KeyboardInterrupt) as e:  # during start-up: nothing trained yet, nothing to save
-        print(
-            f"run.py: {e or 'SIGINT'} before the first step ended: stopped; run the same command to start",
-            file=sys.stderr,
-        )
-        return 128 + getattr(e, "signum", 2)
-    except OSError as e:
-        if e.filename is None:
+    except (Exception, Interrupted, KeyboardInterrupt) as e:
+        line, code = said(e) or (None, 1)
+        followed = another_failed_first(store)
+        if followed:  # that rank said why; this one's failure follows from it
+            return code
+        if store is not None and lost_a_rank(e):  # the first to see it: that rank said nothing
+            followed = True  # nothing more to wait for from the others: one of them is gone
+            line = (
+                f"run.py: rank {rank}: another rank of this job ended without a word (killed, out of memory, or its "
+                f"machine lost; torchrun's report names it); the checkpoints written are intact: run the same command "
+                f"to continue"
+            )
+        if line is None:
             raise
-        print(write_error(e), file=sys.stderr)
-        return 1
+        if store is not None or rank == 0:  # before the group every rank meets the same refusal: rank 0 says it
+            print(line, file=sys.stderr)
+        return code
     finally:
         if preemption is not None:
-            preemption.close()
+            preemption.close(drain=not followed)
         lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 from PIL import Image
 
 import run
@@ -55,16 +56,44 @@ def metrics(workdir) -> list[dict]:
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
+# run.py, stopped (SIGSTOP) as it prints a given line: `python STOPPING_RUN TEXT RUN_PY_ARGS...`.
+STOPPING_RUN = ROOT / "tests" / "stopping_run.py"
+
+
+def stopped(pid: int) -> None:
+    """Wait for process `pid` to stop itself (SIGSTOP)."""
+    proc, deadline = psutil.Process(pid), time.monotonic() + 300  # a hang guard, not a speed requirement
+    while (status := proc.status()) != psutil.STATUS_STOPPED:
+        assert status != psutil.STATUS_ZOMBIE and time.monotonic() < deadline, f"pid {pid} ended before its stop"
+        time.sleep(0.01)
+
+
+def signalled(pid: int) -> bool:
+    """Whether process `pid` holds a signal not yet handled (it is stopped, say), or has ended."""
+    try:
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    except FileNotFoundError:
+        return True
+    return status["State"].split()[0] in "ZX" or int(status["SigPnd"], 16) | int(status["ShdPnd"], 16) != 0
+
+
 def interrupted(argv, after: str, sig=signal.SIGTERM):
-    """`python run.py ARGV`, sent `sig` once it has printed a line containing `after`: (exit status, stdout, stderr)."""
+    """`python run.py ARGV`, sent `sig` as it prints its first line containing `after` (stopped there till the signal
+    is in): (exit status, stdout, stderr)."""
     proc = subprocess.Popen(
-        [sys.executable, "run.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, str(STOPPING_RUN), after, *argv],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if after in line:
+            stopped(proc.pid)
             proc.send_signal(sig)
+            proc.send_signal(signal.SIGCONT)
             break
     out, err = proc.communicate(timeout=300)
     return proc.returncode, "".join(lines) + out, err

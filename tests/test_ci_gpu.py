@@ -2,9 +2,11 @@
 unseen: every phase, the same files, the summary last, a failing phase recorded and passed over, a bench cut off
 part-way summarised from what it measured."""
 
+import contextlib
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -175,6 +177,28 @@ def test_data_is_started_once_reused_when_done_and_restarted_when_its_generator_
     assert "started" in data_call() and int((data / "pid").read_text()) != pid
     wait_done(int((data / "pid").read_text()))
     assert (data / "shards" / "manifest.json").exists()
+
+
+def test_data_that_finished_between_the_two_looks_is_reused_not_generated_again(tmp_path):
+    """The generator writes done, then ends: one seen without done, then seen dead, did both in between, and its data
+    is reused, not wiped and generated anew (the moment made certain: reading its pid writes done)."""
+    data, shim = tmp_path / "data", tmp_path / "bin"
+    data.mkdir()
+    shim.mkdir()
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    (data / "pid").write_text(f"{ended.pid}\n")
+    (shim / "cat").write_text(f'#!/bin/sh\ntouch "{data}/done"\nexec {shutil.which("cat")} "$@"\n')
+    (shim / "cat").chmod(0o755)
+    env = {**os.environ, "GPU_DATA": str(data), "PATH": f"{shim}:{os.environ['PATH']}"}
+    run = subprocess.run(["bash", str(GPU), "--rehearse", "data"], capture_output=True, text=True, env=env, timeout=60)
+    started = (data / "pid").read_text().strip()
+    if started != str(ended.pid):  # started anew: stop that generator (setsid: its own group, once it has made it)
+        with contextlib.suppress(ProcessLookupError):
+            while os.getpgid(int(started)) != int(started):
+                time.sleep(0.01)
+            os.killpg(int(started), signal.SIGKILL)
+    assert run.returncode == 0 and "data: ready" in run.stdout and started == str(ended.pid), run.stdout
 
 
 def test_a_gpu_run_without_a_budget_is_refused_in_one_line(tmp_path):

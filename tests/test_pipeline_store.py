@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -251,14 +250,17 @@ def test_processes_on_one_node_fill_the_cache_once(s3, demo_shards, tmp_path):
     root.mkdir(parents=True)
     code = (
         "import sys; from pipeline.cache import fill, cache_root; from pipeline.store import Bucket; "
-        f"f = fill(Bucket('{url}'), cache_root('{url}', '{tmp_path}'), bar=False, say=lambda m: None); "
-        "print(f.fetched)"
+        f"f = fill(Bucket('{url}'), cache_root('{url}', '{tmp_path}'), bar=False, say=lambda m: print(m, "
+        "file=sys.stderr, flush=True)); print(f.fetched)"
     )
     with open(root / ".lock", "w") as held:  # both start while the lock is taken: both must wait on it
         fcntl.flock(held, fcntl.LOCK_EX)
-        ranks = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
-        time.sleep(3)
-        assert all(r.poll() is None for r in ranks)
+        ranks = [
+            subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        for r in ranks:  # released only once both have found it taken, however slowly they start
+            assert "is filling this cache; waiting for it" in r.stderr.readline()
     fetched = sorted(int(r.communicate(timeout=60)[0]) for r in ranks)
     assert fetched == [0, 8] and all(r.returncode == 0 for r in ranks)
 

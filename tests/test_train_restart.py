@@ -1,6 +1,7 @@
 """A run on a cluster: torchrun's restarts and SIGTERM, two runs in one workdir, other data, a full disk, a shard
 truncated under a run; each as a user meets it, with real processes and files."""
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -10,11 +11,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
 import pytest
-from helpers import FAST, ROOT, interrupted, metrics, train
+from helpers import FAST, ROOT, STOPPING_RUN, interrupted, metrics, signalled, stopped, train
 
 import run
 from model.train import checkpoint
@@ -49,9 +51,11 @@ def untimed(workdir) -> list:
 
 
 def torchrun(argv, after: str, act, *flags):
-    """torchrun ARGV; `act(torchrun's process)` once a line containing `after` is printed: (status, stdout, stderr)."""
+    """torchrun ARGV; `act(torchrun's process)` as rank 0 prints its first line containing `after` (stopped there
+    till act's signals are in): (status, stdout, stderr)."""
+    program = [str(STOPPING_RUN), after] if after else ["run.py"]
     proc = subprocess.Popen(
-        [*torchrun_command(), *flags, "run.py", *argv],
+        [*torchrun_command(), *flags, *program, *argv],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -62,7 +66,14 @@ def torchrun(argv, after: str, act, *flags):
     for line in proc.stdout:
         lines.append(line)
         if after and after in line:
+            stopped((first := rank0(proc)).pid)
             act(proc)
+            deadline = time.monotonic() + 60
+            while not signalled(first.pid):  # act's signal, or torchrun's forward of it, not yet in
+                assert time.monotonic() < deadline, "rank 0 was sent no signal"
+                time.sleep(0.01)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                first.resume()
             after = None
     out, err = proc.communicate(timeout=600)
     return proc.returncode, "".join(lines) + out, err
@@ -109,6 +120,12 @@ def test_torchrun_restart_after_kill_9_continues_from_the_last_checkpoint(two_ra
     argv = ["--shards", str(demo_shards), "--workdir", str(workdir), "--epochs", "2", *FAST]
     code, out, err = torchrun(argv, "step-000000003.pt", lambda p: rank0(p).kill(), "--max-restarts", "1")
     assert code == 0, err[-3000:]
+    assert "Traceback" not in err  # rank 1, whose collective lost its peer, says so in one line
+    [ours] = [line for line in err.splitlines() if "run.py:" in line]
+    assert ours.endswith(
+        "run.py: rank 1: another rank of this job ended without a word (killed, out of memory, or its machine "
+        "lost; torchrun's report names it); the checkpoints written are intact: run the same command to continue"
+    )
     assert f"continuing from {workdir / 'checkpoints' / 'step-000000003.pt'}: epoch 2, step 3" in out
     assert untimed(workdir) == untimed(two_ranks)
 
@@ -172,13 +189,19 @@ def test_a_second_run_in_a_busy_workdir_is_refused_and_ctrl_c_saves(demo_shards,
         for extra in ([], ["--resume"]):
             second[tuple(extra)] = (run.main([*argv, *extra]), capsys.readouterr().err)
 
-    proc = subprocess.Popen(
-        [sys.executable, "run.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    proc = subprocess.Popen(  # stopped as it prints its first progress line: certainly mid-way while refused
+        [sys.executable, str(STOPPING_RUN), "epoch 1/1 step", *argv],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     for line in proc.stdout:
         if "epoch 1/1 step" in line:
+            stopped(proc.pid)
             start_a_second(line)
             proc.send_signal(signal.SIGINT)  # Ctrl-C
+            proc.send_signal(signal.SIGCONT)
             break
     _, err = proc.communicate(timeout=300)
     for code, message in second.values():

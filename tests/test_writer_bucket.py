@@ -129,13 +129,15 @@ def test_a_second_writer_is_refused_and_a_killed_writers_lock_is_taken_over_on_i
 def test_a_lock_held_on_another_machine_is_taken_over_only_once_its_lease_lapses(
     demo_src, reference, bucket_url, monkeypatch, capsys
 ):
-    monkeypatch.setattr(bucket, "LEASE", 2.0)
+    # Refused while the lock is younger than a lease however slowly this run reaches it; then a 2 s lease, outlived.
+    monkeypatch.setattr(bucket, "LEASE", 60.0)
     client, name, key = s3_object(bucket_url, ".lock")
     holder = {"host": "node-17", "pid": 4242, "pid_started": 0, "started": "2026-01-01 00:00:00", "command": "x"}
     client.put_object(Bucket=name, Key=key, Body=json.dumps(holder).encode())
     assert shard(demo_src, bucket_url) == 2
     one_line(capsys.readouterr().err, f"--out {bucket_url} is being written by another run", "host node-17, pid 4242")
     assert objects(bucket_url).keys() == {".lock"}
+    monkeypatch.setattr(bucket, "LEASE", 2.0)
     time.sleep(3.5)  # the holder renewed nothing for longer than a lease
     assert shard(demo_src, bucket_url) == 0
     assert objects(bucket_url) == reference

@@ -7,6 +7,7 @@ import signal
 
 import pytest
 
+from pipeline.writer import workers
 from pipeline.writer.workers import WorkerDied, completed
 
 
@@ -47,4 +48,18 @@ def test_leaving_the_loop_early_stops_the_workers():
     results = completed(square, list(range(40)), 2)
     next(results)
     results.close()
+    assert multiprocessing.active_children() == []
+
+
+def test_ctrl_c_reaching_a_worker_before_its_start_up_is_left_to_the_parent(monkeypatch):
+    """The terminal sends Ctrl-C to every process of its group: one that lands in a worker just forked, before it has
+    made itself deaf to it, must not kill it (a traceback, a broken pool) but be dropped, as it is once started."""
+    real = workers._bind_to_parent
+
+    def signalled_first(parent: int) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        real(parent)
+
+    monkeypatch.setattr(workers, "_bind_to_parent", signalled_first)
+    assert sorted(completed(square, list(range(8)), 2)) == [(n, n * n) for n in range(8)]
     assert multiprocessing.active_children() == []

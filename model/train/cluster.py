@@ -1,11 +1,13 @@
 """A process's place in a torchrun job (Context), the process group, and what every rank must do alike: act on rank
-0's decisions, and stop after the same step when any of them is sent SIGTERM (what SLURM and Kubernetes send before
-the kill) or SIGINT."""
+0's decisions, stop after the same step when any of them is sent SIGTERM (what SLURM and Kubernetes send before
+the kill) or SIGINT, and end when one fails (a failure every rank waits on is agreed; one met alone ends its rank at
+once, and the others, whose collectives lose their peer or whom torchrun stops, follow it quietly)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +36,30 @@ def agree(rank: int, world: int, decide, refusals: tuple):
     return answer
 
 
+def alike(ctx: Context, work, failures: tuple):
+    """work() on every rank, then one collective: its answer, or on every rank the failure (one of `failures`) of the
+    lowest rank that met one: the ranks go on alike, where one leaving the others' collectives would hang them."""
+    answer = error = None
+    try:
+        answer = work()
+    except failures as e:
+        error = e
+    if ctx.world > 1:
+        every = [None] * ctx.world
+        dist.all_gather_object(every, error)
+        error = next((e for e in every if e is not None), None)
+    if error is not None:
+        raise error
+    return answer
+
+
+def another_failed_first(store: dist.Store | None) -> bool:
+    """Records in the group's store that this rank is failing; whether another rank failed before it. A failure of
+    one rank alone (its shard's data, its disk) ends that rank at once: the others' collectives then fail (their peer
+    has gone) or torchrun stops them, failures that follow from the first one, which says why."""
+    return store is not None and store.add("failed", 1) > 1
+
+
 class Interrupted(BaseException):
     """SIGTERM or SIGINT before the first step ended: nothing trained yet that a checkpoint would keep."""
 
@@ -59,7 +85,9 @@ class Preemption:
         self.before = {s: signal.signal(s, self._record) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _record(self, signum, frame) -> None:
-        if not self.stepped:
+        # Under torchrun not while a failure is handled: torchrun stops the other ranks when one fails, and each ends on
+        # its own failure (which the signal would interrupt), quietly, after the one that says why.
+        if not self.stepped and not (self.world > 1 and sys.exc_info()[0] is not None):
             raise Interrupted(signum)
         self.signal = self.signal or signal.Signals(signum)  # torchrun forwards a second one: not a reason to die
 
@@ -85,10 +113,12 @@ class Preemption:
             answer = answer or int(self._flag[0])
         return signal.Signals(answer) if answer else None
 
-    def close(self) -> None:
-        if self._pending is not None:  # every rank started it, so it completes: the group must not go with it
+    def close(self, drain: bool = True) -> None:
+        """drain: wait for the agreement in flight (every rank started it, so it completes: the group must not go with
+        it); not after another rank failed, which may never have started it."""
+        if self._pending is not None and drain:
             self._pending.wait()
-            self._pending = None
+        self._pending = None
         for s, handler in self.before.items():
             signal.signal(s, handler)
 
@@ -138,9 +168,18 @@ def all_gather(t: torch.Tensor, ctx: Context) -> list[torch.Tensor]:
     return every
 
 
-def init_group(backend: str, ctx: Context) -> None:
+def barrier(ctx: Context) -> None:
+    """Every rank waits here for the others (its host too, under NCCL)."""
+    if ctx.world > 1:
+        dev = ctx.devices[0]
+        dist.barrier(device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def init_group(backend: str, ctx: Context) -> dist.Store:
     """The process group, its keys apart for each of torchrun's restarts: the store outlives a restarted group, and
-    a rank that read the dead group's addresses could not connect (seen with torch 2.13's torchrun --max-restarts)."""
+    a rank that read the dead group's addresses could not connect (seen with torch 2.13's torchrun --max-restarts).
+    Returns the store, this restart's part of it."""
     store, _, _ = next(dist.rendezvous("env://"))
     store = dist.PrefixStore(f"restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world)
+    return store

@@ -15,7 +15,7 @@ import torch
 
 from model.train import checkpoint
 from model.train.checkpoint import CheckpointError, TrainState, statistics
-from model.train.cluster import Context, Preemption, all_gather, all_sum
+from model.train.cluster import Context, Preemption, alike, all_gather, all_sum, barrier
 from model.train.config import Config, saved_settings
 from model.train.recipe import (
     AMP_DTYPES,
@@ -81,9 +81,15 @@ def check_shards(manifest: Manifest, split: str) -> None:
             )
 
 
-def evaluate(model, loader, amp: str, ctx: Context, views: int = 1) -> dict:
-    """Top-1/top-5 error on val, every rank's share counted once; views=10 averages ten crops' softmax (§4.1)."""
-    top1, top5, n = all_sum(count_errors(model, loader, amp, views, ctx.devices[0]), ctx).tolist()
+def evaluate(model, loader, amp: str, ctx: Context, views: int = 1, check=lambda: None) -> dict:
+    """Top-1/top-5 error on val, every rank's share counted once; views=10 averages ten crops' softmax (§4.1).
+    A ShardError of any rank's (`check()`'s, then its share's) is raised on every rank, so that they stop alike."""
+
+    def count() -> torch.Tensor:
+        check()
+        return count_errors(model, loader, amp, views, ctx.devices[0])
+
+    top1, top5, n = all_sum(alike(ctx, count, ShardError), ctx).tolist()
     return {"top1_err": top1 / max(n, 1), "top5_err": top5 / max(n, 1), "samples": n}
 
 
@@ -249,9 +255,10 @@ class Trainer:
             torch.tensor([st.step - epoch * spe, int(st.classes.sum())], dtype=torch.float64, device=self.dev), ctx
         )
         try:
-            check_shards(self.manifest, "val")
-            val = evaluate(self.raw, self.val_loader, self.cfg.amp, ctx)
-        except ShardError as e:  # the epoch's training is kept: a continued run validates it first
+            val = evaluate(
+                self.raw, self.val_loader, self.cfg.amp, ctx, check=lambda: check_shards(self.manifest, "val")
+            )
+        except ShardError as e:  # on every rank: the epoch's training is kept, a continued run validates it first
             self.save()
             raise ShardError(
                 f"{e} (validating epoch {epoch + 1} at step {st.step}; its training is saved in {self.saved})"
@@ -338,6 +345,7 @@ class Trainer:
         if self.ctx.rank == 0:
             checkpoint.save(self.workdir / "checkpoints", state, self.state.step, self.cfg.keep, best)
             log.info(f"checkpoint {self.saved}")
+        barrier(self.ctx)  # no rank stops (and torchrun, seeing it end, stops the others) before the file is written
 
     def write_metrics(self) -> None:
         from model.train.metrics import write_metrics  # imports matplotlib: not for --help or bad input

@@ -1,1 +1,2 @@
-"""What tools/bench_io.py is built from: timing windows, the loader sweep, and the report (table, JSON, plot)."""
+"""What tools/bench_io.py is built from: its modes, timing windows, the loader sweep, and the report (table, JSON,
+plot)."""

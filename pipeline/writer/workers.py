@@ -21,6 +21,7 @@ PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 # fork, not forkserver or spawn: the worker's parent is then this process (the one PDEATHSIG watches), and it starts
 # with the modules already imported instead of importing torch again.
 FORK = multiprocessing.get_context("fork")
+TERMINAL = {signal.SIGINT, signal.SIGTERM}
 
 
 class WorkerDied(Exception):
@@ -33,8 +34,9 @@ def _bind_to_parent(parent: int) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:  # the parent died before prctl took effect
         os.kill(os.getpid(), signal.SIGKILL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # which also drops one that came while blocked (see completed)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINAL)
 
 
 def completed(fn: Callable, tasks: list, workers: int) -> Iterator[tuple[int, object]]:
@@ -50,7 +52,13 @@ def completed(fn: Callable, tasks: list, workers: int) -> Iterator[tuple[int, ob
         min(workers, len(tasks)), mp_context=FORK, initializer=_bind_to_parent, initargs=(os.getpid(),)
     )
     try:
-        futures = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
+        # The first submit forks the workers: with the terminal's signals blocked, so that a Ctrl-C before a worker has
+        # made itself deaf to it waits for that and is dropped, rather than killing the worker with a traceback.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL)
+        try:
+            futures = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         for future in as_completed(futures):
             yield futures[future], future.result()
     except BrokenProcessPool:
