@@ -160,35 +160,36 @@ def train(cfg: Config, ctx: Context, manifest: Manifest, start: str | None, pree
     """The recipe epoch by epoch, from step 0 or from the checkpoint `start`; WORKDIR gets metrics and summary.json."""
     ckpt = checkpoint.read(start) if start is not None else {}
     t = Trainer(cfg, ctx, with_statistics(manifest, ckpt.get("statistics")), preemption)
-    if start is not None:
-        t.resume(ckpt, start)
-    if t.done or 0 < cfg.max_steps <= t.state.step:
-        log.info(
-            f"{t.workdir}: at step {t.state.step} already (epoch {len(t.state.history)}); pass a larger --epochs "
-            f"(or --max-steps) to train on"
-        )
+    with t.train_loader, t.val_loader:  # their DALI threads and buffers go on every way out, for a caller's next run
+        if start is not None:
+            t.resume(ckpt, start)
+        if t.done or 0 < cfg.max_steps <= t.state.step:
+            log.info(
+                f"{t.workdir}: at step {t.state.step} already (epoch {len(t.state.history)}); pass a larger --epochs "
+                f"(or --max-steps) to train on"
+            )
+            return 0
+        if start is not None:
+            log.info(f"continuing from {start}: epoch {t.state.step // t.spe + 1}, step {t.state.step}")
+            was = ckpt["config"].get("epochs", cfg.epochs)
+            if cfg.schedule == "cosine" and was != cfg.epochs:
+                log.info(
+                    f"--epochs {cfg.epochs} (was {was}): the cosine schedule is recomputed over {cfg.epochs} epochs"
+                )
+        if ctx.rank == 0:  # the settings that train, once a step is about to run
+            t.workdir.mkdir(parents=True, exist_ok=True)
+            atomic_write(t.workdir / "config.json", json.dumps(saved_settings(cfg), indent=1).encode())
+        t.write_metrics()
+        try:
+            stop = t.fit()
+        except Diverged as e:
+            log.error(str(e))
+            return 1
+        if stop:
+            return t.stopped(stop)
+        if ctx.rank == 0:
+            atomic_write(t.workdir / "summary.json", json.dumps(t.summary(), indent=1).encode())
         return 0
-    if start is not None:
-        log.info(f"continuing from {start}: epoch {t.state.step // t.spe + 1}, step {t.state.step}")
-        was = ckpt["config"].get("epochs", cfg.epochs)
-        if cfg.schedule == "cosine" and was != cfg.epochs:
-            log.info(f"--epochs {cfg.epochs} (was {was}): the cosine schedule is recomputed over {cfg.epochs} epochs")
-    if ctx.rank == 0:  # the settings that train, once a step is about to run
-        t.workdir.mkdir(parents=True, exist_ok=True)
-        atomic_write(t.workdir / "config.json", json.dumps(saved_settings(cfg), indent=1).encode())
-    t.write_metrics()
-    try:
-        stop = t.fit()
-    except Diverged as e:
-        log.error(str(e))
-        return 1
-    if stop:
-        return t.stopped(stop)
-    if ctx.rank == 0:
-        atomic_write(t.workdir / "summary.json", json.dumps(t.summary(), indent=1).encode())
-    t.train_loader.close()
-    t.val_loader.close()
-    return 0
 
 
 def evaluate_only(cfg: Config, ctx: Context) -> int:
