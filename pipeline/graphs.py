@@ -155,6 +155,7 @@ def augment_pipeline(spec: PipelineSpec):
     """The loader's pipeline: this rank's samples read, decoded, augmented as spec.augment and normalised."""
     jpegs, labels = spec.read(SAMPLE)
     source = fn.get_property(jpegs, key="source_info")
+    jpegs = parsed(jpegs)
     # "mixed" only: the share of JPEGs that the hardware decoder takes (the rest go to CUDA cores), and libjpeg-turbo's
     # "fancy" (interpolating) chroma upsampling, which DALI's CPU decoder and Pillow (the dataset's statistics) use;
     # without it the GPU upsamples chroma by replication and GPU and CPU runs train on different pixels.
@@ -204,6 +205,16 @@ def read_shards(files, index_files, *, shard_id, num_shards, shuffle, seed, memb
         dont_use_mmap=not mmap,
         name=READER,
     )
+
+
+def parsed(jpegs):
+    """The JPEGs, passed on to the decoder only once every header of the batch has parsed."""
+    # DALI's decoders split a large batch's header parsing over their threads, and one header that does not parse
+    # there (a JPEG zeroed in place, say) may crash the process (SIGSEGV) instead of failing the batch;
+    # peek_image_shape fails it cleanly, and the decoder must wait for it: it takes its input through this reshape,
+    # a no-op (its shape times 1) whose argument is drawn from the peeked shapes.
+    ok = fn.cast(fn.reductions.min(fn.peek_image_shape(jpegs)) > 0, dtype=types.INT64)
+    return fn.reshape(jpegs, shape=jpegs.shape() * ok)
 
 
 def paper(jpegs, *, crop, decode, normalise, mean, lighting):
