@@ -96,6 +96,27 @@ class PipelineSpec:
 
     def build(self, restore: bytes | None):
         """The built pipeline, from the start or from DALI's checkpoint `restore` (DALI skips the reader ahead)."""
+        try:
+            pipe = self._built(restore)
+        except RuntimeError as e:
+            if restore is not None and self._builds_from_start():
+                raise ShardError(
+                    f"DALI cannot restore the loader position saved in this run's checkpoint ({reason(e)}): "
+                    "another version of pipeline/graphs.py saved it; finish the run with the code that started it, "
+                    "or evaluate its checkpoints with run.py --eval"
+                ) from None
+            raise ShardError(
+                f"{self.root}: DALI cannot read the '{self.split}' shards ({reason(e)}); {self.hint}"
+            ) from None
+        found = pipe.reader_meta(READER)["epoch_size"]
+        if found != self.count:
+            raise ShardError(
+                f"{self.root / MANIFEST}: {self.count} '{self.split}' samples listed, the index files "
+                f"hold {found}; {self.hint}"
+            )
+        return pipe
+
+    def _built(self, restore: bytes | None):
         s = self.settings
         # exec_dynamic: each batch's buffers belong to its outputs, and to the torch tensors made from them, until
         # those are freed (DALI's older executor recycles them on the next run()); see HoldBack in pipeline.loader.
@@ -110,19 +131,16 @@ class PipelineSpec:
             enable_checkpointing=True,
             checkpoint=restore,
         )
-        try:
-            pipe.build()
-        except RuntimeError as e:
-            raise ShardError(
-                f"{self.root}: DALI cannot read the '{self.split}' shards ({reason(e)}); {self.hint}"
-            ) from None
-        found = pipe.reader_meta(READER)["epoch_size"]
-        if found != self.count:
-            raise ShardError(
-                f"{self.root / MANIFEST}: {self.count} '{self.split}' samples listed, the index files "
-                f"hold {found}; {self.hint}"
-            )
+        pipe.build()
         return pipe
+
+    def _builds_from_start(self) -> bool:
+        """Whether the pipeline builds without a checkpoint (a failed restore's diagnosis)."""
+        try:
+            self._built(None)
+        except RuntimeError:
+            return False
+        return True
 
     def labels(self):
         """label_pipeline, built from the start: one thread, the batches of the built pipeline's reader."""

@@ -11,7 +11,9 @@ import tarfile
 import pytest
 from helpers import ROOT, one_line, train
 
+from pipeline import DaliLoader, ShardError, load_manifest
 from pipeline.manifest import FIX_HINT
+from pipeline.settings import LoaderSettings
 
 
 def damage(shards, folder, tar: str, index: int, fill) -> tuple:
@@ -50,3 +52,18 @@ def test_eval_names_a_jpeg_that_does_not_parse(demo_shards, checkpoint, tmp_path
     out = run_py("--eval", checkpoint, "--shards", broken, "--device", "cpu", "--threads", "1", "--batch-size", "64")
     assert out.returncode == 2, out.stderr
     one_line(out.stderr, f"run.py: {tar}: {name} does not decode", FIX_HINT.format(dir=broken))
+
+
+def test_a_position_saved_by_another_graph_is_refused_in_one_line_naming_why(demo_shards):
+    """A run's DALI checkpoint restores only into the very same graph: resumed by code whose graph differs (as the
+    header check above made it differ from the one before), the refusal names the checkpoint, not the shards."""
+    settings = LoaderSettings(batch_size=8, crop_size=64, threads=1)
+    with DaliLoader(load_manifest(demo_shards), "train", settings, device="cpu") as ld:
+        next(iter(ld))
+        state = ld.state_dict()
+    with DaliLoader(load_manifest(demo_shards), "train", settings, augment="center", device="cpu") as ld:
+        ld.load_state_dict(state)
+        with pytest.raises(ShardError) as e:
+            next(iter(ld))
+    one_line(str(e.value), "DALI cannot restore the loader position saved in this run's checkpoint", "run.py --eval")
+    assert str(demo_shards) not in str(e.value)
