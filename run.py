@@ -244,11 +244,17 @@ def said(e: BaseException) -> tuple[str, int] | None:
     return None
 
 
+def lost_a_rank(e: BaseException) -> bool:
+    """A collective failed because another rank's process is gone without a word (kill -9, the OOM killer, its
+    machine lost): gloo says so in a RuntimeError, NCCL in a DistError."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "gloo" in str(e))
+
+
 def main(argv=None) -> int:
     t0 = time.perf_counter()
     cfg = parse(argv)
     lock, preemption, rank = workdir_lock(cfg.workdir), None, int(os.environ.get("RANK", 0))
-    store, followed = None, False  # the group's store; whether another rank failed before this one
+    store, followed = None, False  # the group's store; whether another rank failed (or vanished) before this one
     try:
         ctx = setup(cfg)
         setup_logging(ctx.rank)
@@ -282,6 +288,13 @@ def main(argv=None) -> int:
         followed = another_failed_first(store)
         if followed:  # that rank said why; this one's failure follows from it
             return code
+        if store is not None and lost_a_rank(e):  # the first to see it: that rank said nothing
+            followed = True  # nothing more to wait for from the others: one of them is gone
+            line = (
+                f"run.py: rank {rank}: another rank of this job ended without a word (killed, out of memory, or its "
+                f"machine lost; torchrun's report names it); the checkpoints written are intact: run the same command "
+                f"to continue"
+            )
         if line is None:
             raise
         if store is not None or rank == 0:  # before the group every rank meets the same refusal: rank 0 says it

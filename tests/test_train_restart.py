@@ -120,6 +120,12 @@ def test_torchrun_restart_after_kill_9_continues_from_the_last_checkpoint(two_ra
     argv = ["--shards", str(demo_shards), "--workdir", str(workdir), "--epochs", "2", *FAST]
     code, out, err = torchrun(argv, "step-000000003.pt", lambda p: rank0(p).kill(), "--max-restarts", "1")
     assert code == 0, err[-3000:]
+    assert "Traceback" not in err  # rank 1, whose collective lost its peer, says so in one line
+    [ours] = [line for line in err.splitlines() if "run.py:" in line]
+    assert ours.endswith(
+        "run.py: rank 1: another rank of this job ended without a word (killed, out of memory, or its machine "
+        "lost; torchrun's report names it); the checkpoints written are intact: run the same command to continue"
+    )
     assert f"continuing from {workdir / 'checkpoints' / 'step-000000003.pt'}: epoch 2, step 3" in out
     assert untimed(workdir) == untimed(two_ranks)
 

@@ -1,13 +1,18 @@
-"""Per-image repairs: EXIF orientation written upright, high bit depths scaled, sizes JPEG cannot hold rejected."""
+"""Per-image repairs: EXIF orientation written upright, high bit depths scaled, sizes JPEG cannot hold rejected; the
+memory preparing them took."""
 
 import io
 import json
+import re
+import resource
 
 import numpy as np
+import psutil
 import pytest
 from helpers import decode
 from PIL import ExifTags, Image
 
+from pipeline.synthetic import make_dataset
 from pipeline.writer.images import Resize, prepare
 from tools.shard_imagenet import main
 
@@ -154,3 +159,16 @@ def test_panorama_beyond_jpeg_limits_is_rejected_with_its_reason(tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["rejected"] == [{"file": "train/n01/pano.JPEG", "reason": out.rejected}]
     assert manifest["splits"]["train"]["count"] == 1
+
+
+@pytest.mark.slow
+def test_the_peak_memory_of_a_run_in_this_process_is_not_the_processs_earlier_peak(tmp_path, capsys):
+    """With one worker the images are prepared in the calling process, which may have peaked long before the run (a
+    notebook, a test session): the summary's figure is that process's memory during the run, not its lifetime peak."""
+    src = make_dataset(tmp_path / "src", classes=2, per_class=4, val_per_class=1, size_range=(48, 64), seed=0)
+    np.ones(2**27).sum()  # 1 GiB written and freed: a peak that the run never comes near
+    before, peak = psutil.Process().memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert peak - before > 2**29
+    assert main(["--src", str(src), "--out", str(tmp_path / "out"), "--resize", "short:32", "--workers", "1"]) == 0
+    reported = int(re.search(r"peak memory per worker (\d+) MiB", capsys.readouterr().out)[1]) * 2**20
+    assert before - 2**26 < reported < peak - 2**29, (before, reported, peak)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed
 
-from pipeline.atomic import atomic_write, fsync_dir
+from pipeline.atomic import atomic_file, fsync_dir
 from pipeline.manifest import Manifest
 
 MAGIC = b"ALEXNET-CKPT-v1\n"  # footer: MAGIC + sha256 of the payload + payload length (8 bytes, little endian)
@@ -29,11 +29,23 @@ class CheckpointError(Exception):
     """A checkpoint file that cannot be used; the message is one line naming the file."""
 
 
-def encode(state: dict) -> bytes:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    payload = buf.getvalue()
-    return payload + MAGIC + hashlib.sha256(payload).digest() + len(payload).to_bytes(8, "little")
+class Hashing:
+    """A file that hashes and counts the bytes written through it: torch.save streams into the checkpoint's file,
+    with no copy of the model's state held in memory (two, with the footer appended to a buffer)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def footer(self) -> bytes:
+        return MAGIC + self.sha.digest() + self.size.to_bytes(8, "little")
 
 
 def read(path: Path, map_location="cpu") -> dict:
@@ -47,7 +59,9 @@ def read(path: Path, map_location="cpu") -> dict:
         ) from None
     if len(data) < FOOTER or data[-FOOTER:-40] != MAGIC:
         raise CheckpointError(f"{path}: truncated or not a checkpoint ({len(data)} bytes, no footer)")
-    payload, digest, size = data[:-FOOTER], data[-40:-8], int.from_bytes(data[-8:], "little")
+    digest, size = data[-40:-8], int.from_bytes(data[-8:], "little")
+    payload = data[:-FOOTER]
+    del data  # a copy less while the tensors are built
     if len(payload) != size or hashlib.sha256(payload).digest() != digest:
         raise CheckpointError(f"{path}: corrupt (checksum mismatch)")
     return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
@@ -74,9 +88,10 @@ def save(folder: Path, state: dict, step: int, keep: int = 3, best: bool = False
     """Write step-NNNNNNNNN.pt atomically, refresh best.pt if `best`, delete step files beyond the newest `keep`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data = encode(state)
     path = path_for(folder, step)
-    atomic_write(path, data)
+    with atomic_file(path) as f:
+        torch.save(state, hashing := Hashing(f))
+        f.write(hashing.footer())
     if best:  # a hard link: step files are never rewritten, so best.pt costs no second copy
         tmp = folder / f".{BEST}.tmp-{os.getpid()}"
         tmp.unlink(missing_ok=True)

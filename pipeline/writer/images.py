@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
+import multiprocessing
 import re
 import resource
 import warnings
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -59,7 +60,7 @@ class Prepared:
     rejected: str | None
     moments: dict | None  # pixel sums of a sample of the written pixels (before JPEG encoding), when asked for
     size: tuple[int, int] | None = None  # (width, height) written
-    peak_rss: int = 0  # bytes: the preparing process's peak resident memory so far
+    peak_rss: int = 0  # bytes: resident_peak() once the image's buffers were all made
 
 
 def geometry(w: int, h: int, resize: Resize) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
@@ -190,8 +191,16 @@ def prepare(path: Path, key: str, resize: Resize, quality: int, stats_seed: int 
     with warnings.catch_warnings():
         # Library warnings (corrupt EXIF, odd palettes) would break the progress bar; what matters is in the reason.
         warnings.simplefilter("ignore")
-        p = prepare_quietly(path, key, resize, quality, stats_seed)
-    return dataclasses.replace(p, peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return prepare_quietly(path, key, resize, quality, stats_seed)
+
+
+def resident_peak() -> int:
+    """Bytes: the peak resident memory of the process preparing images, as far as it is this run's. A pool's worker
+    lives for the run alone: its own peak (Linux counts KiB). The calling process, which prepares the images itself
+    with one worker, may have peaked before the run (a notebook, a test session): its resident memory now."""
+    if multiprocessing.parent_process() is not None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return psutil.Process().memory_info().rss
 
 
 def prepare_quietly(path: Path, key: str, resize: Resize, quality: int, stats_seed: int | None) -> Prepared:
@@ -267,12 +276,13 @@ def write(
         written = Image.fromarray(pixels := resample(rgb, size, box))
         out = encode(written, quality)
     repaired = "; ".join(reasons) or None
+    peak = resident_peak()  # the decoded, converted and resized pixels and the JPEG all still held
     if stats_seed is None:
-        return Prepared(out, repaired, None, None, written.size)
+        return Prepared(out, repaired, None, None, written.size, peak)
     # Sampled before encoding: decoding the JPEG again would cost a fifth of the time per image, and the JPEG's loss
     # moves the mean < 0.1 level and the spread ~1% (tests/test_writer_stats.py)
     if resize.policy == "none":
         sample = sample_image(written, key, stats_seed)  # in place: a 200 MP photo's array would be another 600 MB
     else:
         sample = sample_pixels(pixels, key, stats_seed)
-    return Prepared(out, repaired, None, moments(sample), written.size)
+    return Prepared(out, repaired, None, moments(sample), written.size, peak)
