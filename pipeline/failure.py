@@ -19,7 +19,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.graphs import PipelineSpec, reason
 from pipeline.manifest import IMAGE_EXT, ShardError, check_shard
@@ -99,6 +99,8 @@ def undecodable(suspects: list[tuple[str, str]]) -> str | None:
                 try:
                     with Image.open(io.BytesIO(t.extractfile(name).read())) as im:
                         im.load()
+                except UnidentifiedImageError:  # its message names a BytesIO object, not the file
+                    return f"{tar}: {name} does not decode (not in any image format Pillow knows)"
                 except (OSError, ValueError, SyntaxError) as e:
                     return f"{tar}: {name} does not decode ({e})"
     return None

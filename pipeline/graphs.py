@@ -102,6 +102,27 @@ class PipelineSpec:
 
     def build(self, restore: bytes | None):
         """The built pipeline, from the start or from DALI's checkpoint `restore` (DALI skips the reader ahead)."""
+        try:
+            pipe = self._built(restore)
+        except RuntimeError as e:
+            if restore is not None and self._builds_from_start():
+                raise ShardError(
+                    f"DALI cannot restore the loader position saved in this run's checkpoint ({reason(e)}): "
+                    "another version of pipeline/graphs.py saved it; finish the run with the code that started it, "
+                    "or evaluate its checkpoints with run.py --eval"
+                ) from None
+            raise ShardError(
+                f"{self.root}: DALI cannot read the '{self.split}' shards ({reason(e)}); {self.hint}"
+            ) from None
+        found = pipe.reader_meta(READER)["epoch_size"]
+        if found != self.count:
+            raise ShardError(
+                f"{self.root / MANIFEST}: {self.count} '{self.split}' samples listed, the index files "
+                f"hold {found}; {self.hint}"
+            )
+        return pipe
+
+    def _built(self, restore: bytes | None):
         s = self.settings
         # exec_dynamic: each batch's buffers belong to its outputs, and to the torch tensors made from them, until
         # those are freed (DALI's older executor recycles them on the next run()); see HoldBack in pipeline.loader.
@@ -116,19 +137,16 @@ class PipelineSpec:
             enable_checkpointing=True,
             checkpoint=restore,
         )
-        try:
-            pipe.build()
-        except RuntimeError as e:
-            raise ShardError(
-                f"{self.root}: DALI cannot read the '{self.split}' shards ({reason(e)}); {self.hint}"
-            ) from None
-        found = pipe.reader_meta(READER)["epoch_size"]
-        if found != self.count:
-            raise ShardError(
-                f"{self.root / MANIFEST}: {self.count} '{self.split}' samples listed, the index files "
-                f"hold {found}; {self.hint}"
-            )
+        pipe.build()
         return pipe
+
+    def _builds_from_start(self) -> bool:
+        """Whether the pipeline builds without a checkpoint (a failed restore's diagnosis)."""
+        try:
+            self._built(None)
+        except RuntimeError:
+            return False
+        return True
 
     def labels(self):
         """label_pipeline, built from the start: one thread, the batches of the built pipeline's reader."""
@@ -161,6 +179,7 @@ def augment_pipeline(spec: PipelineSpec):
     """The loader's pipeline: this rank's samples read, decoded, augmented as spec.augment and normalised."""
     jpegs, labels = spec.read(SAMPLE)
     source = fn.get_property(jpegs, key="source_info")
+    jpegs = parsed(jpegs)
     # "mixed" only: the share of JPEGs that the hardware decoder takes (the rest go to CUDA cores), and libjpeg-turbo's
     # "fancy" (interpolating) chroma upsampling, which DALI's CPU decoder and Pillow (the dataset's statistics) use;
     # without it the GPU upsamples chroma by replication and GPU and CPU runs train on different pixels.
@@ -211,6 +230,16 @@ def read_shards(files, index_files, *, shard_id, num_shards, shuffle, seed, memb
         tensor_init_bytes=TENSOR_INIT_BYTES,
         name=READER,
     )
+
+
+def parsed(jpegs):
+    """The JPEGs, passed on to the decoder only once every header of the batch has parsed."""
+    # DALI's decoders split a large batch's header parsing over their threads, and one header that does not parse
+    # there (a JPEG zeroed in place, say) may crash the process (SIGSEGV) instead of failing the batch;
+    # peek_image_shape fails it cleanly, and the decoder must wait for it: it takes its input through this reshape,
+    # a no-op (its shape times 1) whose argument is drawn from the peeked shapes.
+    ok = fn.cast(fn.reductions.min(fn.peek_image_shape(jpegs)) > 0, dtype=types.INT64)
+    return fn.reshape(jpegs, shape=jpegs.shape() * ok)
 
 
 def paper(jpegs, *, crop, decode, normalise, mean, lighting):
