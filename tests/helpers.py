@@ -105,6 +105,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_command(ranks: int = 2) -> list[str]:
+    # A static rendezvous: with --standalone (c10d), torch 2.13's restarted workers hang or cannot connect.
+    flags = ["--nnodes", "1", "--master-port", str(free_port()), "--nproc-per-node", str(ranks)]
+    return [sys.executable, "-m", "torch.distributed.run", *flags]
+
+
 def start_moto(**env) -> tuple[subprocess.Popen, str]:
     """moto_server (a real S3 API) on 127.0.0.1 at a free port, with `env` added: (its process, its endpoint URL)."""
     port = free_port()

@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import FAST, ROOT, free_port
+from helpers import FAST, ROOT, torchrun_command
 
 import run
 from model.train import checkpoint
@@ -32,8 +31,7 @@ def torchrun(argv) -> tuple[int, str, str, list[int]]:
     """torchrun of run.py on 2 CPU ranks: (status, stdout, stderr, the workers' pids), failing the test if the job is
     not over within LIMIT_S; whatever is left of it then is killed."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--master-port", str(free_port())]
-        + ["--nproc-per-node", "2", "run.py", *argv],
+        [*torchrun_command(), "run.py", *argv],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

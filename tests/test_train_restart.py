@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,34 +15,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import FAST, ROOT, STOPPING_RUN, interrupted, metrics, signalled, stopped, train
+from helpers import FAST, ROOT, STOPPING_RUN, interrupted, metrics, signalled, stopped, torchrun_command, train
 
 import run
 from model.train import checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TIMINGS = ("img_per_s", "data_wait_frac", "epoch_s", "wall_s")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun_command() -> list:
-    # A static rendezvous: with --standalone (c10d), torch 2.13's restarted workers hang or cannot connect.
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--master-port",
-        str(free_port()),
-        "--nproc-per-node",
-        "2",
-    ]
 
 
 def untimed(workdir) -> list:
