@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from model.train import checkpoint
+from model.train.build import build, evaluate, make_loader
 from model.train.checkpoint import CheckpointError, with_statistics
 from model.train.cluster import (
     Context,
@@ -42,7 +43,7 @@ from model.train.config import (
     saved_settings,
 )
 from model.train.demo import make_demo_data, report_demo
-from model.train.loop import Diverged, Trainer, build, evaluate, make_loader
+from model.train.loop import Diverged, Trainer
 from model.train.workdir import (
     data_identity,
     other_classes,

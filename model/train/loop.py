@@ -1,6 +1,6 @@
-"""One training run: the model and loaders built from the settings, and the loop:
-train_one_epoch's steps and, between two steps, Trainer.after_step (progress, checkpoints, the epoch's end and the
-one decision to stop). run.py decides whether to start or continue, and drives it."""
+"""One training run (its model and loaders made by build.py) and its loop: train_one_epoch's steps and, between two
+steps, Trainer.after_step (progress, checkpoints, the epoch's end and the one decision to stop). run.py decides
+whether to start or continue, and drives it."""
 
 from __future__ import annotations
 
@@ -8,26 +8,16 @@ import logging
 import math
 import signal
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from model.train import checkpoint
+from model.train.build import build, evaluate, make_loader
 from model.train.checkpoint import CheckpointError, TrainState, statistics
-from model.train.cluster import Context, Preemption, alike, all_gather, all_sum, barrier
+from model.train.cluster import Context, Preemption, all_gather, all_sum, barrier
 from model.train.config import Config, saved_settings
-from model.train.recipe import (
-    AMP_DTYPES,
-    count_errors,
-    initialise,
-    lr_at,
-    make_loss,
-    make_scaler,
-    scaled_lr,
-    set_lr,
-    sgd,
-)
+from model.train.recipe import lr_at, make_loss, make_scaler, scaled_lr, set_lr, sgd
 from model.train.workdir import data_identity
 from pipeline.manifest import Manifest, ShardError
 
@@ -36,38 +26,6 @@ log = logging.getLogger("run")  # run.py's: its handlers print rank 0's lines
 
 class Diverged(Exception):
     """The loss or the weights are not finite: one line naming the last good checkpoint, exit status 1."""
-
-
-def build(cfg: Config, ctx: Context, num_classes: int):
-    """The model (channels-last, DDP-wrapped under torchrun) and the bare module whose weights are saved."""
-    from model import AlexNet, ModelParallelAlexNet
-
-    if cfg.model_parallel:
-        raw = ModelParallelAlexNet(devices=tuple(str(d) for d in ctx.devices), num_classes=num_classes)
-    else:
-        raw = AlexNet(num_classes=num_classes, towers=cfg.towers).to(ctx.devices[0])
-    initialise(raw, cfg.init)
-    raw = raw.to(memory_format=torch.channels_last)
-    if ctx.world == 1:  # under DDP, rank 0's initial weights are broadcast to the others
-        return raw, raw
-    ids = [ctx.devices[0]] if cfg.device == "cuda" and not cfg.model_parallel else None
-    return torch.nn.parallel.DistributedDataParallel(raw, device_ids=ids), raw
-
-
-def make_loader(cfg: Config, ctx: Context, manifest: Manifest, split: str, augment: str, crop_size: int):
-    from pipeline import DaliLoader
-
-    return DaliLoader(
-        manifest,
-        split,
-        replace(cfg, crop_size=crop_size),
-        augment=augment,
-        device=ctx.devices[0],
-        rank=ctx.rank,
-        world_size=ctx.world,
-        seed=cfg.seed,
-        dtype=AMP_DTYPES[cfg.amp] or torch.float32,
-    )
 
 
 def check_shards(manifest: Manifest, split: str) -> None:
@@ -79,18 +37,6 @@ def check_shards(manifest: Manifest, split: str) -> None:
                 f"{s.tar}: {size} bytes now, the manifest says {s.tar_bytes} (changed during the run); "
                 f"restore the shard folder, then run the same command to continue"
             )
-
-
-def evaluate(model, loader, amp: str, ctx: Context, views: int = 1, check=lambda: None) -> dict:
-    """Top-1/top-5 error on val, every rank's share counted once; views=10 averages ten crops' softmax (§4.1).
-    A ShardError of any rank's (`check()`'s, then its share's) is raised on every rank, so that they stop alike."""
-
-    def count() -> torch.Tensor:
-        check()
-        return count_errors(model, loader, amp, views, ctx.devices[0])
-
-    top1, top5, n = all_sum(alike(ctx, count, ShardError), ctx).tolist()
-    return {"top1_err": top1 / max(n, 1), "top5_err": top5 / max(n, 1), "samples": n}
 
 
 def timed(loader):
