@@ -105,10 +105,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_command(ranks: int = 2) -> list[str]:
+def start_torchrun(*args: str, ranks: int = 2) -> subprocess.Popen:
+    """torchrun ARGS on `ranks` CPU processes in the checkout, its output piped (text)."""
     # A static rendezvous: with --standalone (c10d), torch 2.13's restarted workers hang or cannot connect.
     flags = ["--nnodes", "1", "--master-port", str(free_port()), "--nproc-per-node", str(ranks)]
-    return [sys.executable, "-m", "torch.distributed.run", *flags]
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", *flags, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def start_moto(**env) -> tuple[subprocess.Popen, str]:

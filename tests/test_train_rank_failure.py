@@ -3,7 +3,6 @@ epoch. The job ends within seconds with one line naming the file, no traceback a
 stays, and once the file is restored the same command continues."""
 
 import contextlib
-import os
 import shutil
 import subprocess
 import tarfile
@@ -13,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import FAST, ROOT, torchrun_command
+from helpers import FAST, ROOT, start_torchrun
 
 import run
 from model.train import checkpoint
@@ -23,21 +22,13 @@ from tools.shard_imagenet import main as shard_main
 
 pytestmark = pytest.mark.slow  # torchrun starts
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 LIMIT_S = 90  # a run here takes ~20 s on 2 loaded cores; a hang fails the test at this, its processes killed
 
 
 def torchrun(argv) -> tuple[int, str, str, list[int]]:
     """torchrun of run.py on 2 CPU ranks: (status, stdout, stderr, the workers' pids), failing the test if the job is
     not over within LIMIT_S; whatever is left of it then is killed."""
-    proc = subprocess.Popen(
-        [*torchrun_command(), "run.py", *argv],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
+    proc = start_torchrun("run.py", *argv)
     workers = []
     try:
         deadline = time.monotonic() + 30

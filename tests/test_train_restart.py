@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import FAST, ROOT, STOPPING_RUN, interrupted, metrics, signalled, stopped, torchrun_command, train
+from helpers import FAST, ROOT, STOPPING_RUN, interrupted, metrics, signalled, start_torchrun, stopped, train
 
 import run
 from model.train import checkpoint
@@ -32,14 +32,7 @@ def torchrun(argv, after: str, act, *flags):
     """torchrun ARGV; `act(torchrun's process)` as rank 0 prints its first line containing `after` (stopped there
     till act's signals are in): (status, stdout, stderr)."""
     program = [str(STOPPING_RUN), after] if after else ["run.py"]
-    proc = subprocess.Popen(
-        [*torchrun_command(), *flags, *program, *argv],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
+    proc = start_torchrun(*flags, *program, *argv)
     lines = []
     for line in proc.stdout:
         lines.append(line)
